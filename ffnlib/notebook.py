@@ -1,0 +1,95 @@
+"""Notebook plumbing: turn the parameter cell into a loaded model, sizes and an output folder.
+
+A notebook's first code cells are::
+
+    # parameters
+    model = "smollm2-135m"; scale = "default"; seed = 0; results_dir = "results"; device = "cpu"
+
+    run = ffnlib.notebook.start(model=model, scale=scale, seed=seed, results_dir=results_dir, device=device)
+
+``run.out`` is ``results_dir/<model>/<scale>/`` (results, tables, figures), shared by all notebooks
+of the suite so that each one finds (or computes) what an earlier one produced.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Scale, check_parameters, get_scale
+from .errors import ParameterError
+from .models import LoadedModel, load_model
+from .storage import ensure_dir, write_json
+
+
+@dataclass
+class Run:
+    """What a notebook works with: the model, the sizes, the seed and where results go."""
+
+    loaded: LoadedModel
+    scale: Scale
+    seed: int
+    out: Path
+    device: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    def save_figure(self, fig, name: str) -> list[Path]:
+        """Save a matplotlib figure as PNG and SVG under ``out/figures``."""
+        folder = ensure_dir(self.out / "figures")
+        paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+        fig.savefig(paths[0], dpi=120, bbox_inches="tight")
+        fig.savefig(paths[1], bbox_inches="tight")
+        return paths
+
+    def save_table(self, frame, name: str) -> Path:
+        """Save a result table as CSV under ``out/tables`` (for readers; Parquet results live in ``out``)."""
+        path = ensure_dir(self.out / "tables") / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        return path
+
+    def save_summary(self, name: str, summary: dict) -> Path:
+        """Save the numbers a notebook reports (used by the report) as JSON under ``out/summaries``."""
+        path = ensure_dir(self.out / "summaries") / f"{name}.json"
+        write_json(path, summary)
+        return path
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if name.endswith(".gguf") else name).strip("_")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def start(model: str = "smollm2-135m", scale: str = "default", seed: int = 0, results_dir: str = "results",
+          device: str = "cpu", extra_types: dict[str, type] | None = None, **extra) -> Run:
+    """Check the notebook's parameters, seed everything, load the model and create the output folder.
+
+    ``extra`` are the notebook's own parameters; ``extra_types`` their expected types.
+    """
+    unknown = sorted(set(extra) - set(extra_types or {}))
+    if unknown:
+        allowed = list(inspect.signature(start).parameters)[:5] + sorted(extra_types or {})
+        raise ParameterError(f"Unknown parameter(s) {unknown}. This notebook takes: {allowed}.")
+    params = {"model": model, "scale": scale, "seed": seed, "results_dir": results_dir, "device": device, **extra}
+    check_parameters(params, extra_types)
+    if seed < 0:
+        raise ParameterError(f"seed must be a non-negative int, got {seed}.")
+    sizes = get_scale(scale)
+    out = ensure_dir(Path(results_dir) / _slug(model) / scale)
+    seed_everything(seed)
+    loaded = load_model(model, device=device)
+    return Run(loaded=loaded, scale=sizes, seed=seed, out=out, device=str(loaded.device), params=params)

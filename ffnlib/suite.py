@@ -1,0 +1,75 @@
+"""The main job: execute the notebook suite with papermill, in order, then write the report.
+
+    python -m ffnlib.suite --model smollm2-135m --scale default --results results
+
+Executed notebooks go to ``results/<model>/<scale>/notebooks/``; figures, tables and summaries are
+written by the notebooks under ``results/<model>/<scale>/``. Each notebook reuses cached results
+whose manifest matches (and says so), so a rerun after an interruption picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+# The explorer (05) is interactive and is not part of the batch run.
+SUITE = ("00_quickstart", "01_keys", "02_values", "03_aggregation", "04_compare_models")
+
+
+def suite_notebooks(names=None) -> list[Path]:
+    names = names or SUITE
+    return [NOTEBOOK_DIR / f"{name}.ipynb" for name in names if (NOTEBOOK_DIR / f"{name}.ipynb").exists()]
+
+
+def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str = "results", seed: int = 0,
+              device: str = "cpu", notebooks=None, log=print) -> Path:
+    import papermill
+
+    from .config import get_scale
+    from .notebook import _slug
+
+    get_scale(scale)
+    results_dir = Path(results).resolve()
+    out = results_dir / _slug(model) / scale / "notebooks"
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"model": model, "scale": scale, "seed": seed, "results_dir": str(results_dir), "device": device}
+    for nb in suite_notebooks(notebooks):
+        start = time.perf_counter()
+        log(f"[ffnlib] running {nb.name} ({model}, scale={scale}) ...")
+        papermill.execute_notebook(str(nb), str(out / nb.name), parameters=params, cwd=str(ROOT),
+                                   kernel_name="python3", progress_bar=False)
+        log(f"[ffnlib] {nb.name} done in {time.perf_counter() - start:.0f} s -> {out / nb.name}")
+    try:
+        from .report import write_report
+    except ImportError:
+        return out.parent
+    paths = write_report(out.parent)
+    log(f"[ffnlib] report: {', '.join(str(p) for p in paths)}")
+    return out.parent
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--scale", default="default", choices=["ci", "default", "full"])
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--notebooks", nargs="*", help=f"a subset of {', '.join(SUITE)}")
+    args = parser.parse_args(argv)
+    from .errors import FFNLibError
+
+    try:
+        run_suite(args.model, args.scale, args.results, args.seed, args.device, args.notebooks)
+    except FFNLibError as exc:
+        print(f"ffnlib: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

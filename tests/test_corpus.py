@@ -1,0 +1,78 @@
+"""The embedded Wikipedia corpus and users' own text."""
+
+import pytest
+
+import ffnlib
+from ffnlib.corpus import load_corpus
+
+
+def test_real_corpus_sizes_sources_and_topics(wiki):
+    assert 35_000 < len(wiki) < 60_000
+    assert set(wiki.source) == {"wiki-extracts", "wiki-articles"}
+    extracts = wiki[wiki.source == "wiki-extracts"]
+    assert extracts.doc_id.nunique() > 9_900
+    assert extracts.topic.notna().all() and extracts.topic.nunique() == 12
+    assert wiki[wiki.source == "wiki-articles"].topic.isna().all()
+    assert wiki.sentence_id.is_unique and (wiki.sentence_id.diff().dropna() == 1).all()
+
+
+def test_articles_are_deduplicated_by_title_against_extracts(wiki):
+    extract_titles = set(wiki[wiki.source == "wiki-extracts"].title.str.lower())
+    article_titles = set(wiki[wiki.source == "wiki-articles"].title.str.lower())
+    assert article_titles and not (article_titles & extract_titles)
+    assert "anarchism" in extract_titles  # present in both sources: kept once, as the extract
+
+
+def test_no_markup_is_left_in_sentences(wiki):
+    text = wiki[wiki.source == "wiki-articles"].text
+    assert not text.str.contains(r"\[\[|\]\]|\{\{|'''|==", regex=True).any()
+
+
+def test_heldout_split_is_disjoint_by_document_and_about_ten_percent(wiki):
+    train, held = load_corpus("wiki", split="train"), load_corpus("wiki", split="heldout")
+    assert not set(train.doc_id) & set(held.doc_id)
+    assert len(train) + len(held) == len(wiki)
+    assert 0.06 < held.doc_id.nunique() / wiki.doc_id.nunique() < 0.14
+
+
+def test_shuffle_is_deterministic_by_seed_and_limits_apply(smollm):
+    a, b = load_corpus(seed=3, max_sentences=50), load_corpus(seed=3, max_sentences=50)
+    assert a.sentence_id.tolist() == b.sentence_id.tolist()
+    assert a.sentence_id.tolist() != load_corpus(seed=4, max_sentences=50).sentence_id.tolist()
+    limited = load_corpus(seed=3, max_tokens=500, tokenizer=smollm.tokenizer)
+    lengths = [len(smollm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in limited.text]
+    assert sum(lengths) <= 500 < sum(lengths) + 200
+
+
+def test_user_text_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("The cat sat on the mat. It was warm there. Birds sang outside.")
+    (tmp_path / "b.txt").write_text("Rain fell all night long. The river rose.")
+    table = load_corpus(tmp_path, split="all")
+    assert sorted(table.text) == sorted(["The cat sat on the mat.", "It was warm there.", "Birds sang outside.",
+                                         "Rain fell all night long.", "The river rose."])
+    assert set(table.title) == {"a", "b"}
+
+
+def test_non_utf8_file_is_named_in_the_error(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("Caf\xe9 au lait est bon.".encode("latin-1"))
+    with pytest.raises(ffnlib.CorpusError, match="latin.txt is not UTF-8"):
+        load_corpus(tmp_path, split="all")
+
+
+@pytest.mark.parametrize("content", ["", "Hi. Ok."])
+def test_empty_corpus_or_nothing_left_after_filtering(tmp_path, content):
+    (tmp_path / "tiny.txt").write_text(content)
+    with pytest.raises(ffnlib.CorpusError, match="no sentences"):
+        load_corpus(tmp_path / "tiny.txt", split="all")
+
+
+@pytest.mark.parametrize("kwargs", [{"split": "test"}, {"max_sentences": 0}, {"max_sentences": 2.5},
+                                    {"seed": "x"}, {"max_tokens": 10}])
+def test_bad_parameters(kwargs):
+    with pytest.raises(ffnlib.ParameterError):
+        load_corpus("wiki", **kwargs)
+
+
+def test_unknown_corpus_name():
+    with pytest.raises(ffnlib.CorpusError, match="Unknown corpus"):
+        load_corpus("wikitext-103")
