@@ -25,10 +25,29 @@ def suite_notebooks(names=None) -> list[Path]:
     return [NOTEBOOK_DIR / f"{name}.ipynb" for name in names if (NOTEBOOK_DIR / f"{name}.ipynb").exists()]
 
 
-def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str = "results", seed: int = 0,
-              device: str = "cpu", notebooks=None, log=print) -> Path:
+def check_notebook_parameters(notebook: Path, params: dict) -> None:
+    """Refuse parameters the notebook does not declare (papermill would only warn and ignore them)."""
     import papermill
 
+    from .errors import ParameterError
+
+    declared = papermill.inspect_notebook(str(notebook))
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise ParameterError(f"{notebook.name} has no parameter(s) {unknown}; it takes {sorted(declared)}.")
+
+
+def execute(notebook: Path, output: Path, params: dict) -> None:
+    """Execute one notebook with papermill after checking its parameters' names."""
+    import papermill
+
+    check_notebook_parameters(notebook, params)
+    papermill.execute_notebook(str(notebook), str(output), parameters=params, cwd=str(ROOT),
+                               kernel_name="python3", progress_bar=False)
+
+
+def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str = "results", seed: int = 0,
+              device: str = "cpu", notebooks=None, log=print) -> Path:
     from .config import get_scale
     from .notebook import _slug
 
@@ -40,8 +59,7 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
     for nb in suite_notebooks(notebooks):
         start = time.perf_counter()
         log(f"[ffnlib] running {nb.name} ({model}, scale={scale}) ...")
-        papermill.execute_notebook(str(nb), str(out / nb.name), parameters=params, cwd=str(ROOT),
-                                   kernel_name="python3", progress_bar=False)
+        execute(nb, out / nb.name, params)
         log(f"[ffnlib] {nb.name} done in {time.perf_counter() - start:.0f} s -> {out / nb.name}")
     try:
         from .report import write_report

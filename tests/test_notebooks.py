@@ -1,0 +1,47 @@
+"""Every notebook, executed by papermill with small parameters (scale="ci"), in suite order."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import ffnlib
+from ffnlib.suite import NOTEBOOK_DIR, execute
+
+NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("results")
+
+
+def _outputs_text(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", "") or str(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_at_ci_scale(name, results, tmp_path):
+    out = tmp_path / name
+    execute(NOTEBOOK_DIR / name, out, {"scale": "ci", "results_dir": str(results), "seed": 0})
+    nb = nbformat.read(out, as_version=4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert (results / "smollm2-135m" / "ci" / "summaries" / f"{Path(name).stem}.json").exists() \
+        or name.startswith("05"), "each suite notebook saves the numbers it reports"
+
+
+def test_unknown_parameter_is_refused(tmp_path):
+    with pytest.raises(ffnlib.ParameterError, match="no parameter"):
+        execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb", {"scael": "ci"})
+
+
+def test_wrongly_typed_parameter_is_a_clear_error(tmp_path):
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="seed=.*must be int"):
+        execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb", {"scale": "ci", "seed": "zero"})
