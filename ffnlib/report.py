@@ -1,0 +1,133 @@
+"""The report of a run: for every finding, the paper's claim, our measured numbers and a verdict.
+
+Each suite notebook saves a summary (``summaries/<notebook>.json``) with:
+
+- ``findings``: a list of ``{"section", "finding", "paper", "ours", "verdict", "figure", "paper_figure"}``,
+  where ``verdict`` is ``"holds"``, ``"partly"`` or ``"does not hold"`` and ``ours`` states measured numbers;
+- ``curves``: per-layer series, ``{name: {"label": str, "values": [...], "paper": [...] or null}}``;
+- ``manifests``: the manifest of every cached result the numbers came from;
+- ``model``: ``loaded.describe()``.
+
+``write_report(run_dir)`` turns those into ``report.md`` and ``report.html`` in ``run_dir``. Nothing in the
+report is hard-coded: every number comes from the summaries the run wrote.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .storage import atomic_write_bytes
+
+VERDICTS = ("holds", "partly", "does not hold")
+
+
+@dataclass(frozen=True)
+class Finding:
+    section: str
+    finding: str
+    paper: str
+    ours: str
+    verdict: str
+    figure: str | None = None  # our figure, relative to the run folder
+    paper_figure: str | None = None  # the paper's numbers drawn by us, relative to the run folder
+
+    def __post_init__(self):
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def verdict(share_ok: float, partly: float = 0.5) -> str:
+    """``holds`` when a claim holds in (nearly) all the places it is tested, ``partly`` when in many."""
+    return "holds" if share_ok >= 0.85 else ("partly" if share_ok >= partly else "does not hold")
+
+
+def load_summaries(run_dir: str | Path) -> dict[str, dict]:
+    folder = Path(run_dir) / "summaries"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def _model_line(summaries: dict[str, dict]) -> str:
+    for summary in summaries.values():
+        model = summary.get("model")
+        if isinstance(model, dict) and "model" in model:
+            quant = ", 4-bit quantized weights (dequantized to fp32)" if model.get("quantized") else ""
+            return (f"{model['model']} ({model.get('class')}, {model.get('layers')} layers x {model.get('d_ff')} "
+                    f"memories, {'gated' if model.get('gated') else 'plain'} FFN{quant})")
+    return "unknown model"
+
+
+def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
+    run_dir = Path(run_dir)
+    lines = [f"# ffnlib report: the paper versus ours", "",
+             f"- Model: {_model_line(summaries)}",
+             f"- Run folder: `{run_dir.parent.name}/{run_dir.name}` (model / scale)",
+             "- Paper: Geva, Schuster, Berant & Levy, *Transformer Feed-Forward Layers Are Key-Value Memories*, "
+             "EMNLP 2021 (16-layer ReLU LM on WikiText-103).",
+             "- Our corpus is ~1% of WikiText-103 (embedded Wikipedia text); see each notebook for sizes.", ""]
+    counts = {v: 0 for v in VERDICTS}
+    table = ["| section | finding | paper | ours | verdict |", "|---|---|---|---|---|"]
+    for name, summary in summaries.items():
+        for f in summary.get("findings", []):
+            counts[f["verdict"]] += 1
+            table.append(f"| {f['section']} | {f['finding']} | {f['paper']} | {f['ours']} | **{f['verdict']}** |")
+    lines += [f"Verdicts: {counts['holds']} hold, {counts['partly']} partly, {counts['does not hold']} do not hold.",
+              "", *table, ""]
+    for name, summary in summaries.items():
+        figures = [(f, f.get("figure"), f.get("paper_figure")) for f in summary.get("findings", []) if f.get("figure")]
+        if not figures:
+            continue
+        lines += [f"## {name}", ""]
+        for f, ours, paper in figures:
+            lines.append(f"**{f['finding']}** — {f['verdict']}: {f['ours']}")
+            lines.append("")
+            lines.append(f"![ours]({ours})" + (f" ![paper]({paper})" if paper else ""))
+            lines.append("")
+        manifests = summary.get("manifests") or {}
+        if manifests:
+            lines.append("<details><summary>Manifests of the results shown</summary>\n")
+            lines.append("```json\n" + json.dumps(manifests, indent=1, sort_keys=True, default=str) + "\n```")
+            lines.append("</details>\n")
+    return "\n".join(lines)
+
+
+def render_html(run_dir: str | Path, summaries: dict[str, dict]) -> str:
+    esc = html.escape
+    rows, sections = [], []
+    for name, summary in summaries.items():
+        for f in summary.get("findings", []):
+            rows.append(f"<tr><td>{esc(f['section'])}</td><td>{esc(f['finding'])}</td><td>{esc(str(f['paper']))}</td>"
+                        f"<td>{esc(str(f['ours']))}</td><td class='v {f['verdict'].replace(' ', '-')}'>"
+                        f"{esc(f['verdict'])}</td></tr>")
+            if f.get("figure"):
+                paper = (f"<figure><img src='{esc(f['paper_figure'])}'><figcaption>paper</figcaption></figure>"
+                         if f.get("paper_figure") else "")
+                sections.append(f"<h3>{esc(f['section'])}: {esc(f['finding'])}</h3><p><b>{esc(f['verdict'])}</b>: "
+                                f"{esc(str(f['ours']))}</p><div class='pair'><figure><img src='{esc(f['figure'])}'>"
+                                f"<figcaption>ours</figcaption></figure>{paper}</div>")
+        if summary.get("manifests"):
+            sections.append(f"<details><summary>{esc(name)}: manifests</summary><pre>"
+                            f"{esc(json.dumps(summary['manifests'], indent=1, sort_keys=True, default=str))}</pre></details>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}.holds{background:#d8f5d0}"
+             ".partly{background:#fff3c4}.does-not-hold{background:#f8d0d0}.pair{display:flex;gap:1em}"
+             ".pair img{max-width:560px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>ffnlib report</title><style>{style}</style>"
+            f"</head><body><h1>ffnlib report: the paper versus ours</h1><p>Model: {esc(_model_line(summaries))}</p>"
+            f"<table><tr><th>section</th><th>finding</th><th>paper</th><th>ours</th><th>verdict</th></tr>"
+            f"{''.join(rows)}</table>{''.join(sections)}</body></html>")
+
+
+def write_report(run_dir: str | Path) -> list[Path]:
+    """Write ``report.md`` and ``report.html`` into ``run_dir`` from its summaries."""
+    run_dir = Path(run_dir)
+    summaries = load_summaries(run_dir)
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    atomic_write_bytes(md, render_markdown(run_dir, summaries).encode())
+    atomic_write_bytes(page, render_html(run_dir, summaries).encode())
+    return [md, page]
