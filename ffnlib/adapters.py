@@ -170,8 +170,10 @@ class Adapter:
     def check_layers(self, layers) -> list[int]:
         if layers is None:
             return list(range(self.n_layers))
-        if isinstance(layers, int):
+        if isinstance(layers, int) or not isinstance(layers, (list, tuple, range, set, frozenset)):
             layers = [layers]
+        if not layers:
+            raise ParameterError("layers is empty: give None (all layers), an int or a list of ints.")
         return sorted({self.check_layer(layer) for layer in layers})
 
     # ---- modules -----------------------------------------------------------------------------------

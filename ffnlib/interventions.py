@@ -8,6 +8,7 @@ The hooks are always removed on exit, errors included.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator, Mapping
@@ -29,10 +30,9 @@ def intervene(loaded, edits: Mapping[tuple[int, int], float], scale: bool = Fals
         if isinstance(memory, bool) or not isinstance(memory, int) or not 0 <= memory < adapter.d_ff:
             raise ParameterError(f"Memory {memory!r} is out of range: layers have {adapter.d_ff} memories "
                                  f"(0..{adapter.d_ff - 1}).")
-        try:
-            by_layer[layer][memory] = float(value)
-        except (TypeError, ValueError) as exc:
-            raise ParameterError(f"The coefficient for {key} must be a number, got {value!r}.") from exc
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ParameterError(f"The coefficient for {key} must be a finite number, got {value!r}.")
+        by_layer[layer][memory] = float(value)
     handles = []
 
     def make_hook(memories: dict[int, float]):
