@@ -22,6 +22,7 @@ from pathlib import Path
 from .storage import atomic_write_bytes
 
 VERDICTS = ("holds", "partly", "does not hold")
+SECTION_OF = {"01": "3", "02": "4", "03": "5"}  # notebook number -> paper section
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,39 @@ def verdict(share_ok: float, partly: float = 0.5) -> str:
     return "holds" if share_ok >= 0.85 else ("partly" if share_ok >= partly else "does not hold")
 
 
+def normalise_verdict(text: str) -> str:
+    """Map a notebook's worded verdict ("holds: at chance level", "the direction holds, but ...") to one
+    of :data:`VERDICTS`."""
+    text = text.strip().lower()
+    if text.startswith(VERDICTS):
+        return next(v for v in VERDICTS if text.startswith(v))
+    if text.startswith(("differs", "not ", "no ")):
+        return "does not hold"
+    return "partly"  # a qualified verdict: "the direction holds, but ...", "only against 1/|V| ..."
+
+
+def _findings(name: str, summary: dict) -> list[dict]:
+    """A summary's findings; a ``comparison`` table (finding, paper, ours, verdict) is read as findings."""
+    findings = list(summary.get("findings") or [])
+    for row in summary.get("comparison") or []:
+        findings.append({"section": row.get("section", SECTION_OF.get(name[:2], name)), "finding": row["finding"],
+                         "paper": row["paper"], "ours": f"{row['ours']} ({row['verdict']})",
+                         "verdict": normalise_verdict(row["verdict"]), "figure": row.get("figure"),
+                         "paper_figure": row.get("paper_figure")})
+    for f in findings:
+        f["verdict"] = normalise_verdict(f["verdict"])
+    return findings
+
+
 def load_summaries(run_dir: str | Path) -> dict[str, dict]:
+    """The summaries a run wrote, each with its ``findings`` in the report's form."""
     folder = Path(run_dir) / "summaries"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        summary = json.loads(path.read_text())
+        summary["findings"] = _findings(path.stem, summary)
+        out[path.stem] = summary
+    return out
 
 
 def _model_line(summaries: dict[str, dict]) -> str:
@@ -75,7 +106,8 @@ def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
     for name, summary in summaries.items():
         for f in summary.get("findings", []):
             counts[f["verdict"]] += 1
-            table.append(f"| {f['section']} | {f['finding']} | {f['paper']} | {f['ours']} | **{f['verdict']}** |")
+            cells = [str(f[c]).replace("|", "\\|") for c in ("section", "finding", "paper", "ours")]
+            table.append("| " + " | ".join(cells) + f" | **{f['verdict']}** |")
     lines += [f"Verdicts: {counts['holds']} hold, {counts['partly']} partly, {counts['does not hold']} do not hold.",
               "", *table, ""]
     for name, summary in summaries.items():
