@@ -219,6 +219,24 @@ class Adapter:
         return self._in_out(self.down(layer))
 
     @torch.no_grad()
+    def written_values(self, layer: int) -> torch.Tensor:
+        """The vectors the memories write into the residual stream, (d_ff, d_model).
+
+        ``values(layer)`` where the FFN output is added as is. Where a norm follows the FFN (Gemma 2/3,
+        OLMo 2) the residual receives ``norm(Σ m_i v_i) = g_post ⊙ Σ m_i v_i / rms``: the 1/rms is one
+        positive number per token, so memory i writes in the direction ``g_post ⊙ v_i``. Project these,
+        not the raw values, to read a memory as the model reads it.
+        """
+        values = self.values(layer)
+        if not self.family.post_ffn_norm:
+            return values
+        weight = getattr(self.ffn_output_module(layer), "weight", None)
+        if weight is None:
+            return values
+        gain = 1.0 + weight.detach() if self.family.gemma_norm else weight.detach()
+        return values * gain
+
+    @torch.no_grad()
     def value_bias(self, layer: int) -> torch.Tensor | None:
         """The bias the FFN adds after the values (None where the family has none)."""
         return getattr(self.down(layer), "bias", None)

@@ -64,13 +64,14 @@ END_OF_SENTENCE = ("disagree", "exclude")
 BINNINGS = ("quantile", "uniform")
 PAPER_UPPER_FROM = 10 / PAPER_LAYERS  # the paper's upper layers 11-16 of 16: relative depth > 10/16
 _WORK_BUFFERS = 2  # float32 (rows, vocab) tensors alive at once: the chunk's logits and one work buffer
-_VERSION = 1  # bump when a column's computation changes (invalidates cached projections)
+_VERSION = 2  # bump when a column's computation changes (invalidates cached projections)
 
 
 @torch.no_grad()
 def value_logits(adapter: Adapter, layer: int, memories=None, sign: int = 1) -> torch.Tensor:
-    """Logits (n_memories, vocab) of ``sign * v_i`` for the given memories of one layer (all by default)."""
-    values = adapter.values(layer)
+    """Logits (n_memories, vocab) of ``sign * v_i`` for the given memories of one layer (all by default),
+    read as the model reads them (``Adapter.written_values``: through Gemma's post-FFN norm gain)."""
+    values = adapter.written_values(layer)
     if memories is not None:
         values = values[memories]
     return adapter.logits_from_values(sign * values)
@@ -256,7 +257,7 @@ def _project_layer(adapter: Adapter, layer: int, top_k: int, signs, targets: dic
     exactly ``rows`` rows (the last chunk is zero-padded by a few rows), so a value's logits do not depend
     on where it falls in a chunk (BLAS kernels for very few rows round differently).
     """
-    values = adapter.values(layer)
+    values = adapter.written_values(layer)
     d_ff, d_model = values.shape
     n_chunks = -(-d_ff // chunk)
     rows = -(-d_ff // n_chunks)

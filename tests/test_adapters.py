@@ -507,3 +507,23 @@ def test_capture_selected_layers_and_bare_model(tiny):
     assert torch.equal(acts.coefficients[1], t.acts.coefficients[1])
     assert torch.equal(acts.residual_before[1], t.acts.residual_before[1])
     assert tuple(acts.residual_before[1].shape) == (BATCH, TOKENS, D_MODEL)
+
+
+def test_written_values_carry_the_post_ffn_norm_gain():
+    """Gemma 2/3 add norm(Σ m_i v_i) to the residual: each memory writes along g_post ⊙ v_i."""
+    config = tf.Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    torch.manual_seed(0)
+    model = tf.Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.layers[0].post_feedforward_layernorm.weight.normal_()
+    adapter = get_adapter(model)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with capture(adapter, what=("coefficients", "ffn_output")) as acts:
+        model(ids)
+    m, out = acts.coefficients[0][0, -1], acts.ffn_output[0][0, -1]
+    written = (m[:, None] * adapter.written_values(0)).sum(0)
+    # the FFN's contribution is the written sum up to one positive factor (the norm's 1/rms)
+    scale = out.norm() / written.norm()
+    torch.testing.assert_close(written * scale, out, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(adapter.written_values(0), adapter.values(0))

@@ -1,0 +1,722 @@
+"""Section 5: how the memories of a layer, and then the layers, make the model's prediction.
+
+The paper ran 4,000 validation prefixes through its model and asked two questions.
+
+**Within a layer (Sec. 5.1).** The FFN output is ``Σ_i m_i v_i``. How many memories are active per
+example (Fig. 7), and does the layer's top prediction come from one memory (Fig. 8)? A memory's own
+prediction is the top token of its value read as the model reads its residual stream (``v_i`` for a
+positive coefficient; ``-v_i`` for a negative one, which only gated FFNs produce in quantity).
+
+**Across layers (Sec. 5.2).** The residual stream carries a prediction from layer to layer. How often
+does the residual's top token (before the FFN is added) already equal the model's final prediction
+(Fig. 9), how much probability does it give that token (Fig. 10), and when the FFN is added, does the
+output keep the residual's token, take the FFN's, or become a third token (Fig. 11)?
+
+Choices, and where they come from:
+
+- **Examples**: held-out sentences of the corpus (document-disjoint from the mining split), one random
+  position per sentence, as the authors' code did. The position is never a BOS token and always has a
+  next token (``position`` in ``len(bos) .. len(ids) - 2``), so every example has a target
+  (``next_token``). The position is drawn from ``numpy.random.default_rng([seed, sentence_id])``, so a
+  smaller run is a subset of a larger one. The model reads only the prefix ``ids[:position + 1]``
+  (causal attention makes this identical to reading the whole sentence).
+- **Projection**: residual vectors (before the FFN, after it) go through the model's full final norm
+  and head (``Adapter.logits_from_residual``), as the model does at its end. The FFN output's own top
+  prediction uses the same function on the FFN output. With an RMSNorm the norm's scale is one
+  positive number per vector, so the top token equals that of ``head(g ⊙ ffn_output)``, the value-style
+  projection; the paper's model had no final norm, so for it all readings coincide.
+- **Active memories** (``active_rule``): ``"relative"`` counts memory ``i`` as active when
+  ``|m_i| > active_threshold · max_j |m_j|`` (default for gated FFNs, whose coefficients are rarely
+  exactly zero); ``"positive"`` when ``m_i > 0`` (the paper's rule, default for ReLU FFNs). Both counts
+  are stored for every example (``n_relative``, ``n_positive``); ``n_active`` is the chosen rule.
+- **90%-norm number** (``n_norm``): rank the sub-updates ``m_i v_i`` by their size ``|m_i|·||v_i||``;
+  ``n_norm`` is the smallest ``k`` such that the ``k`` largest sizes add up to at least
+  ``norm_share`` (0.9) of the sum of all sizes. This is cheap (no partial sums of vectors) and an
+  upper bound on how concentrated the update is: cancellation between sub-updates is ignored.
+- **Zero agreement**: the layer's top prediction differs from the prediction of every active memory.
+  The layer's prediction is taken two ways: the FFN output's projection (``agree_ffn``; the paper's
+  text) and the layer output, residual + FFN (``agree_output``; the authors' code). The columns hold
+  how many active memories agree (0 = zero agreement); ``agree_*_positive`` the same with the paper's
+  rule (memories with ``m_i > 0``), whatever ``active_rule`` is.
+- **Stop words / short prefixes**: among (example, layer) pairs where at least one active memory
+  agrees, the share whose *target* (the layer's top prediction token, decoded, stripped, lowercased) is
+  a spaCy English stop word, and the share whose prefix is shorter than 5 tokens (BOS not counted).
+  The paper's model had a word-level vocabulary; our tokens are sub-words, so "5 tokens" is shorter.
+- **Cases of Fig. 11** (:func:`classify`): ``residual`` (output top = residual top ≠ FFN top),
+  ``ffn`` (output top = FFN top ≠ residual top), ``agreement`` (all three equal), ``composition``
+  (output top is neither).
+
+Everything for a batch comes from one forward pass (hooks on all layers; the forward stops after the
+last layer, since the model's final logits are ``logits_from_residual(residual_after[last])``). All
+vocabulary projections of a batch go through the head as one stacked tensor (in chunks of bounded
+memory). Each batch's rows are written atomically to ``out_dir`` so that an interrupted run resumes;
+the finished table is saved with a manifest and reused when the same request comes again.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .capture import capture
+from .corpus import load_corpus
+from .errors import CorpusError, ParameterError
+from .reference import PAPER_LAYERS, paper_reference, relative_depth
+from .storage import cache_dir, fingerprint, load_result, save_result, write_parquet
+
+ACTIVE_RULES = ("auto", "relative", "positive")
+CASES = ("residual", "ffn", "agreement", "composition")
+AGAINST = ("output", "ffn")
+SHORT_PREFIX = 5  # the paper: "prefixes shorter than 5 tokens"
+_CAPTURED = ("coefficients", "ffn_output", "residual_before", "residual_after")
+_PROJECTION_ELEMENTS = 1 << 26  # logits computed at once: rows x vocab (256 MB of float32)
+_VERSION = 3  # bump when the computation of a column changes
+
+
+# ---- pure pieces (tested on hand-built inputs) ---------------------------------------------------------
+def classify(residual_top, ffn_top, output_top) -> np.ndarray:
+    """The Fig. 11 case of each example, from three arrays of top-token ids of the same shape.
+
+    ``agreement``: residual top == FFN top == output top; ``residual``: output top == residual top
+    != FFN top; ``ffn``: output top == FFN top != residual top; ``composition``: the output's top token
+    is neither the residual's nor the FFN's. The four cases partition all examples.
+    """
+    residual, ffn, output = (np.asarray(x) for x in (residual_top, ffn_top, output_top))
+    if not residual.shape == ffn.shape == output.shape:
+        raise ParameterError(f"classify needs arrays of one shape; got {residual.shape}, {ffn.shape}, "
+                             f"{output.shape}.")
+    keep_residual, keep_ffn = output == residual, output == ffn
+    case = np.full(residual.shape, "composition", dtype=object)
+    case[keep_residual & ~keep_ffn] = "residual"
+    case[keep_ffn & ~keep_residual] = "ffn"
+    case[keep_residual & keep_ffn] = "agreement"
+    return case
+
+
+@torch.no_grad()
+def memory_counts(coefficients: torch.Tensor, value_norms: torch.Tensor, active_threshold: float = 0.1,
+                  norm_share: float = 0.9) -> dict[str, torch.Tensor]:
+    """Per example (rows of ``coefficients``, shape (..., d_ff)), how many memories take part.
+
+    - ``n_positive``: memories with ``m_i > 0``;
+    - ``n_relative``: memories with ``|m_i| > active_threshold · max_j |m_j|``;
+    - ``n_norm``: the smallest ``k`` such that the ``k`` largest sub-update sizes ``|m_i|·||v_i||``
+      add up to at least ``norm_share`` of their sum (0 when every coefficient is 0);
+    - ``max_abs``: ``max_j |m_j|``.
+    """
+    magnitude = coefficients.abs()
+    max_abs = magnitude.amax(dim=-1)
+    sizes = (magnitude.double() * value_norms.double()).sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    total = sizes[..., -1:]
+    n_norm = (sizes < norm_share * total).sum(dim=-1) + 1
+    n_norm = torch.where(total[..., 0] > 0, n_norm, torch.zeros_like(n_norm))
+    return {"n_positive": (coefficients > 0).sum(dim=-1),
+            "n_relative": (magnitude > active_threshold * max_abs.unsqueeze(-1)).sum(dim=-1),
+            "n_norm": n_norm, "max_abs": max_abs}
+
+
+def active_mask(coefficients: torch.Tensor, rule: str, active_threshold: float) -> torch.Tensor:
+    """Which memories are active (same shape as ``coefficients``) under ``rule`` (``relative``/``positive``)."""
+    if rule == "positive":
+        return coefficients > 0
+    if rule == "relative":
+        magnitude = coefficients.abs()
+        return magnitude > active_threshold * magnitude.amax(dim=-1, keepdim=True)
+    raise ParameterError(f"active_rule must be 'relative' or 'positive' here, got {rule!r}.")
+
+
+def memory_predictions(coefficients: torch.Tensor, top_positive: torch.Tensor,
+                       top_negative: torch.Tensor | None) -> torch.Tensor:
+    """Each memory's top token for these coefficients: that of ``v_i`` if ``m_i > 0``, else of ``-v_i``."""
+    if top_negative is None:
+        return top_positive.expand_as(coefficients)
+    return torch.where(coefficients > 0, top_positive, top_negative)
+
+
+def agreeing_memories(predictions: torch.Tensor, active: torch.Tensor, layer_top: torch.Tensor) -> torch.Tensor:
+    """How many active memories predict the layer's top token (0: zero agreement), per example."""
+    return ((predictions == layer_top.unsqueeze(-1)) & active).sum(dim=-1)
+
+
+# ---- examples -------------------------------------------------------------------------------------------
+def sample_examples(loaded, n_examples: int, seed: int = 0, corpus="wiki") -> pd.DataFrame:
+    """``n_examples`` held-out sentences (``load_corpus(split="heldout")``), one random position each.
+
+    Columns: ``example`` (0..n-1), ``sentence_id``, ``title``, ``text``, ``token_ids`` (as
+    ``loaded.encode`` gives, BOS included), ``position`` (index of the prefix's last token; never a
+    BOS position, always followed by a token), ``prefix_len`` (prefix tokens without BOS) and
+    ``next_token`` (the target, ``token_ids[position + 1]``).
+    """
+    n_examples = check_examples(n_examples)
+    table = load_corpus(corpus, split="heldout", seed=seed, max_sentences=n_examples)
+    if len(table) < n_examples:
+        raise ParameterError(f"n_examples={n_examples} but the corpus has only {len(table)} held-out sentences; "
+                             f"ask for at most {len(table)}.")
+    bos = list(loaded.bos)
+    encoded = loaded.tokenizer(table["text"].tolist(), add_special_tokens=False)["input_ids"]
+    rows = []
+    for row, ids in zip(table.itertuples(index=False), encoded):
+        ids = bos + list(ids)
+        low, high = len(bos), len(ids) - 2  # a prefix ends on a real token and has a next token
+        if high < low:
+            continue
+        position = int(np.random.default_rng([seed, int(row.sentence_id)]).integers(low, high + 1))
+        rows.append((int(row.sentence_id), row.title, row.text, ids, position, position + 1 - len(bos),
+                     ids[position + 1]))
+    if not rows:
+        raise CorpusError("No held-out sentence is long enough for a prefix with a next token.")
+    frame = pd.DataFrame(rows, columns=["sentence_id", "title", "text", "token_ids", "position", "prefix_len",
+                                        "next_token"])
+    frame.insert(0, "example", np.arange(len(frame), dtype=np.int64))
+    return frame
+
+
+def make_batches(prefix_lengths, batch_tokens: int) -> list[np.ndarray]:
+    """Example indices grouped into batches of at most ``batch_tokens`` padded tokens, shortest first.
+
+    Deterministic in its inputs, so a resumed run rebuilds exactly the same batches.
+    """
+    lengths = np.asarray(prefix_lengths)
+    order = np.lexsort((np.arange(len(lengths)), lengths))
+    batches, current = [], []
+    for index in order:
+        if current and (len(current) + 1) * lengths[index] > batch_tokens:
+            batches.append(np.array(current))
+            current = []
+        current.append(index)
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def batch_inputs(examples: pd.DataFrame, batch: np.ndarray, pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Right-padded prefixes of the batch's examples: (input_ids, attention_mask, last positions)."""
+    prefixes = [examples["token_ids"].iat[i][: examples["position"].iat[i] + 1] for i in batch]
+    width = max(len(p) for p in prefixes)
+    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for row, prefix in enumerate(prefixes):
+        ids[row, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        mask[row, : len(prefix)] = 1
+    last = torch.tensor([len(p) - 1 for p in prefixes], dtype=torch.long)
+    return ids.to(device), mask.to(device), last.to(device)
+
+
+# ---- the memories' own predictions ---------------------------------------------------------------------
+def memory_top_tokens(loaded, negative: bool, cache: str | Path | None = None,
+                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Top token of every value (n_layers, d_ff), and of every negated value when ``negative``.
+
+    Uses ``ffnlib.values.value_top_tokens``. The result is cached (Parquet + manifest, keyed by the
+    model's weights) in ``cache`` or the user cache folder, since it costs a full vocabulary projection
+    of every value (about a minute for SmolLM2 on 2 cores).
+    """
+    from .values import value_top_tokens
+
+    adapter = loaded.adapter
+    folder = Path(cache) if cache is not None else cache_dir() / "value-top-tokens"
+    request = {"model": loaded.name, "weights": loaded.file_hash, "negative": bool(negative),
+               "layers": adapter.n_layers, "d_ff": adapter.d_ff, "version": _VERSION}
+    name = f"value-tops-{fingerprint(request)}"
+    frame = load_result(folder, name, request)
+    if frame is None:
+        columns = {"layer": [], "memory": [], "top_positive": [], "top_negative": []}
+        for layer in tqdm(range(adapter.n_layers), desc="value top tokens", disable=not progress, leave=False):
+            columns["layer"].append(np.full(adapter.d_ff, layer, dtype=np.int32))
+            columns["memory"].append(np.arange(adapter.d_ff, dtype=np.int32))
+            columns["top_positive"].append(value_top_tokens(adapter, layer, 1).cpu().numpy())
+            columns["top_negative"].append(value_top_tokens(adapter, layer, -1).cpu().numpy() if negative
+                                           else np.full(adapter.d_ff, -1, dtype=np.int64))
+        frame = pd.DataFrame({key: np.concatenate(parts) for key, parts in columns.items()})
+        save_result(folder, name, frame, request)
+    shape = (adapter.n_layers, adapter.d_ff)
+    top_positive = torch.tensor(frame["top_positive"].to_numpy(np.int64).reshape(shape), device=loaded.device)
+    top_negative = (torch.tensor(frame["top_negative"].to_numpy(np.int64).reshape(shape), device=loaded.device)
+                    if negative else None)
+    return top_positive, top_negative
+
+
+def stop_word_flags(tokenizer, token_ids) -> np.ndarray:
+    """Whether each token, decoded on its own, stripped and lowercased, is a spaCy English stop word."""
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    unique, inverse = np.unique(token_ids, return_inverse=True)
+    flags = np.array([tokenizer.decode([int(t)]).strip().lower() in STOP_WORDS for t in unique], dtype=bool)
+    return flags[inverse].reshape(token_ids.shape)
+
+
+# ---- one batch ------------------------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised after the last layer: the final norm and head run on the few rows we keep, not all tokens."""
+
+
+def _stop(module, args, output):
+    raise _StopForward
+
+
+@torch.no_grad()
+def project_tops(adapter, vectors: torch.Tensor, final_top: torch.Tensor | None = None,
+                 max_elements: int = _PROJECTION_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Top token of ``logits_from_residual`` for each row of ``vectors`` (..., n, d_model), in chunks.
+
+    With ``final_top`` (n,) also the probability each row gives that example's token (``final_top``
+    is broadcast over the leading dimensions: the last one indexes examples).
+    """
+    shape = vectors.shape[:-1]
+    flat = vectors.reshape(-1, vectors.shape[-1])
+    targets = final_top.expand(shape).reshape(-1) if final_top is not None else None
+    vocab = int(adapter.head.weight.shape[0])
+    rows = max(1, max_elements // vocab)
+    tops, probs = [], []
+    for start in range(0, flat.shape[0], rows):
+        logits = adapter.logits_from_residual(flat[start: start + rows]).float()
+        tops.append(logits.argmax(dim=-1))
+        if targets is not None:
+            chosen = logits.gather(1, targets[start: start + rows, None])[:, 0]
+            probs.append(torch.exp(chosen - torch.logsumexp(logits, dim=-1)))
+    top = torch.cat(tops).reshape(shape)
+    return top, (torch.cat(probs).reshape(shape) if targets is not None else None)
+
+
+@torch.no_grad()
+def analyse_batch(loaded, examples: pd.DataFrame, batch: np.ndarray, settings: dict,
+                  top_positive: torch.Tensor, top_negative: torch.Tensor | None,
+                  value_norms: torch.Tensor) -> pd.DataFrame:
+    """The rows (one per example x layer) of one batch, from one forward pass."""
+    adapter = loaded.adapter
+    n_layers, last_layer = adapter.n_layers, adapter.n_layers - 1
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    ids, mask, last = batch_inputs(examples, batch, pad_id, loaded.device)
+    rows = torch.arange(len(batch), device=loaded.device)
+    with capture(loaded, what=_CAPTURED) as acts:
+        handle = adapter.layer(last_layer).register_forward_hook(_stop)  # runs after capture's hook
+        try:
+            loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        pick = {name: torch.stack([getattr(acts, name)[layer][rows, last] for layer in range(n_layers)])
+                for name in _CAPTURED}  # (layers, batch, dim)
+    coefficients = pick["coefficients"].float()
+    final_top, _ = project_tops(adapter, pick["residual_after"][last_layer])
+    stacked = torch.stack([pick["residual_before"], pick["ffn_output"], pick["residual_after"]])
+    tops, probs = project_tops(adapter, stacked, final_top, settings["max_elements"])
+    residual_top, ffn_top, output_top = tops
+    residual_prob, _, output_prob = probs
+
+    counts = memory_counts(coefficients, value_norms[:, None, :], settings["active_threshold"],
+                           settings["norm_share"])
+    active = active_mask(coefficients, settings["active_rule"], settings["active_threshold"])
+    predictions = memory_predictions(coefficients, top_positive[:, None, :],
+                                     None if top_negative is None else top_negative[:, None, :])
+    agree_ffn = agreeing_memories(predictions, active, ffn_top)
+    agree_output = agreeing_memories(predictions, active, output_top)
+    positive = coefficients > 0  # the paper's rule, kept next to the chosen one
+    agree_ffn_positive = agreeing_memories(predictions, positive, ffn_top)
+    agree_output_positive = agreeing_memories(predictions, positive, output_top)
+
+    def flat(t: torch.Tensor, dtype) -> np.ndarray:  # (layers, batch) -> example-major order
+        return t.T.reshape(-1).cpu().numpy().astype(dtype)
+
+    chosen = examples.iloc[batch]
+    repeat = lambda col, dtype: np.repeat(chosen[col].to_numpy(dtype), n_layers)  # noqa: E731
+    frame = pd.DataFrame({
+        "example": repeat("example", np.int64),
+        "layer": np.tile(np.arange(n_layers, dtype=np.int32), len(batch)),
+        "sentence_id": repeat("sentence_id", np.int64),
+        "position": repeat("position", np.int32),
+        "prefix_len": repeat("prefix_len", np.int32),
+        "next_token": repeat("next_token", np.int64),
+        "final_top": np.repeat(final_top.cpu().numpy().astype(np.int64), n_layers),
+        "n_positive": flat(counts["n_positive"], np.int32),
+        "n_relative": flat(counts["n_relative"], np.int32),
+        "n_active": flat(active.sum(dim=-1), np.int32),
+        "n_norm": flat(counts["n_norm"], np.int32),
+        "max_abs_coefficient": flat(counts["max_abs"], np.float32),
+        "residual_top": flat(residual_top, np.int64),
+        "ffn_top": flat(ffn_top, np.int64),
+        "output_top": flat(output_top, np.int64),
+        "residual_prob_final": flat(residual_prob, np.float32),
+        "output_prob_final": flat(output_prob, np.float32),
+        "agree_ffn": flat(agree_ffn, np.int32),
+        "agree_output": flat(agree_output, np.int32),
+        "agree_ffn_positive": flat(agree_ffn_positive, np.int32),
+        "agree_output_positive": flat(agree_output_positive, np.int32),
+    })
+    frame["case"] = classify(frame["residual_top"], frame["ffn_top"], frame["output_top"]).astype(str)
+    frame["ffn_top_stop"] = stop_word_flags(loaded.tokenizer, frame["ffn_top"])
+    frame["output_top_stop"] = stop_word_flags(loaded.tokenizer, frame["output_top"])
+    return frame
+
+
+# ---- the whole analysis ---------------------------------------------------------------------------------
+@dataclass
+class AggregationResult:
+    """Section 5 results: ``frame`` has one row per (example, layer); ``examples`` one per example."""
+
+    frame: pd.DataFrame
+    examples: pd.DataFrame
+    manifest: dict
+    cached: bool = False
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.manifest["layers"])
+
+    @property
+    def d_ff(self) -> int:
+        return int(self.manifest["d_ff"])
+
+    def summary(self) -> pd.DataFrame:
+        return layer_summary(self.frame, self.d_ff, self.n_layers)
+
+    def breakdown(self, against: str = "output") -> dict:
+        return agreement_breakdown(self.frame, against)
+
+
+def check_examples(n_examples) -> int:
+    if isinstance(n_examples, bool) or not isinstance(n_examples, (int, np.integer)) or n_examples <= 0:
+        raise ParameterError(f"n_examples must be a positive int, got {n_examples!r} "
+                             "(the paper used 4,000; None in a notebook means the scale's value).")
+    return int(n_examples)
+
+
+def resolve_examples(n_examples, scale) -> int:
+    """A notebook's ``n_examples`` parameter: ``None`` means the scale's ``aggregation_examples``."""
+    return scale.aggregation_examples if n_examples is None else check_examples(n_examples)
+
+
+def _check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens) -> dict:
+    for name, value in (("active_threshold", active_threshold), ("norm_share", norm_share)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise ParameterError(f"{name} must be a number, got {value!r}.")
+    if not 0 <= active_threshold < 1:
+        raise ParameterError(f"active_threshold must be in [0, 1) (a share of the largest |m|), got "
+                             f"{active_threshold}.")
+    if not 0 < norm_share <= 1:
+        raise ParameterError(f"norm_share must be in (0, 1], got {norm_share}.")
+    if active_rule not in ACTIVE_RULES:
+        raise ParameterError(f"active_rule must be one of {ACTIVE_RULES}, got {active_rule!r}.")
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, (int, np.integer)) or batch_tokens < 1:
+        raise ParameterError(f"batch_tokens must be a positive int, got {batch_tokens!r}.")
+    rule = active_rule if active_rule != "auto" else ("relative" if loaded.adapter.gated else "positive")
+    return {"active_threshold": float(active_threshold), "active_rule": rule, "norm_share": float(norm_share),
+            "batch_tokens": int(batch_tokens), "max_elements": _PROJECTION_ELEMENTS}
+
+
+def analyse_aggregation(loaded, n_examples: int = 4000, seed: int = 0, active_threshold: float = 0.1,
+                        active_rule: str = "auto", norm_share: float = 0.9, batch_tokens: int = 2048,
+                        out_dir: str | Path | None = None, corpus="wiki", progress: bool = True,
+                        value_cache: str | Path | None = None) -> AggregationResult:
+    """Run Section 5 on ``n_examples`` held-out prefixes; one row per (example, layer).
+
+    ``out_dir``: where batches are checkpointed and the finished result is saved (and reused when the
+    same request comes again). ``value_cache``: where the values' top tokens are cached (default: the
+    user cache folder). See the module docstring for every definition.
+    """
+    settings = _check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens)
+    examples = sample_examples(loaded, n_examples, seed, corpus)
+    adapter = loaded.adapter
+    manifest = {"analysis": "section5-aggregation", "version": _VERSION, "model": loaded.name,
+                "weights": loaded.file_hash, "corpus": corpus if isinstance(corpus, str) else "custom",
+                "split": "heldout", "seed": int(seed), "n_examples": int(n_examples),
+                "examples": fingerprint(examples[["sentence_id", "position"]].to_numpy().tolist()),
+                "layers": adapter.n_layers, "d_ff": adapter.d_ff, "gated": adapter.gated,
+                **{k: v for k, v in settings.items() if k != "max_elements"}}
+    name = f"aggregation-{fingerprint(manifest)}"
+    if out_dir is not None:
+        cached = load_result(out_dir, name, manifest)
+        if cached is not None:
+            if progress:
+                print(f"[ffnlib] reusing cached Section 5 result {Path(out_dir) / name}.parquet "
+                      f"({len(examples)} examples; same request)")
+            return AggregationResult(cached, examples, manifest, cached=True)
+
+    top_positive, top_negative = memory_top_tokens(
+        loaded, negative=adapter.gated or settings["active_rule"] == "relative", cache=value_cache,
+        progress=progress)
+    value_norms = torch.stack([adapter.written_values(layer).float().norm(dim=-1) for layer in range(adapter.n_layers)])
+    batches = make_batches(examples["position"].to_numpy() + 1, settings["batch_tokens"])
+    partial = Path(out_dir) / f"{name}.partial" if out_dir is not None else None
+    parts, resumed = [], 0
+    for index, batch in enumerate(tqdm(batches, desc="Section 5 batches", disable=not progress)):
+        path = partial / f"batch-{index:05d}.parquet" if partial is not None else None
+        if path is not None and path.exists():
+            try:
+                parts.append(pd.read_parquet(path))
+                resumed += 1
+                continue
+            except Exception:  # an unreadable checkpoint is recomputed, never used
+                path.unlink(missing_ok=True)
+        part = analyse_batch(loaded, examples, batch, settings, top_positive, top_negative, value_norms)
+        if path is not None:
+            write_parquet(path, part)
+        parts.append(part)
+    frame = pd.concat(parts, ignore_index=True).sort_values(["example", "layer"], kind="stable")
+    frame = frame.reset_index(drop=True)
+    if out_dir is not None:
+        save_result(out_dir, name, frame, manifest)
+        shutil.rmtree(partial, ignore_errors=True)
+        if progress and resumed:
+            print(f"[ffnlib] resumed: {resumed} of {len(batches)} batches came from checkpoints in {partial}")
+    return AggregationResult(frame, examples, manifest, info={"batches": len(batches), "resumed": resumed})
+
+
+# ---- aggregates (computed from the per-example table) --------------------------------------------------
+def layer_summary(frame: pd.DataFrame, d_ff: int, n_layers: int) -> pd.DataFrame:
+    """Per layer: memory counts and shares (Fig. 7), zero agreement (Fig. 8), residual vs final
+    (Fig. 9), the residual's probability of the final token (Fig. 10) and the Fig. 11 case shares."""
+    if frame.empty:
+        raise ParameterError("The result table is empty: nothing to summarise.")
+    g = frame.groupby("layer", sort=True)
+    out = pd.DataFrame({
+        "examples": g.size(),
+        "n_positive": g["n_positive"].mean(), "n_relative": g["n_relative"].mean(),
+        "n_active": g["n_active"].mean(), "n_norm": g["n_norm"].mean(),
+        "n_norm_median": g["n_norm"].median(),
+    })
+    for column in ("n_positive", "n_relative", "n_active", "n_norm"):
+        out[f"share_{column[2:]}"] = out[column] / d_ff
+    out["zero_agreement_ffn"] = g["agree_ffn"].apply(lambda s: float((s == 0).mean()))
+    out["zero_agreement_output"] = g["agree_output"].apply(lambda s: float((s == 0).mean()))
+    out["zero_agreement_ffn_positive"] = g["agree_ffn_positive"].apply(lambda s: float((s == 0).mean()))
+    out["zero_agreement_output_positive"] = g["agree_output_positive"].apply(lambda s: float((s == 0).mean()))
+    frame = frame.assign(_res_final=frame["residual_top"] == frame["final_top"],
+                         _out_final=frame["output_top"] == frame["final_top"])
+    g = frame.groupby("layer", sort=True)
+    out["residual_is_final"] = g["_res_final"].mean()
+    out["output_is_final"] = g["_out_final"].mean()
+    out["residual_prob_final"] = g["residual_prob_final"].mean()
+    out["residual_prob_final_median"] = g["residual_prob_final"].median()
+    shares = pd.crosstab(frame["layer"], frame["case"], normalize="index")
+    for case in CASES:
+        out[f"case_{case}"] = shares[case] if case in shares else 0.0
+    out = out.reset_index()
+    out.insert(1, "relative_depth", relative_depth(out["layer"].to_numpy(), n_layers))
+    return out
+
+
+def agreement_breakdown(frame: pd.DataFrame, against: str = "output") -> dict:
+    """Among (example, layer) pairs where some active memory agrees with the layer's prediction
+    (``against``: ``"output"`` = residual + FFN, the authors' code; ``"ffn"`` = the FFN output, the
+    paper's text): the share whose target (the layer's top token) is a stop word, and the share with a
+    prefix shorter than 5 tokens, each next to its base rate over all pairs."""
+    if against not in AGAINST:
+        raise ParameterError(f"against must be one of {AGAINST}, got {against!r}.")
+    agree = frame[f"agree_{against}"] > 0
+    stop = frame[f"{against}_top_stop"]
+    short = frame["prefix_len"] < SHORT_PREFIX
+    some = int(agree.sum())
+    return {"against": against, "pairs": int(len(frame)), "agreeing_pairs": some,
+            "agreeing_share": float(agree.mean()) if len(frame) else float("nan"),
+            "stop_word_share": float(stop[agree].mean()) if some else float("nan"),
+            "short_prefix_share": float(short[agree].mean()) if some else float("nan"),
+            "stop_word_base_rate": float(stop.mean()), "short_prefix_base_rate": float(short.mean())}
+
+
+def composition_examples(result: AggregationResult, tokenizer, layer: int | None = None, n: int = 10,
+                         seed: int = 0, max_chars: int = 70) -> pd.DataFrame:
+    """Random composition cases (output top is neither the residual's nor the FFN's): prefix and tokens.
+
+    ``layer``: one layer (default: the last). Prefixes longer than ``max_chars`` keep their end.
+    """
+    n_layers = result.n_layers
+    layer = n_layers - 1 if layer is None else layer
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -n_layers <= layer < n_layers:
+        raise ParameterError(f"layer must be an int in 0..{n_layers - 1}, got {layer!r}.")
+    layer = int(layer) % n_layers
+    rows = result.frame[(result.frame["layer"] == layer) & (result.frame["case"] == "composition")]
+    rows = rows.sample(min(n, len(rows)), random_state=seed).sort_values("example") if len(rows) else rows
+    examples = result.examples.set_index("example")
+    bos = int(examples["position"].iloc[0] + 1 - examples["prefix_len"].iloc[0]) if len(examples) else 0
+    decode = lambda t: tokenizer.decode([int(t)])  # noqa: E731
+    out = []
+    for row in rows.itertuples(index=False):
+        ex = examples.loc[row.example]
+        prefix = tokenizer.decode(ex["token_ids"][bos: row.position + 1])
+        prefix = prefix if len(prefix) <= max_chars else "…" + prefix[-max_chars + 1:]
+        out.append({"example": row.example, "layer": layer, "prefix": prefix,
+                    "before (residual)": decode(row.residual_top), "FFN": decode(row.ffn_top),
+                    "after (output)": decode(row.output_top), "final": decode(row.final_top),
+                    "next token": decode(row.next_token)})
+    return pd.DataFrame(out, columns=["example", "layer", "prefix", "before (residual)", "FFN",
+                                      "after (output)", "final", "next token"])
+
+
+# ---- the paper, side by side ----------------------------------------------------------------------------
+def paper_curves() -> pd.DataFrame:
+    """The paper's per-layer numbers (Fig. 8 and Fig. 9) as shares, on the relative depth axis."""
+    ref = paper_reference("section5")
+    layers = np.arange(PAPER_LAYERS)
+    return pd.DataFrame({"layer": layers, "relative_depth": relative_depth(layers, PAPER_LAYERS),
+                         "zero_agreement": np.asarray(ref["zero_agreement"]["value"]) / 100,
+                         "residual_is_final": np.asarray(ref["residual_matches_final"]["value"]) / 100})
+
+
+def _trend(values) -> float:
+    """Spearman correlation of a per-layer curve with depth (+1: rises steadily)."""
+    values = pd.Series(np.asarray(values, dtype=float))
+    return float(values.corr(pd.Series(np.arange(len(values), dtype=float)), method="spearman"))
+
+
+VERDICTS = ("holds", "partly", "does not hold")
+
+
+def _share_verdict(share_ok: float) -> str:
+    """For a per-layer rule: holds in >= 85% of the layers, partly in >= 50% (as ``ffnlib.report``)."""
+    return "holds" if share_ok >= 0.85 else ("partly" if share_ok >= 0.5 else "does not hold")
+
+
+def _trend_verdict(curve) -> str:
+    """For "rises with depth": holds if Spearman > 0.5 and the last layer is above the first; partly if
+    Spearman > 0."""
+    rho = _trend(curve)
+    if rho > 0.5 and curve.iloc[-1] > curve.iloc[0]:
+        return "holds"
+    return "partly" if rho > 0 else "does not hold"
+
+
+def paper_comparison(summary: pd.DataFrame, *breakdowns: dict) -> pd.DataFrame:
+    """Each Section 5 finding: the paper's number, ours, and a verdict decided by a stated rule.
+
+    ``summary`` is :func:`layer_summary`'s table; each of ``breakdowns`` an :func:`agreement_breakdown`
+    dict (e.g. one against the layer output and one against the FFN output).
+    Our per-layer curves are compared with the paper's at the same relative depth (linear
+    interpolation of the paper's 16 points). Columns: ``figure`` (a key: fig7 ... fig11), ``finding``,
+    ``paper``, ``ours``, ``verdict`` (holds / partly / does not hold), ``rule`` and ``holds`` (bool).
+    """
+    ref = paper_reference("section5")
+    paper = paper_curves()
+    depth = summary["relative_depth"].to_numpy()
+    at_depth = lambda col: np.interp(depth, paper["relative_depth"], paper[col])  # noqa: E731
+    layer_of = lambda series, index: int(summary["layer"].iloc[int(index)])  # noqa: E731
+    rows = []
+
+    def add(figure, finding, paper_value, ours, verdict, rule):
+        rows.append({"figure": figure, "finding": finding, "paper": paper_value, "ours": ours, "verdict": verdict,
+                     "rule": rule, "holds": verdict == "holds"})
+
+    low, high = (v / 100 for v in ref["active_memories_share"]["value"])
+    share = summary["share_active"]
+    add("fig7", "10-50% of the memories are active per example", f"{low:.0%}-{high:.0%} (positive coefficient)",
+        f"{share.min():.0%}-{share.max():.0%} with the chosen rule; {summary['share_positive'].min():.0%}-"
+        f"{summary['share_positive'].max():.0%} with m>0; 90% of the sub-update sizes in "
+        f"{summary['share_norm'].min():.0%}-{summary['share_norm'].max():.0%} of the memories",
+        _share_verdict(((share >= low) & (share <= high)).mean()),
+        f"share of layers whose mean active share (chosen rule) is within {low:.0%}-{high:.0%}")
+    for figure, column, finding in (
+            ("fig8", "output", "the layer's prediction (layer output, authors' code) matches no active memory's"),
+            ("fig8", "ffn", "the layer's prediction (FFN output, paper's text) matches no active memory's")):
+        zero = summary[f"zero_agreement_{column}"]
+        add(figure, finding, f"mean {paper['zero_agreement'].mean():.0%}, range {paper['zero_agreement'].min():.0%}-"
+            f"{paper['zero_agreement'].max():.0%} of examples",
+            f"mean {zero.mean():.0%}, range {zero.min():.0%}-{zero.max():.0%} (lowest at layer "
+            f"{layer_of(zero, zero.argmin())}); mean |ours - paper| at equal depth "
+            f"{np.abs(zero - at_depth('zero_agreement')).mean():.0%}; with the paper's rule (m>0 active) mean "
+            f"{summary[f'zero_agreement_{column}_positive'].mean():.0%}",
+            _share_verdict((zero > 0.5).mean()), "share of layers with zero agreement above 50%")
+    names = {"output": "layer output", "ffn": "FFN output"}
+    for breakdown in breakdowns:
+        against = names.get(breakdown["against"], breakdown["against"])
+        stop, short = breakdown["stop_word_share"], breakdown["short_prefix_share"]
+        add("fig8", f"when a memory agrees with the {against}, the target is often a stop word",
+            f"{ref['agreeing_stop_words']['value']}%",
+            f"{stop:.0%} of {breakdown['agreeing_pairs']} agreeing (example, layer) pairs; base rate over all "
+            f"pairs {breakdown['stop_word_base_rate']:.0%}",
+            "holds" if stop > breakdown["stop_word_base_rate"] else "does not hold",
+            "the share is above its base rate over all (example, layer) pairs")
+        add("fig8", f"when a memory agrees with the {against}, the prefix is often short (< 5 tokens)",
+            f"{ref['agreeing_short_prefix']['value']}%",
+            f"{short:.0%} (base rate {breakdown['short_prefix_base_rate']:.0%})",
+            "holds" if short > breakdown["short_prefix_base_rate"] else "does not hold",
+            "the share is above its base rate over all pairs")
+    curve = summary["residual_is_final"]
+    add("fig9", "the residual's top token matches the final prediction more often with depth",
+        f"{paper['residual_is_final'].iloc[0]:.0%} (first layer) to {paper['residual_is_final'].iloc[-1]:.0%} (last)",
+        f"{curve.iloc[0]:.0%} (first layer) to {curve.iloc[-1]:.0%} (last); Spearman with depth {_trend(curve):+.2f}; "
+        f"mean |ours - paper| at equal depth {np.abs(curve - at_depth('residual_is_final')).mean():.0%}",
+        _trend_verdict(curve), "Spearman with depth > 0.5 and last layer above first (partly: Spearman > 0)")
+    confidence = summary["residual_prob_final"]
+    add("fig10", "the residual's probability of the final token rises with depth", "rises (qualitative)",
+        f"mean {confidence.iloc[0]:.2f} (first layer) to {confidence.iloc[-1]:.2f} (last); Spearman "
+        f"{_trend(confidence):+.2f}", _trend_verdict(confidence),
+        "Spearman with depth > 0.5 and last layer above first (partly: Spearman > 0)")
+    residual, ffn = summary["case_residual"], summary["case_ffn"]
+    add("fig11", "the output usually keeps the residual's prediction", "residual case dominates (qualitative)",
+        f"residual case {residual.mean():.0%} vs ffn case {ffn.mean():.0%} (mean over layers)",
+        _share_verdict((residual > ffn).mean()), "share of layers where the residual case beats the ffn case")
+    add("fig11", "the FFN rarely overrides the residual with its own top token", "rare (qualitative)",
+        f"ffn case mean {ffn.mean():.0%}; largest {ffn.max():.0%} at layer {layer_of(ffn, ffn.argmax())}",
+        _share_verdict((ffn < 0.2).mean()), "share of layers with the ffn case below 20%")
+    composition = summary["case_composition"]
+    add("fig11", "composition: the output is sometimes neither the residual's nor the FFN's token",
+        "happens (qualitative)", f"mean {composition.mean():.0%}; last layer {composition.iloc[-1]:.0%}",
+        "holds" if composition.mean() > 0.01 else "does not hold", "above 1% of examples on average")
+    return pd.DataFrame(rows)
+
+
+def verdict_text(comparison: pd.DataFrame) -> str:
+    """The comparison in plain sentences: what holds and what does not, with our numbers."""
+    lines = []
+    for row in comparison.itertuples(index=False):
+        lines.append(f"- [{row.verdict.upper()}] {row.finding}. Paper: {row.paper}. Ours: {row.ours}. "
+                     f"(Rule: {row.rule}.)")
+    counts = comparison["verdict"].value_counts()
+    lines.append(f"Of {len(comparison)} Section 5 findings: {counts.get('holds', 0)} hold, "
+                 f"{counts.get('partly', 0)} partly, {counts.get('does not hold', 0)} do not hold on this model.")
+    return "\n".join(lines)
+
+
+def findings(comparison: pd.DataFrame, figures: dict[str, str] | None = None) -> list[dict]:
+    """The comparison as the report's findings (``ffnlib.report``): section, finding, paper, ours, verdict,
+    figure (``figures`` maps the comparison's figure keys to paths relative to the run folder)."""
+    figures = figures or {}
+    return [{"section": f"5 ({row.figure.replace('fig', 'Fig. ')})", "finding": row.finding, "paper": row.paper,
+             "ours": row.ours, "verdict": row.verdict, "figure": figures.get(row.figure), "paper_figure": None}
+            for row in comparison.itertuples(index=False)]
+
+
+def curves(summary: pd.DataFrame) -> dict:
+    """Per-layer series for the cross-model notebook (paper values where the paper gave them)."""
+    ref = paper_reference("section5")
+    paper_zero = [v / 100 for v in ref["zero_agreement"]["value"]]
+    paper_final = [v / 100 for v in ref["residual_matches_final"]["value"]]
+    series = {
+        "active_share": ("Sec 5 Fig 7: share of memories active (chosen rule)", "share_active", None),
+        "positive_share": ("Sec 5 Fig 7: share of memories with m > 0", "share_positive", None),
+        "zero_agreement": ("Sec 5 Fig 8: zero agreement vs layer output", "zero_agreement_output", paper_zero),
+        "zero_agreement_ffn": ("Sec 5 Fig 8: zero agreement vs FFN output", "zero_agreement_ffn", paper_zero),
+        "residual_is_final": ("Sec 5 Fig 9: residual top == final prediction", "residual_is_final", paper_final),
+        "residual_prob_final": ("Sec 5 Fig 10: residual's probability of the final token", "residual_prob_final",
+                                None),
+        "case_residual": ("Sec 5 Fig 11: residual case share", "case_residual", None),
+        "case_ffn": ("Sec 5 Fig 11: ffn case share", "case_ffn", None),
+        "case_composition": ("Sec 5 Fig 11: composition case share", "case_composition", None),
+    }
+    return {name: {"label": label, "values": [float(v) for v in summary[column]], "paper": paper}
+            for name, (label, column, paper) in series.items()}
+
+
+def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
+    """Our per-layer Fig. 8 / Fig. 9 numbers next to the paper's at the same relative depth (the paper's
+    16 points linearly interpolated), in percent."""
+    paper = paper_curves()
+    depth = summary["relative_depth"].to_numpy()
+    return pd.DataFrame({
+        "layer": summary["layer"], "relative_depth": depth.round(3),
+        "zero agreement, ours (output) %": (100 * summary["zero_agreement_output"]).round(1),
+        "zero agreement, ours (FFN) %": (100 * summary["zero_agreement_ffn"]).round(1),
+        "zero agreement, paper %": (100 * np.interp(depth, paper["relative_depth"], paper["zero_agreement"])).round(1),
+        "residual == final, ours %": (100 * summary["residual_is_final"]).round(1),
+        "residual == final, paper %": (100 * np.interp(depth, paper["relative_depth"],
+                                                       paper["residual_is_final"])).round(1),
+    })
