@@ -13,7 +13,10 @@ NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("results")
+    """Shared with tests/test_browser.py, so one test session mines the ci-scale triggers once."""
+    folder = tmp_path_factory.getbasetemp() / "ci-results"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def _outputs_text(nb) -> str:
