@@ -1,0 +1,235 @@
+"""Section 3 trigger-example mining: end-to-end throughput, padding and memory, against the bare forward pass
+and against the usual "cache every activation, then top-k" approach.
+
+    python benchmarks/bench_mining.py [--model smollm2-135m] [--sentences 1000] [--device cpu]
+
+Rows (all measured in this run):
+
+- mining throughput: real sentence tokens per second of ``ffnlib.keys.mine_trigger_examples`` end to end
+  (tokenisation, length batching, the per-layer top-k reduction inside the forward pass, building the result
+  table, writing Parquet + manifest), k=50, both signs, all layers;
+- bare forward: the same tokens packed into full dense batches (rows of the mean sentence length, no padding,
+  same token budget per batch), ``model(input_ids)`` with nothing hooked. Ratio = ours / bare (target >= 0.9).
+  A second row compares with the transformer body only (every layer, no final norm and head), since the miner
+  stops the forward pass after the last layer's FFN: that is the stricter comparison;
+- padding share of the miner's batches (target < 5%);
+- peak memory at N and 10N sentences: a fresh process each; after the model is loaded and has run once,
+  ``/proc/self/clear_refs`` resets the peak RSS (VmHWM); we report VmHWM during mining (model included) and the
+  growth from N to 10N (target <= +10%);
+- the usual approach: a forward hook that caches every FFN activation (coefficients) of every layer for every
+  sentence, as TransformerLens' ``run_with_cache`` does (this is a hook-based baseline: transformer-lens is not
+  installed), then the same top-k (per-sentence maximum and top-50 over sentences, both signs) with torch ops.
+  Fresh process; same length-sorted batches; throughput and peak memory against ours.
+
+Passes run in the order bare, ours, body (then reversed with ``--repeats 2``) so a drifting machine load hits
+both sides alike. Requires Linux for the memory rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, run_python, table  # noqa: E402
+
+ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+SETUP = """
+import json, os, resource, tempfile, time, numpy as np, torch
+from ffnlib.corpus import load_corpus
+from ffnlib.models import load_model
+from ffnlib import keys
+loaded = load_model({model!r}, device={device!r})
+sentences = load_corpus("wiki", split="train", seed=0, max_sentences={sentences})
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+with torch.inference_mode():  # warm up: every weight read once, so its pages are resident
+    loaded.model(input_ids=torch.tensor([loaded.encode("Warm up the model once.")]))
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM)
+"""
+
+OURS = SETUP + """
+start = time.perf_counter()
+ex = keys.mine_trigger_examples(loaded, sentences, k={k}, batch_tokens={batch_tokens}, out_dir=tempfile.mkdtemp(),
+                                progress=False)
+seconds = time.perf_counter() - start
+print(json.dumps({{"seconds": seconds, "tokens": ex.stats["tokens"], "peak": status("VmHWM:"), "before": before,
+                  "padding": ex.stats["padding_share"]}}))
+"""
+
+USUAL = SETUP + """
+a = loaded.adapter
+start = time.perf_counter()
+table = keys.prepare_sentences(loaded, sentences)
+lengths = np.array([len(t) for t in table["token_ids"]])
+cache = {{layer: [] for layer in range(a.n_layers)}}
+hooks = [a.down(layer).register_forward_pre_hook(lambda m, args, layer=layer: cache[layer].append(args[0].detach().clone()))
+         for layer in range(a.n_layers)]
+pad = loaded.tokenizer.pad_token_id or 0
+order = []
+with torch.inference_mode():
+    for rows in keys.plan_batches(lengths, {batch_tokens}):
+        width = int(lengths[rows].max())
+        ids = torch.full((len(rows), width), pad)
+        for i, r in enumerate(rows):
+            ids[i, :lengths[r]] = torch.tensor(table["token_ids"][r])
+        loaded.model(input_ids=ids.to(loaded.device), use_cache=False)
+        order.extend(rows.tolist())
+for h in hooks:
+    h.remove()
+ids = torch.tensor(table["sentence_id"].to_numpy()[order])
+lens = torch.tensor(lengths[order])
+top = {{}}
+with torch.inference_mode():
+    for layer, parts in cache.items():
+        highs, lows, offset = [], [], 0
+        for part in parts:
+            real = lens[offset: offset + part.shape[0]].to(part.device)
+            offset += part.shape[0]
+            mask = (torch.arange(part.shape[1], device=part.device)[None, :] < real[:, None])[..., None]
+            highs.append(part.masked_fill(~mask, float("-inf")).max(1).values)
+            lows.append(part.masked_fill(~mask, float("inf")).min(1).values)
+        high, low = torch.cat(highs), torch.cat(lows)
+        top[layer] = (high.topk({k}, dim=0), (-low).topk({k}, dim=0))
+seconds = time.perf_counter() - start
+stored = sum(p.numel() * p.element_size() for parts in cache.values() for p in parts)
+print(json.dumps({{"seconds": seconds, "tokens": int(lengths.sum()), "peak": status("VmHWM:"), "before": before,
+                  "cached_bytes": stored}}))
+"""
+
+
+def bare_throughput(loaded, token_ids, batch_tokens: int, body_only: bool) -> tuple[float, int]:
+    """Seconds for the same tokens in full dense batches (rows of the mean sentence length)."""
+    import numpy as np
+    import torch
+
+    from ffnlib.keys import _StopForward
+
+    width = max(1, int(round(np.mean([len(t) for t in token_ids]))))
+    flat = [t for ids in token_ids for t in ids]
+    n_rows = len(flat) // width
+    ids = torch.tensor(flat[: n_rows * width]).view(n_rows, width).to(loaded.device)
+    rows = max(1, batch_tokens // width)
+    handle = None
+    if body_only:  # stop after the last layer: no final norm, no head
+        def stop(module, args, out):
+            raise _StopForward
+        handle = loaded.adapter.layer(loaded.adapter.n_layers - 1).register_forward_hook(stop)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for i in range(0, n_rows, rows):
+                try:
+                    loaded.model(input_ids=ids[i: i + rows], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        if handle is not None:
+            handle.remove()
+    return time.perf_counter() - start, n_rows * width
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sentences", type=int, default=1000, help="sentences mined (10N); N = this / 10")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--batch-tokens", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--skip-usual", action="store_true", help="skip the cache-everything baseline")
+    args = parser.parse_args()
+
+    import psutil
+
+    from ffnlib import keys
+    from ffnlib.corpus import load_corpus
+    from ffnlib.models import load_model
+
+    loaded = load_model(args.model, device=args.device)
+    sentences = load_corpus("wiki", split="train", seed=0, max_sentences=args.sentences)
+    token_ids = keys.prepare_sentences(loaded, sentences)["token_ids"].tolist()
+    bare_full = [0.0, 0]
+    bare_body = [0.0, 0]
+    ours = [0.0, 0]
+    padding = None
+    bare_throughput(loaded, token_ids[:8], args.batch_tokens, False)  # warm-up
+    for repeat in range(args.repeats):
+        steps = ["full", "ours", "body"] if repeat % 2 == 0 else ["body", "ours", "full"]
+        for step in steps:
+            if step == "ours":
+                start = time.perf_counter()
+                ex = keys.mine_trigger_examples(loaded, sentences, k=args.k, batch_tokens=args.batch_tokens,
+                                                out_dir=tempfile.mkdtemp(), progress=False)
+                ours[0] += time.perf_counter() - start
+                ours[1] += ex.stats["tokens"]
+                padding = ex.stats["padding_share"]
+            else:
+                seconds, tokens = bare_throughput(loaded, token_ids, args.batch_tokens, step == "body")
+                target = bare_full if step == "full" else bare_body
+                target[0] += seconds
+                target[1] += tokens
+
+    rate = lambda pair: pair[1] / pair[0]
+    params = {"model": args.model, "device": args.device, "k": args.k, "batch_tokens": args.batch_tokens}
+    small = max(args.k, args.sentences // 10)
+    big = json.loads(run_python(OURS.format(sentences=args.sentences, **params), ENV))
+    little = json.loads(run_python(OURS.format(sentences=small, **params), ENV))
+    rows = [
+        {"row": "mining throughput vs bare forward (full LM, dense batches)", "ours": f"{rate(ours):,.0f} tok/s",
+         "baseline": f"{rate(bare_full):,.0f} tok/s", "ratio": rate(ours) / rate(bare_full), "target": ">= 0.9",
+         "met": rate(ours) / rate(bare_full) >= 0.9,
+         "note": f"{ours[1]:,} real tokens, {len(sentences):,} sentences, k={args.k}, both signs, all layers"},
+        {"row": "mining throughput vs bare transformer body (no final norm/head)", "ours": f"{rate(ours):,.0f} tok/s",
+         "baseline": f"{rate(bare_body):,.0f} tok/s", "ratio": rate(ours) / rate(bare_body), "target": ">= 0.9",
+         "met": rate(ours) / rate(bare_body) >= 0.9, "note": "stricter: the miner also skips the head"},
+        {"row": "padding share of the miner's batches", "ours": f"{padding:.1%}", "target": "< 5%",
+         "met": padding < 0.05, "note": f"batch_tokens={args.batch_tokens}"},
+        {"row": f"peak RSS while mining, {little['tokens']:,} vs {big['tokens']:,} tokens",
+         "ours": f"{big['peak'] / 2**20:,.0f} MiB", "baseline": f"{little['peak'] / 2**20:,.0f} MiB",
+         "ratio": big["peak"] / little["peak"], "target": "<= 1.10", "met": big["peak"] <= 1.10 * little["peak"],
+         "note": f"model included; above the post-load RSS: {(little['peak'] - little['before']) / 2**20:,.0f} -> "
+                 f"{(big['peak'] - big['before']) / 2**20:,.0f} MiB"},
+    ]
+    if not args.skip_usual:
+        need = 4 * loaded.adapter.n_layers * loaded.adapter.d_ff * (ours[1] / args.repeats) * 1.1
+        if need > 0.6 * psutil.virtual_memory().available:
+            rows.append({"row": "usual approach (cache all activations)", "note":
+                         f"skipped: would need ~{need / 2**30:.1f} GiB of activations"})
+        else:
+            usual = json.loads(run_python(USUAL.format(sentences=args.sentences, **params), ENV))
+            ours_sub = big["tokens"] / big["seconds"]
+            usual_rate = usual["tokens"] / usual["seconds"]
+            rows.append({"row": "throughput vs the usual approach (hook cache of every FFN activation, then top-k)",
+                         "ours": f"{ours_sub:,.0f} tok/s", "baseline": f"{usual_rate:,.0f} tok/s",
+                         "ratio": ours_sub / usual_rate, "target": "—", "met": None,
+                         "note": "both in a fresh process; hook-based baseline (transformer-lens not installed)"})
+            rows.append({"row": "peak RSS vs the usual approach", "ours": f"{big['peak'] / 2**20:,.0f} MiB",
+                         "baseline": f"{usual['peak'] / 2**20:,.0f} MiB", "ratio": big["peak"] / usual["peak"],
+                         "target": "—", "met": None,
+                         "note": f"the usual approach cached {usual['cached_bytes'] / 2**30:.2f} GiB of "
+                                 f"activations; it grows with the corpus, ours does not"})
+    print(f"Machine: {machine(args.device)}; {psutil.cpu_percent(interval=0.5):.0f}% CPU busy at the end "
+          f"(load average {', '.join(f'{x:.1f}' for x in psutil.getloadavg())})")
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

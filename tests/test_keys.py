@@ -1,0 +1,608 @@
+"""Section 3 (keys capture input patterns): ``ffnlib.keys``, its plots and the annotation widget logic.
+
+The miner is checked against a brute-force top-k (one unbatched forward pass per sentence, every
+coefficient kept, sorted with pandas) on a tiny random Llama and on three layers of the real SmolLM2;
+resuming is checked after an exception and after real SIGKILLs in a subprocess at five points; the
+removal experiment against a direct recomputation and against a model whose answer is known by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import transformers as tf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from ffnlib import CorpusError, ParameterError  # noqa: E402
+from ffnlib import keys  # noqa: E402
+from ffnlib.adapters import get_adapter  # noqa: E402
+from ffnlib.capture import capture  # noqa: E402
+from ffnlib.corpus import load_corpus  # noqa: E402
+from ffnlib.models import LoadedModel  # noqa: E402
+
+VOCAB = 49152  # SmolLM2's tokenizer
+
+
+def _tiny_llama(seed: int = 0, layers: int = 3, d_ff: int = 24) -> tf.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=d_ff, num_hidden_layers=layers,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    model = tf.LlamaForCausalLM(config).eval().requires_grad_(False)
+    with torch.no_grad():  # a random init is nearly flat; widen it so the tops are well separated
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def _wrap(model, tokenizer, name="tiny-llama", bos=()) -> LoadedModel:
+    return LoadedModel(name, model, tokenizer, get_adapter(model), "random init", f"{name}-hash", False, list(bos))
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    return _wrap(_tiny_llama(), smollm.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def sentences(wiki):
+    return load_corpus(wiki, split="train", seed=0, max_sentences=40)
+
+
+def _mine(loaded, sentences, **kw):
+    kw = {"k": 5, "batch_tokens": 160, "progress": False, **kw}
+    return keys.mine_trigger_examples(loaded, sentences, **kw)
+
+
+# ---- brute force --------------------------------------------------------------------------------------
+def brute_force(loaded, sentences, layers, k, per_sentence="max", signs=(1, -1)) -> pd.DataFrame:
+    """Every coefficient of every sentence, one unbatched forward pass each; top-k by pandas sorting."""
+    table = keys.prepare_sentences(loaded, sentences)
+    nb = len(loaded.bos)
+    frames = []
+    with torch.inference_mode(), capture(loaded, layers=layers, what=("coefficients",)) as acts:
+        for sid, ids in zip(table["sentence_id"], table["token_ids"]):
+            loaded.model(input_ids=torch.tensor([ids]))
+            for layer in layers:
+                c = acts.coefficients[layer][0, nb:].numpy()  # (real tokens, d_ff)
+                for sign in signs:
+                    v = sign * c
+                    if per_sentence == "max":
+                        pos = v.argmax(0)
+                        frames.append(pd.DataFrame({"layer": layer, "memory": np.arange(v.shape[1]), "sign": sign,
+                                                    "score": v[pos, np.arange(v.shape[1])], "sentence_id": sid,
+                                                    "position": pos + nb}))
+                    else:
+                        t, d = v.shape
+                        frames.append(pd.DataFrame({"layer": layer, "memory": np.tile(np.arange(d), t), "sign": sign,
+                                                    "score": v.reshape(-1), "sentence_id": sid,
+                                                    "position": np.repeat(np.arange(t), d) + nb}))
+    bf = pd.concat(frames, ignore_index=True)
+    bf = bf.sort_values(["layer", "memory", "sign", "score", "sentence_id", "position"],
+                        ascending=[True, True, True, False, True, True])
+    bf["rank"] = bf.groupby(["layer", "memory", "sign"]).cumcount()
+    return bf[bf["rank"] < k]
+
+
+def assert_matches_brute_force(triggers, bf, atol=1e-6, exact=True):
+    m = triggers.merge(bf, on=["layer", "memory", "sign", "rank"], suffixes=("", "_bf"), validate="one_to_one")
+    assert len(m) == len(bf) == len(triggers)
+    np.testing.assert_allclose(m["coefficient"] * m["sign"], m["score"], atol=atol, rtol=1e-5)
+    differ = (m["sentence_id"] != m["sentence_id_bf"]) | (m["position"] != m["position_bf"])
+    if exact:
+        assert not differ.any(), m[differ].head()
+    else:  # batched and unbatched float sums differ in the last bits: a swap is allowed only at a near tie
+        bf_sorted = bf.set_index(["layer", "memory", "sign", "rank"])["score"]
+        for r in m[differ].itertuples():
+            near = [bf_sorted.get((r.layer, r.memory, r.sign, r.rank + d)) for d in (-1, 1)]
+            assert any(x is not None and abs(x - r.score) <= atol for x in near), r
+        assert differ.mean() < 0.01
+
+
+# ---- the miner ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("per_sentence", ["max", "all"])
+@pytest.mark.parametrize("bos", [False, True])
+def test_miner_equals_brute_force_on_a_tiny_model(tiny, smollm, sentences, per_sentence, bos):
+    loaded = dataclasses.replace(tiny, bos=[1]) if bos else tiny
+    ex = _mine(loaded, sentences, per_sentence=per_sentence, negative=True)
+    bf = brute_force(loaded, sentences, [0, 1, 2], 5, per_sentence)
+    assert_matches_brute_force(ex.triggers, bf, exact=True)
+    t = ex.triggers
+    assert list(t.columns) == keys.TRIGGER_COLUMNS
+    assert len(t) == 2 * 3 * 24 * 5 and set(t["sign"]) == {1, -1}
+    assert (t["position"] >= len(loaded.bos)).all(), "BOS positions are never triggers"
+    # next_token is the token after the prefix (or -1 at the sentence end)
+    index = ex.token_index()
+    for r in t.sample(50, random_state=0).itertuples():
+        ids = index[r.sentence_id]
+        assert ids[: len(loaded.bos)] == list(loaded.bos)
+        assert r.next_token == (ids[r.position + 1] if r.position + 1 < len(ids) else -1)
+    if per_sentence == "max":  # at most one prefix per sentence per key
+        assert not t.duplicated(["layer", "memory", "sign", "sentence_id"]).any()
+    assert ex.stats["padding_share"] < 0.5 and ex.stats["tokens"] == sum(map(len, ex.sentences["token_ids"]))
+
+
+def test_all_positions_differ_from_one_per_sentence(tiny, sentences):
+    one = _mine(tiny, sentences, per_sentence="max").triggers
+    every = _mine(tiny, sentences, per_sentence="all").triggers
+    # the strongest prefix is the same; below it "all" may take several prefixes of one sentence
+    top = ["layer", "memory", "sign"]
+    pd.testing.assert_frame_equal(one[one["rank"] == 0].reset_index(drop=True),
+                                  every[every["rank"] == 0].reset_index(drop=True))
+    assert every.duplicated(top + ["sentence_id"]).any()
+    assert (every["coefficient"].to_numpy() * every["sign"] >= one["coefficient"].to_numpy() * one["sign"] - 1e-7).all()
+
+
+def test_negative_side_only_for_gated_by_default(tiny, sentences):
+    assert set(_mine(tiny, sentences).triggers["sign"]) == {1, -1}  # a Llama is gated
+    plain = _mine(tiny, sentences, negative=False).triggers
+    assert set(plain["sign"]) == {1}
+    neg = _mine(tiny, sentences).triggers
+    neg = neg[neg["sign"] == -1]
+    # most negative first
+    assert (neg.groupby(["layer", "memory"])["coefficient"].diff().dropna() >= 0).all()
+
+
+def test_layers_subset_and_real_smollm_matches_brute_force(smollm, wiki):
+    few = load_corpus(wiki, split="train", seed=1, max_sentences=16)
+    ex = keys.mine_trigger_examples(smollm, few, k=4, layers=[0, 7, 14], batch_tokens=256, progress=False)
+    assert sorted(ex.triggers["layer"].unique()) == [0, 7, 14]
+    bf = brute_force(smollm, few, [0, 7, 14], 4)
+    assert_matches_brute_force(ex.triggers, bf, atol=1e-4, exact=False)
+
+
+def test_merge_of_shards_equals_the_whole(tiny, sentences):
+    whole = _mine(tiny, sentences).state()
+    a = _mine(tiny, sentences.iloc[:20]).state()
+    b = _mine(tiny, sentences.iloc[20:]).state()
+    for merged in (keys.merge(a, b), keys.merge(b, a)):
+        assert torch.equal(merged.keys, whole.keys)
+        torch.testing.assert_close(merged.scores, whole.scores, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ParameterError, match="different shapes"):
+        keys.merge(a, _mine(tiny, sentences, negative=False).state())
+
+
+def test_merge_is_exact_on_ties():
+    """Many equal scores: order by score, then sentence id, then position, whatever the input order."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (1, 1, 4, 30), generator=g).float()
+    keys_ = torch.stack([torch.randperm(10_000, generator=g)[:30] for _ in range(4)]).view(1, 1, 4, 30)
+    full = keys._top_sorted(scores, keys_, 6)
+    a = keys.TopKState([0], [1], *keys._top_sorted(scores[..., :13], keys_[..., :13], 6))
+    b = keys.TopKState([0], [1], *keys._top_sorted(scores[..., 13:], keys_[..., 13:], 6))
+    merged = keys.merge(a, b)
+    assert torch.equal(merged.scores, full[0]) and torch.equal(merged.keys, full[1])
+    ref = pd.DataFrame({"s": scores.reshape(4, 30)[0], "k": keys_.reshape(4, 30)[0]}).sort_values(
+        ["s", "k"], ascending=[False, True]).head(6)
+    assert merged.keys[0, 0, 0].tolist() == ref["k"].tolist()
+    # inserting a few candidates without sorting gives the same order as sorting
+    s, k = keys._insert_sorted(a.scores[0, 0], a.keys[0, 0], scores[0, 0, :, 13:20], keys_[0, 0, :, 13:20])
+    s2, k2 = keys._top_sorted(torch.cat([a.scores[0, 0], scores[0, 0, :, 13:20]], 1),
+                              torch.cat([a.keys[0, 0], keys_[0, 0, :, 13:20]], 1), 6)
+    assert torch.equal(s, s2) and torch.equal(k, k2)
+
+
+def test_plan_batches_by_length_and_budget():
+    lengths = [5, 30, 6, 30, 29, 5, 100]
+    batches = keys.plan_batches(lengths, 64)  # at most 5% padding per batch
+    assert [list(b) for b in batches] == [[6], [1, 3], [4], [2], [0, 5]]
+    assert [list(b) for b in keys.plan_batches(lengths, 64, max_padding=1.0)] == [[6], [1, 3], [4, 2], [0, 5]]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(7))
+
+
+# ---- resume, cache, corruption --------------------------------------------------------------------------
+def _result_files(folder: Path) -> tuple[Path, Path]:
+    main = [p for p in folder.glob("triggers-*.parquet") if not p.name.endswith("-sentences.parquet")]
+    assert len(main) == 1
+    return main[0], main[0].with_name(main[0].stem + "-sentences.parquet")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(batch: int):
+    def after(batches_done, sentences_done):
+        if batches_done == batch:
+            raise Interrupt
+    return after
+
+
+def test_resume_after_an_interruption_gives_identical_rows(tiny, sentences, tmp_path, monkeypatch):
+    ref = _mine(tiny, sentences, out_dir=tmp_path / "ref", checkpoint_every=6)
+    assert ref.stats["resumed_from"] == 0
+    monkeypatch.setattr(keys, "_after_batch", _interrupt_at(7))
+    with pytest.raises(Interrupt):
+        _mine(tiny, sentences, out_dir=tmp_path / "run", checkpoint_every=6)
+    assert list((tmp_path / "run").glob("*.checkpoint.json"))
+    monkeypatch.setattr(keys, "_after_batch", lambda *a: None)
+    again = _mine(tiny, sentences, out_dir=tmp_path / "run", checkpoint_every=6)
+    assert 0 < again.stats["resumed_from"] < len(sentences)
+    for a, b in zip(_result_files(tmp_path / "ref"), _result_files(tmp_path / "run")):
+        pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
+    assert not list((tmp_path / "run").glob("*checkpoint*")), "the checkpoint is removed once the result is saved"
+
+
+def test_cache_is_reused_only_for_the_same_manifest(tiny, sentences, tmp_path, capsys):
+    first = _mine(tiny, sentences, out_dir=tmp_path, progress=True)
+    assert not first.stats["from_cache"]
+    capsys.readouterr()
+    second = _mine(tiny, sentences, out_dir=tmp_path, progress=True)
+    assert second.stats["from_cache"] and "Loaded cached trigger examples" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(first.triggers, second.triggers)
+    assert second.sentences["token_ids"].tolist() == first.sentences["token_ids"].tolist()
+    assert second.manifest == first.manifest
+    stored = json.loads(_result_files(tmp_path)[0].with_suffix("").with_suffix(".manifest.json").read_text())
+    assert stored["request"]["file_hash"] == "tiny-llama-hash" and "torch" in stored["versions"]
+    assert len(stored["request"]["corpus"]) == 64
+    # other parameters, another corpus, another model: recomputed
+    assert not _mine(tiny, sentences, out_dir=tmp_path, k=4).stats["from_cache"]
+    assert not _mine(tiny, sentences, out_dir=tmp_path, per_sentence="all").stats["from_cache"]
+    changed = sentences.copy()
+    changed.loc[3, "text"] = changed.loc[3, "text"] + " And more."
+    assert not _mine(tiny, changed, out_dir=tmp_path).stats["from_cache"]
+    other = _wrap(_tiny_llama(seed=1), tiny.tokenizer, name="tiny-llama-2")
+    assert not _mine(other, sentences, out_dir=tmp_path).stats["from_cache"]
+    # the row order of the corpus does not matter (same ids and texts)
+    assert _mine(tiny, sentences.iloc[::-1], out_dir=tmp_path).stats["from_cache"]
+
+
+def test_corrupted_checkpoint_is_detected_and_recomputed(tiny, sentences, tmp_path, monkeypatch):
+    ref = _mine(tiny, sentences)
+    monkeypatch.setattr(keys, "_after_batch", _interrupt_at(7))
+    with pytest.raises(Interrupt):
+        _mine(tiny, sentences, out_dir=tmp_path, checkpoint_every=6)
+    monkeypatch.setattr(keys, "_after_batch", lambda *a: None)
+    (data,) = tmp_path.glob("*.checkpoint-*.pt")
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning, match=re.escape(data.name)):
+        again = _mine(tiny, sentences, out_dir=tmp_path, checkpoint_every=6)
+    assert again.stats["resumed_from"] == 0
+    pd.testing.assert_frame_equal(again.triggers, ref.triggers)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import logging, os, signal, sys
+    sys.path.insert(0, {root!r})
+    import pandas as pd, torch
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    from ffnlib import keys
+    from ffnlib.models import load_model
+    model_dir, corpus, out_dir, kill = sys.argv[1:5]
+    mode, _, n = kill.partition(":")
+    n = int(n or 0)
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "batch":  # after a batch (and its checkpoint, if any)
+        keys._after_batch = lambda batches, sentences: die() if batches == n else None
+    elif mode in ("data", "meta"):  # during the n-th checkpoint of this run
+        real_bytes, real_json, count = keys.atomic_write_bytes, keys.write_json, [0]
+        def write_bytes(path, data):
+            count[0] += 1
+            if mode == "data" and count[0] == n:  # half a temporary file written, never renamed
+                open(str(path) + ".half.tmp", "wb").write(data[: len(data) // 2])
+                die()
+            real_bytes(path, data)
+        def write_json(path, obj):
+            if mode == "meta" and count[0] == n and str(path).endswith(".checkpoint.json"):
+                die()  # new data file written, the JSON still names the previous one
+            real_json(path, obj)
+        keys.atomic_write_bytes, keys.write_json = write_bytes, write_json
+    loaded = load_model(model_dir)
+    ex = keys.mine_trigger_examples(loaded, pd.read_parquet(corpus), k=5, batch_tokens=64, checkpoint_every=2,
+                                    out_dir=out_dir, progress=False)
+    print("DONE", ex.stats["resumed_from"])
+""")
+
+
+def test_sigkill_at_five_points_resumes_and_ends_identical(tiny, sentences, tmp_path):
+    model_dir = tmp_path / "model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.parquet"
+    sentences.to_parquet(corpus)
+    script = tmp_path / "mine.py"
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT)))
+
+    def run(out: Path, kill: str = "none:0") -> tuple[int, int | None, str]:
+        p = subprocess.run([sys.executable, str(script), str(model_dir), str(corpus), str(out), kill],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        found = re.search(r"resumed_from=(\d+)", p.stderr)
+        return p.returncode, int(found.group(1)) if found else None, p.stdout + p.stderr
+
+    rc, _, log = run(tmp_path / "ref")
+    assert rc == 0 and "DONE 0" in log, log
+    lengths = [len(t) for t in keys.prepare_sentences(tiny, sentences)["token_ids"]]
+    n = len(keys.plan_batches(lengths, 64))
+    assert n >= 16, n
+    out = tmp_path / "killed"
+    resumed = [0]
+    # after batch 3; while writing the 2nd checkpoint's data; between its data and its JSON; late batches
+    for kill in ("batch:3", "data:2", "meta:2", f"batch:{n - 6}", f"batch:{n - 2}"):
+        rc, start, log = run(out, kill)
+        assert rc == -signal.SIGKILL, (kill, log)
+        if kill != "batch:3":
+            assert start is not None and start > 0, (kill, "started over", log)
+            resumed.append(start)
+    rc, start, log = run(out)
+    assert rc == 0 and start is not None and start > 0, log
+    resumed.append(start)
+    assert resumed == sorted(resumed) and len(set(resumed)) >= 4, resumed  # progress kept between kills
+    for a, b in zip(_result_files(tmp_path / "ref"), _result_files(out)):
+        pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
+        assert a.read_bytes() == b.read_bytes()
+
+
+# ---- views ---------------------------------------------------------------------------------------------
+def test_trigger_table_and_html(tiny, sentences):
+    ex = _mine(tiny, sentences)
+    table = keys.trigger_table(ex, tiny.tokenizer, layer=1, memory=3, n=4)
+    assert list(table["rank"]) == [0, 1, 2, 3]
+    assert {"prefix", "last_token", "coefficient", "next_token"} <= set(table.columns)
+    index = ex.token_index()
+    for r in table.itertuples():
+        ids = index[r.sentence_id]
+        assert r.prefix + r.last_token == tiny.tokenizer.decode(ids[: r.position + 1])
+        assert r.next_token == (tiny.tokenizer.decode(ids[r.position + 1: r.position + 2]))
+    page = keys.trigger_html(ex, tiny.tokenizer, 1, 3, sign=-1, n=3)
+    assert page.count("<mark>") == 3 and "most negative" in page
+    with pytest.raises(ParameterError, match="No trigger examples"):
+        ex.of(7, 0)
+
+
+def test_html_escapes_text(tiny, sentences):
+    odd = pd.DataFrame({"sentence_id": [0, 1, 2], "text": ["a <b>bold</b> & co", "x < y", "plain words here"]})
+    ex = _mine(tiny, odd, k=2)
+    page = keys.trigger_html(ex, tiny.tokenizer, 0, 0, n=2)
+    assert "<b>bold" not in page and ("&lt;" in page or "&amp;" in page)
+
+
+# ---- removal experiment -------------------------------------------------------------------------------
+def test_removal_equals_direct_recomputation(tiny, sentences):
+    ex = _mine(tiny, sentences, k=6)
+    removal = keys.removal_experiment(tiny, ex, n_keys=3, top=6, seed=1, batch_tokens=200, progress=False)
+    assert set(removal["variant"]) == {"first", "last", "random"}
+    assert len(removal) == len(removal[["layer", "memory", "rank", "variant"]].drop_duplicates())
+    index = ex.token_index()
+    first, last = removal["variant"] == "first", removal["variant"] == "last"
+    assert (removal.loc[first, "removed"] == 0).all() and (removal.loc[last, "removed"] == removal.loc[last, "position"]).all()
+    assert removal["removed"].between(0, removal["position"]).all()
+    with torch.inference_mode(), capture(tiny, what=("coefficients",)) as acts:
+        for r in removal.itertuples():
+            ids = list(index[r.sentence_id][: r.position + 1])
+            del ids[r.removed]
+            tiny.model(input_ids=torch.tensor([ids]))
+            expected = float(acts.coefficients[r.layer][0, -1, r.memory])
+            assert abs(r.new_coefficient - expected) <= 1e-5 * max(1, abs(expected)), r
+    np.testing.assert_allclose(removal["relative_change"],
+                               (removal["new_coefficient"] - removal["coefficient"]) / removal["coefficient"].abs(),
+                               rtol=1e-6)
+    summary = keys.removal_summary(removal, n_layers=3)
+    assert set(summary.columns) >= {"layer", "variant", "mean_change_pct", "median_change_pct", "prefixes"}
+    assert summary["prefixes"].sum() == len(removal)
+
+
+def test_removal_on_a_model_that_only_sees_the_last_token(smollm, sentences):
+    """With every attention output zeroed, each coefficient depends only on the current token: removing
+    the first token changes nothing, and removing the last gives the coefficient of the token before,
+    computed here by hand from that single token."""
+    model = _tiny_llama(seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    loaded = _wrap(model, smollm.tokenizer, name="no-attention")
+    ex = _mine(loaded, sentences, k=4, negative=False)
+    removal = keys.removal_experiment(loaded, ex, n_keys=4, top=4, seed=0, progress=False)
+    first = removal[removal["variant"] == "first"]
+    np.testing.assert_allclose(first["relative_change"], 0, atol=1e-5)
+    index = ex.token_index()
+    last = removal[removal["variant"] == "last"]
+    with torch.inference_mode(), capture(loaded, what=("coefficients",)) as acts:
+        for r in last.itertuples():
+            loaded.model(input_ids=torch.tensor([[index[r.sentence_id][r.position - 1]]]))
+            assert abs(r.new_coefficient - float(acts.coefficients[r.layer][0, 0, r.memory])) < 1e-5
+    random_ = removal[removal["variant"] == "random"]
+    kept_last = random_[random_["removed"] != random_["position"]]
+    np.testing.assert_allclose(kept_last["relative_change"], 0, atol=1e-5)
+    assert (last["relative_change"].abs() > 1e-3).mean() > 0.5
+
+
+def test_removal_cache_and_bad_inputs(tiny, sentences, tmp_path):
+    ex = _mine(tiny, sentences, k=4)
+    a = keys.removal_experiment(tiny, ex, n_keys=2, top=3, out_dir=tmp_path, progress=False)
+    b = keys.removal_experiment(tiny, ex, n_keys=2, top=3, out_dir=tmp_path, progress=False)
+    pd.testing.assert_frame_equal(a, b)
+    with pytest.raises(ParameterError, match="variant"):
+        keys.removal_experiment(tiny, ex, variants=("middle",), progress=False)
+    with pytest.raises(ParameterError, match="top=9"):
+        keys.removal_experiment(tiny, ex, n_keys=2, top=9, progress=False)
+    with pytest.raises(ParameterError, match="n_keys"):
+        keys.removal_experiment(tiny, ex, n_keys=10_000, progress=False)
+    with pytest.raises(ParameterError, match="not mined"):
+        keys.removal_experiment(tiny, _mine(tiny, sentences, k=4, layers=[0]), n_keys=2, top=2, layers=[2],
+                                progress=False)
+
+
+# ---- pattern measures ------------------------------------------------------------------------------------
+def _hand_built() -> keys.TriggerExamples:
+    """25 sentences. Key (0, 0): 10 triggers end in token 7 (5 of them after token 50), 15 distinct last
+    tokens; 12 sentences about Arts, 4 about History, the rest unlabelled. Key (0, 1): all distinct."""
+    token_ids, topics = [], []
+    for i in range(25):
+        if i < 5:
+            ids = [300 + i, 50, 7]
+        elif i < 10:
+            ids = [300 + i, 60 + i, 7]
+        else:
+            ids = [300 + i, 400 + i, 500 + i]
+        token_ids.append(ids)
+        topics.append("Arts" if i < 12 else "History" if i < 16 else None)
+    sentences = pd.DataFrame({"sentence_id": np.arange(25), "text": [f"s{i}" for i in range(25)],
+                              "title": "t", "topic": topics, "token_ids": token_ids})
+    rows = []
+    for memory, pos in ((0, 2), (1, 0)):
+        for rank in range(25):
+            rows.append((0, memory, 1, rank, 25.0 - rank, rank, pos, -1))
+    triggers = pd.DataFrame(rows, columns=keys.TRIGGER_COLUMNS)
+    manifest = {"layers": [0], "k": 25, "negative": False, "n_bos": 0, "model": "hand"}
+    return keys.TriggerExamples(triggers, sentences, manifest)
+
+
+def test_key_measures_on_a_hand_built_table():
+    ex = _hand_built()
+    per_key = keys.key_measures(keys._with_tokens(ex, ex.triggers)).set_index("memory")
+    assert per_key.loc[0, "shallow_token"] == pytest.approx(10 / 25)
+    assert per_key.loc[0, "shallow_bigram"] == pytest.approx(5 / 25)
+    assert per_key.loc[0, "topic_concentration"] == pytest.approx(12 / 16)
+    assert per_key.loc[0, "labelled"] == 16
+    # key 1: position 0 -> last tokens 300+i all distinct, no previous token
+    assert per_key.loc[1, "shallow_token"] == 0 and per_key.loc[1, "shallow_bigram"] == 0
+    few = keys.key_measures(keys._with_tokens(ex, ex.triggers.head(6)), min_labelled=7)
+    assert np.isnan(few["topic_concentration"].iloc[0])
+    one = keys.key_pattern_measures(None, ex, ex.of(0, 0))
+    assert one["shallow_token"] == pytest.approx(0.4)
+
+
+def test_layer_measures_and_trend():
+    ex = _hand_built()
+    measures = keys.layer_pattern_measures(ex, n_layers=1, random_keys=50)
+    row = measures.iloc[0]
+    assert row["shallow_token"] == pytest.approx((0.4 + 0) / 2)
+    assert row["topic_base_rate"] == pytest.approx(12 / 16) and row["most_common_topic"] == "Arts"
+    assert 0 <= row["random_shallow_token"] <= 1
+    fake = pd.DataFrame({"relative_depth": np.arange(1, 11) / 10, "shallow_token": np.linspace(0.6, 0.1, 10),
+                         "topic_concentration": np.linspace(0.3, 0.6, 10), "random_topic_concentration": 0.3})
+    trend = keys.pattern_trend(fake)
+    assert trend["holds"] and trend["shallow_depth_correlation"] < 0 < trend["semantic_depth_correlation"]
+    fake["topic_concentration"] = np.linspace(0.6, 0.3, 10)
+    assert not keys.pattern_trend(fake)["holds"]
+
+
+# ---- annotations -------------------------------------------------------------------------------------------
+def test_annotation_session_add_tick_save_reload(smollm, tmp_path):
+    from ffnlib.widgets.annotation import AnnotationSession
+
+    path = tmp_path / "notes.csv"
+    session = AnnotationSession(_hand_built(), smollm.tokenizer, path=path, annotator="tester", seed=0, n=25)
+    with pytest.raises(ParameterError, match="next_key"):
+        session.add_pattern("x", "shallow")
+    shown = session.next_key(layer=0, memory=0)
+    assert len(shown) == 25
+    p = session.add_pattern("ends with token 7", "shallow")
+    for rank in range(10):
+        session.tick(p, rank)
+    q = session.add_pattern("about the arts", "semantic")
+    for rank in (0, 1, 10, 11):
+        session.tick(q, rank)
+    session.tick(q, 11, covered=False)
+    assert session.coverage() == pytest.approx(11 / 25)
+    with pytest.raises(ParameterError, match="kind"):
+        session.add_pattern("x", "deep")
+    with pytest.raises(ParameterError, match="rank"):
+        session.tick(p, 25)
+    session.save()
+    session.next_key(layer=0, memory=1)
+    short = session.add_pattern("too few", "semantic")
+    session.tick(short, 0)
+    with pytest.raises(ParameterError, match="at least 3"):
+        session.save()
+    session.remove_pattern(short)
+    session.save()  # a key with no pattern
+    saved = session.load()
+    assert len(saved) == 3 and list(saved.columns) == keys.ANNOTATION_COLUMNS
+    assert saved.loc[0, "covered"] == "0;1;2;3;4;5;6;7;8;9" and saved.loc[1, "covered"] == "0;1;10"
+    summary = keys.summarise_annotations(saved, n_layers=1)
+    assert summary["keys"] == 2
+    assert summary["patterns_per_key"] == pytest.approx(1.0)  # 2 patterns and 0 patterns
+    assert summary["coverage"] == pytest.approx((11 / 25 + 0) / 2)
+    assert keys.summarise_annotations(keys.read_annotations(tmp_path / "none"))["keys"] == 0
+
+
+def test_annotation_widget_builds(smollm):
+    from ffnlib.widgets.annotation import AnnotationSession, annotation_widget
+
+    session = AnnotationSession(_hand_built(), smollm.tokenizer, path="/nonexistent/never-written.csv", seed=1)
+    box = annotation_widget(session)
+    assert session.layer == 0 and len(box.children) == 6
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_ffnlib_errors(tiny, sentences):
+    with pytest.raises(ParameterError, match="k must be >= 1"):
+        _mine(tiny, sentences, k=0)
+    with pytest.raises(ParameterError, match="larger than the number of sentences"):
+        _mine(tiny, sentences, k=41)
+    with pytest.raises(ParameterError, match="k must be an int"):
+        _mine(tiny, sentences, k=True)
+    with pytest.raises(ParameterError, match="per_sentence"):
+        _mine(tiny, sentences, per_sentence="first")
+    with pytest.raises(ParameterError, match="out of range"):
+        _mine(tiny, sentences, layers=[3])
+    with pytest.raises(ParameterError, match="empty"):
+        _mine(tiny, sentences, layers=[])
+    with pytest.raises(ParameterError, match="negative"):
+        _mine(tiny, sentences, negative="yes")
+    with pytest.raises(CorpusError, match="empty"):
+        _mine(tiny, sentences.iloc[:0])
+    blank = sentences.copy()
+    blank.loc[2, "text"] = "   "
+    with pytest.raises(CorpusError, match=f"sentence_id \\[{blank.loc[2, 'sentence_id']}\\]"):
+        _mine(tiny, blank)
+    dup = sentences.copy()
+    dup.loc[1, "sentence_id"] = dup.loc[0, "sentence_id"]
+    with pytest.raises(CorpusError, match="unique"):
+        _mine(tiny, dup)
+    with pytest.raises(CorpusError, match="column"):
+        _mine(tiny, sentences.drop(columns="text"))
+
+
+# ---- plots ------------------------------------------------------------------------------------------------
+def test_plots_return_figures(tiny, sentences):
+    import matplotlib.figure
+
+    from ffnlib.plots import keys as plots
+
+    ex = _mine(tiny, sentences, k=4)
+    removal = keys.removal_experiment(tiny, ex, n_keys=2, top=3, progress=False)
+    fig = plots.plot_removal(keys.removal_summary(removal, n_layers=3), paper={"last": (-67.5, -20)})
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes[0].lines) >= 4
+    measures = keys.layer_pattern_measures(ex, n_layers=3, top=4, random_keys=20)
+    assert isinstance(plots.plot_pattern_measures(measures), matplotlib.figure.Figure)
+    per_layer = pd.DataFrame({"layer": [0, 1], "relative_depth": [0.5, 1.0], "patterns_per_key": [2, 3],
+                              "coverage": [0.5, 0.7]})
+    assert isinstance(plots.plot_annotation_summary(per_layer), matplotlib.figure.Figure)
+
+
+def test_random_removal_is_uniform_over_the_prefix():
+    """Each prefix takes the first draw of its sentence's stream that falls inside it: uniform over its
+    tokens, even when a longer prefix of the same sentence shares the stream."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    sentence_ids = np.repeat(np.arange(n), 2)
+    positions = np.tile([4, 20], n)  # a short and a long prefix in each 30-token sentence
+    index = {i: list(range(30)) for i in range(n)}
+    removed = keys._random_removals(sentence_ids, positions, index, 1, rng)  # with a BOS token
+    short, long_ = removed[0::2], removed[1::2]
+    assert short.min() == 1 and short.max() == 4 and long_.min() == 1 and long_.max() == 20
+    counts = np.bincount(short, minlength=5)[1:]
+    assert np.all(np.abs(counts / n - 1 / 4) < 0.03), counts
+    counts = np.bincount(long_, minlength=21)[1:]
+    assert np.all(np.abs(counts / n - 1 / 20) < 0.015), counts
