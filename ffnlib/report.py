@@ -21,8 +21,8 @@ from pathlib import Path
 
 from .storage import atomic_write_bytes
 
-VERDICTS = ("holds", "partly", "does not hold")
-SECTION_OF = {"01": "3", "02": "4", "03": "5"}  # notebook number -> paper section
+VERDICTS = ("holds", "partly", "does not hold", "not measured")  # "not measured": e.g. needs human annotation
+SECTION_OF = {"01": "Sec. 3", "02": "Sec. 4", "03": "Sec. 5"}  # notebook number -> paper section
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ def verdict(share_ok: float, partly: float = 0.5) -> str:
 def normalise_verdict(text: str) -> str:
     """Map a notebook's worded verdict ("holds: at chance level", "the direction holds, but ...") to one
     of :data:`VERDICTS`."""
-    text = text.strip().lower()
+    text = text.strip().lower().lstrip("(")
+    if text.startswith("no verdict"):
+        return "not measured"
     if text.startswith(VERDICTS):
         return next(v for v in VERDICTS if text.startswith(v))
     if text.startswith(("differs", "not ", "no ")):
@@ -62,7 +64,10 @@ def normalise_verdict(text: str) -> str:
 def _findings(name: str, summary: dict) -> list[dict]:
     """A summary's findings; a ``comparison`` table (finding, paper, ours, verdict) is read as findings."""
     findings = list(summary.get("findings") or [])
+    seen = {f["finding"] for f in findings}
     for row in summary.get("comparison") or []:
+        if row["finding"] in seen:
+            continue
         findings.append({"section": row.get("section", SECTION_OF.get(name[:2], name)), "finding": row["finding"],
                          "paper": row["paper"], "ours": f"{row['ours']} ({row['verdict']})",
                          "verdict": normalise_verdict(row["verdict"]), "figure": row.get("figure"),
@@ -108,7 +113,8 @@ def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
             counts[f["verdict"]] += 1
             cells = [str(f[c]).replace("|", "\\|") for c in ("section", "finding", "paper", "ours")]
             table.append("| " + " | ".join(cells) + f" | **{f['verdict']}** |")
-    lines += [f"Verdicts: {counts['holds']} hold, {counts['partly']} partly, {counts['does not hold']} do not hold.",
+    lines += [f"Verdicts: {counts['holds']} hold, {counts['partly']} partly, {counts['does not hold']} do not hold, "
+              f"{counts['not measured']} not measured.",
               "", *table, ""]
     for name, summary in summaries.items():
         figures = [(f, f.get("figure"), f.get("paper_figure")) for f in summary.get("findings", []) if f.get("figure")]
@@ -147,7 +153,7 @@ def render_html(run_dir: str | Path, summaries: dict[str, dict]) -> str:
                             f"{esc(json.dumps(summary['manifests'], indent=1, sort_keys=True, default=str))}</pre></details>")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}.holds{background:#d8f5d0}"
-             ".partly{background:#fff3c4}.does-not-hold{background:#f8d0d0}.pair{display:flex;gap:1em}"
+             ".partly{background:#fff3c4}.does-not-hold{background:#f8d0d0}.not-measured{background:#eee}.pair{display:flex;gap:1em}"
              ".pair img{max-width:560px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ffnlib report</title><style>{style}</style>"
             f"</head><body><h1>ffnlib report: the paper versus ours</h1><p>Model: {esc(_model_line(summaries))}</p>"
