@@ -47,6 +47,9 @@ MAX_POSITION = (1 << POSITION_BITS) - 1
 MAX_SENTENCE_ID = (1 << (62 - POSITION_BITS)) - 1
 EMPTY = 1 << 62  # keys of empty slots are EMPTY + slot (unique, after every real candidate)
 RESULT_VERSION = 1  # bump when what the miner computes changes
+# How the miner finds positions; these change the speed, never the result (tests run both ways):
+DENSE_SENTENCES_PER_K = 20  # below 20 * k sentences seen, take maxima with their positions in one pass
+MAX_GROUP_VIEWS = 3  # a padded batch with up to 3 runs of equal length is reduced run by run (no copy)
 TRIGGER_COLUMNS = ["layer", "memory", "sign", "rank", "coefficient", "sentence_id", "position", "next_token"]
 
 
@@ -186,6 +189,7 @@ class _Miner:
         self.layer_index = {layer: i for i, layer in enumerate(state.layers)}
         self.batch: _Batch | None = None
         self.sentence_ids: torch.Tensor | None = None  # (rows,) int64, on the state's device
+        self.sentences_seen = 0  # before this batch (decides how positions are found, not what is found)
 
     def hook(self, layer: int, last: bool) -> Callable:
         def pre_hook(module, args):
@@ -203,32 +207,61 @@ class _Miner:
         else:
             self._reduce_all(li, x)
 
-    def _real_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, tokens after BOS, d_ff), padding positions filled with a copy of the row's first real
-        token: that changes neither a row's maximum or minimum nor where it first occurs."""
-        view = x[:, self.n_bos:]
+    def _real_views(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """(first row, view) pairs covering the batch's real tokens after BOS, (rows, tokens, d_ff) each:
+        one view per run of equal-length rows (no copy). With many runs, one copy of the batch whose
+        padding positions hold the row's first real token, which changes neither a row's maximum or
+        minimum nor where it first occurs."""
+        nb = self.n_bos
         if self.batch.pad is None:
-            return view
-        return torch.where(self.batch.pad, view[:, :1], view)
+            return [(0, x[:, nb:])]
+        if len(self.batch.groups) <= MAX_GROUP_VIEWS:
+            return [(a, x[a:b, nb:length]) for a, b, length in self.batch.groups]
+        view = x[:, nb:]
+        return [(0, torch.where(self.batch.pad, view[:, :1], view))]
 
     def _reduce_max(self, li: int, x: torch.Tensor) -> None:
-        real = self._real_tokens(x)
-        if len(self.state.signs) == 2:
-            low, high = torch.aminmax(real, dim=1)  # (rows, d_ff) each, one pass
-        else:
-            low, high = None, real.amax(dim=1)
+        views = self._real_views(x)
+        both = len(self.state.signs) == 2
+        # While the state is young most candidates enter and need their positions: get them in the same
+        # pass (max/min with indices). Later only a few enter: one pass for the values, positions on demand.
+        dense = self.sentences_seen < DENSE_SENTENCES_PER_K * self.state.k
+        high, low, high_at, low_at = [], [], [], []
+        for _, view in views:
+            if dense:
+                values, where = view.max(dim=1)
+                high.append(values), high_at.append(where)
+                if both:
+                    values, where = view.min(dim=1)
+                    low.append(values), low_at.append(where)
+            elif both:
+                lo, hi = torch.aminmax(view, dim=1)
+                high.append(hi), low.append(lo)
+            else:
+                high.append(view.amax(dim=1))
+        cat = (lambda parts: parts[0]) if len(views) == 1 else (lambda parts: torch.cat(parts))
         for si, sign in enumerate(self.state.signs):
-            best = high if sign == 1 else -low
-            self._offer(si, li, best, lambda rows, memories, sign=sign: self._max_keys(real, rows, memories, sign))
+            best = cat(high) if sign == 1 else -cat(low)
+            if dense:
+                at = cat(high_at if sign == 1 else low_at)
+                keys_of = (lambda rows, memories, at=at:
+                           (self.sentence_ids[rows] << POSITION_BITS) | (at[rows, memories] + self.n_bos))
+            else:
+                keys_of = (lambda rows, memories, sign=sign: self._max_keys(views, rows, memories, sign))
+            self._offer(si, li, best, keys_of)
 
-    def _max_keys(self, real: torch.Tensor, rows: torch.Tensor, memories: torch.Tensor, sign: int) -> torch.Tensor:
+    def _max_keys(self, views, rows: torch.Tensor, memories: torch.Tensor, sign: int) -> torch.Tensor:
         """Keys of (sentence row, memory) pairs: the position of the maximum (the first one on ties)."""
-        if rows.numel() * 4 > real.shape[0] * real.shape[2]:  # many pairs: one dense reduction is cheaper
-            where = real.argmax(1) if sign == 1 else real.argmin(1)  # (rows, d_ff)
-            positions = where[rows, memories]
-        else:
-            values = real[rows, :, memories]  # (pairs, tokens)
-            positions = values.argmax(1) if sign == 1 else values.argmin(1)
+        positions = torch.empty_like(rows)
+        for a, view in views:
+            sel = ((rows >= a) & (rows < a + view.shape[0])).nonzero().squeeze(1) if len(views) > 1 else None
+            r, m = (rows, memories) if sel is None else (rows[sel] - a, memories[sel])
+            values = view[r, :, m]  # (pairs, tokens)
+            found = values.argmax(1) if sign == 1 else values.argmin(1)
+            if sel is None:
+                positions = found
+            else:
+                positions[sel] = found
         return (self.sentence_ids[rows] << POSITION_BITS) | (positions + self.n_bos)
 
     def _reduce_all(self, li: int, x: torch.Tensor) -> None:
@@ -270,16 +303,20 @@ class _Miner:
         else:
             memories = index = (counts > 0).nonzero().squeeze(1)
             sub, state_scores, state_keys = cand[:, memories], scores[memories], keys[memories]
-        values, cand_rows = sub.topk(most, dim=0)  # (most, m): every qualifying candidate is among them
+        if most >= sub.shape[0]:  # every candidate is needed: no selection
+            values = sub
+            cand_rows = torch.arange(sub.shape[0], device=sub.device)[:, None].expand(sub.shape)
+        else:
+            values, cand_rows = sub.topk(most, dim=0)  # (most, m): every qualifying candidate is among them
         # Keys (positions) for the qualifying ones only; the others get score -inf and a filler key that
         # is unique and sorts last, so they drop out.
         qualifies = ok if memories is None else ok[:, memories]
         qualifies = qualifies.gather(0, cand_rows)
-        cand_keys = EMPTY + k + torch.arange(most, device=cand.device)[:, None].expand(values.shape).clone()
+        cand_keys = EMPTY + k + torch.arange(values.shape[0], device=cand.device)[:, None].expand(values.shape).clone()
         pairs = qualifies.nonzero(as_tuple=True)
         cand_keys[pairs] = keys_of(cand_rows[pairs], index[pairs[1]])
         values = values.masked_fill(~qualifies, float("-inf"))
-        if most <= 32:
+        if values.shape[0] <= 32:
             new_scores, new_keys = _insert_sorted(state_scores, state_keys, values.T, cand_keys.T)
         else:
             new_scores, new_keys = _top_sorted(torch.cat([state_scores, values.T], 1),
@@ -591,6 +628,7 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
                 rows = batches[index]
                 miner.batch = _make_batch([token_ids[r] for r in rows], pad_id, device, len(loaded.bos))
                 miner.sentence_ids = sentence_ids[rows].to(device)
+                miner.sentences_seen = done["sentences"]
                 _forward(loaded.model, miner.batch.ids)
                 real = int(lengths[rows].sum())
                 done = {"batches": index + 1, "sentences": done["sentences"] + len(rows),

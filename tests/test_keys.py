@@ -115,9 +115,17 @@ def assert_matches_brute_force(triggers, bf, atol=1e-6, exact=True):
 
 
 # ---- the miner ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("per_sentence", ["max", "all"])
-@pytest.mark.parametrize("bos", [False, True])
-def test_miner_equals_brute_force_on_a_tiny_model(tiny, smollm, sentences, per_sentence, bos):
+@pytest.mark.parametrize("per_sentence,bos,lazy,copy", [("max", False, False, False), ("max", False, True, False),
+                                                        ("max", True, True, True), ("max", True, False, True),
+                                                        ("all", False, False, False), ("all", True, False, False)])
+def test_miner_equals_brute_force_on_a_tiny_model(tiny, smollm, sentences, per_sentence, bos, lazy, copy,
+                                                  monkeypatch):
+    """Every way of finding the maxima gives the same result: positions in the same pass as the values or
+    only for the candidates that enter (lazy), padded batches reduced run by run or through one copy."""
+    if lazy:
+        monkeypatch.setattr(keys, "DENSE_SENTENCES_PER_K", 0)
+    if copy:
+        monkeypatch.setattr(keys, "MAX_GROUP_VIEWS", 0)
     loaded = dataclasses.replace(tiny, bos=[1]) if bos else tiny
     ex = _mine(loaded, sentences, per_sentence=per_sentence, negative=True)
     bf = brute_force(loaded, sentences, [0, 1, 2], 5, per_sentence)
@@ -158,7 +166,8 @@ def test_negative_side_only_for_gated_by_default(tiny, sentences):
     assert (neg.groupby(["layer", "memory"])["coefficient"].diff().dropna() >= 0).all()
 
 
-def test_layers_subset_and_real_smollm_matches_brute_force(smollm, wiki):
+def test_layers_subset_and_real_smollm_matches_brute_force(smollm, wiki, monkeypatch):
+    monkeypatch.setattr(keys, "DENSE_SENTENCES_PER_K", 1)  # lazy positions after the first 4 sentences
     few = load_corpus(wiki, split="train", seed=1, max_sentences=16)
     ex = keys.mine_trigger_examples(smollm, few, k=4, layers=[0, 7, 14], batch_tokens=256, progress=False)
     assert sorted(ex.triggers["layer"].unique()) == [0, 7, 14]
