@@ -48,7 +48,7 @@ MAX_SENTENCE_ID = (1 << (62 - POSITION_BITS)) - 1
 EMPTY = 1 << 62  # keys of empty slots are EMPTY + slot (unique, after every real candidate)
 RESULT_VERSION = 1  # bump when what the miner computes changes
 # How the miner finds positions; these change the speed, never the result (tests run both ways):
-DENSE_SENTENCES_PER_K = 20  # below 20 * k sentences seen, take maxima with their positions in one pass
+DENSE_PAIRS_SHARE = 0.05  # positions of more than 5% of a batch's (sentence, memory) pairs: found all at once
 MAX_GROUP_VIEWS = 3  # a padded batch with up to 3 runs of equal length is reduced run by run (no copy)
 TRIGGER_COLUMNS = ["layer", "memory", "sign", "rank", "coefficient", "sentence_id", "position", "next_token"]
 
@@ -179,6 +179,15 @@ def _forward(model, ids: torch.Tensor) -> None:
         pass
 
 
+def _first_position(view: torch.Tensor, extreme: torch.Tensor) -> torch.Tensor:
+    """Index of the first token where ``view`` (rows, tokens, d_ff) equals ``extreme`` (rows, d_ff): the
+    position of the maximum (or minimum), first on ties, with fast elementwise ops and a max reduction
+    (``argmax`` over the middle dimension is several times slower on CPU)."""
+    tokens = view.shape[1]
+    weights = torch.arange(tokens, 0, -1, dtype=view.dtype, device=view.device)[None, :, None]
+    return tokens - torch.where(view == extreme[:, None, :], weights, 0.0).amax(dim=1).long()
+
+
 class _Miner:
     """Reduces one batch's coefficients, layer by layer inside the forward pass, into a TopKState."""
 
@@ -189,7 +198,6 @@ class _Miner:
         self.layer_index = {layer: i for i, layer in enumerate(state.layers)}
         self.batch: _Batch | None = None
         self.sentence_ids: torch.Tensor | None = None  # (rows,) int64, on the state's device
-        self.sentences_seen = 0  # before this batch (decides how positions are found, not what is found)
 
     def hook(self, layer: int, last: bool) -> Callable:
         def pre_hook(module, args):
@@ -222,46 +230,27 @@ class _Miner:
 
     def _reduce_max(self, li: int, x: torch.Tensor) -> None:
         views = self._real_views(x)
-        both = len(self.state.signs) == 2
-        # While the state is young most candidates enter and need their positions: get them in the same
-        # pass (max/min with indices). Later only a few enter: one pass for the values, positions on demand.
-        dense = self.sentences_seen < DENSE_SENTENCES_PER_K * self.state.k
-        high, low, high_at, low_at = [], [], [], []
-        for _, view in views:
-            if dense:
-                values, where = view.max(dim=1)
-                high.append(values), high_at.append(where)
-                if both:
-                    values, where = view.min(dim=1)
-                    low.append(values), low_at.append(where)
-            elif both:
-                lo, hi = torch.aminmax(view, dim=1)
-                high.append(hi), low.append(lo)
-            else:
-                high.append(view.amax(dim=1))
-        cat = (lambda parts: parts[0]) if len(views) == 1 else (lambda parts: torch.cat(parts))
+        cat = (lambda parts: parts[0]) if len(views) == 1 else torch.cat
+        high = cat([view.amax(dim=1) for _, view in views])  # (rows, d_ff); amax/amin are fast reductions
+        low = cat([view.amin(dim=1) for _, view in views]) if -1 in self.state.signs else None
         for si, sign in enumerate(self.state.signs):
-            best = cat(high) if sign == 1 else -cat(low)
-            if dense:
-                at = cat(high_at if sign == 1 else low_at)
-                keys_of = (lambda rows, memories, at=at:
-                           (self.sentence_ids[rows] << POSITION_BITS) | (at[rows, memories] + self.n_bos))
-            else:
-                keys_of = (lambda rows, memories, sign=sign: self._max_keys(views, rows, memories, sign))
-            self._offer(si, li, best, keys_of)
+            extreme = high if sign == 1 else low
+            self._offer(si, li, extreme if sign == 1 else -extreme,
+                        lambda rows, memories, extreme=extreme, sign=sign:
+                        self._max_keys(views, extreme, rows, memories, sign))
 
-    def _max_keys(self, views, rows: torch.Tensor, memories: torch.Tensor, sign: int) -> torch.Tensor:
+    def _max_keys(self, views, extreme: torch.Tensor, rows: torch.Tensor, memories: torch.Tensor,
+                  sign: int) -> torch.Tensor:
         """Keys of (sentence row, memory) pairs: the position of the maximum (the first one on ties)."""
-        positions = torch.empty_like(rows)
-        for a, view in views:
-            sel = ((rows >= a) & (rows < a + view.shape[0])).nonzero().squeeze(1) if len(views) > 1 else None
-            r, m = (rows, memories) if sel is None else (rows[sel] - a, memories[sel])
-            values = view[r, :, m]  # (pairs, tokens)
-            found = values.argmax(1) if sign == 1 else values.argmin(1)
-            if sel is None:
-                positions = found
-            else:
-                positions[sel] = found
+        if rows.numel() > DENSE_PAIRS_SHARE * extreme.numel():  # many pairs: find every first position at once
+            first = [_first_position(view, extreme[a: a + view.shape[0]]) for a, view in views]
+            positions = (first[0] if len(first) == 1 else torch.cat(first))[rows, memories]
+        else:
+            positions = torch.empty_like(rows)
+            for a, view in views:
+                sel = ((rows >= a) & (rows < a + view.shape[0])).nonzero().squeeze(1)
+                values = view[rows[sel] - a, :, memories[sel]]  # (pairs, tokens)
+                positions[sel] = values.argmax(1) if sign == 1 else values.argmin(1)
         return (self.sentence_ids[rows] << POSITION_BITS) | (positions + self.n_bos)
 
     def _reduce_all(self, li: int, x: torch.Tensor) -> None:
@@ -628,7 +617,6 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
                 rows = batches[index]
                 miner.batch = _make_batch([token_ids[r] for r in rows], pad_id, device, len(loaded.bos))
                 miner.sentence_ids = sentence_ids[rows].to(device)
-                miner.sentences_seen = done["sentences"]
                 _forward(loaded.model, miner.batch.ids)
                 real = int(lengths[rows].sum())
                 done = {"batches": index + 1, "sentences": done["sentences"] + len(rows),

@@ -123,7 +123,7 @@ def test_miner_equals_brute_force_on_a_tiny_model(tiny, smollm, sentences, per_s
     """Every way of finding the maxima gives the same result: positions in the same pass as the values or
     only for the candidates that enter (lazy), padded batches reduced run by run or through one copy."""
     if lazy:
-        monkeypatch.setattr(keys, "DENSE_SENTENCES_PER_K", 0)
+        monkeypatch.setattr(keys, "DENSE_PAIRS_SHARE", 2.0)  # never all at once
     if copy:
         monkeypatch.setattr(keys, "MAX_GROUP_VIEWS", 0)
     loaded = dataclasses.replace(tiny, bos=[1]) if bos else tiny
@@ -167,7 +167,7 @@ def test_negative_side_only_for_gated_by_default(tiny, sentences):
 
 
 def test_layers_subset_and_real_smollm_matches_brute_force(smollm, wiki, monkeypatch):
-    monkeypatch.setattr(keys, "DENSE_SENTENCES_PER_K", 1)  # lazy positions after the first 4 sentences
+    monkeypatch.setattr(keys, "DENSE_PAIRS_SHARE", 0.5)  # all at once early, one by one later
     few = load_corpus(wiki, split="train", seed=1, max_sentences=16)
     ex = keys.mine_trigger_examples(smollm, few, k=4, layers=[0, 7, 14], batch_tokens=256, progress=False)
     assert sorted(ex.triggers["layer"].unique()) == [0, 7, 14]
