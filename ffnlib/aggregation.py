@@ -68,7 +68,7 @@ from .capture import capture
 from .corpus import load_corpus
 from .errors import CorpusError, ParameterError
 from .reference import PAPER_LAYERS, paper_reference, relative_depth
-from .storage import cache_dir, fingerprint, load_result, save_result, write_parquet
+from .storage import cache_dir, fingerprint, load_result, save_result
 
 ACTIVE_RULES = ("auto", "relative", "positive")
 CASES = ("residual", "ffn", "agreement", "composition")
@@ -449,17 +449,18 @@ def analyse_aggregation(loaded, n_examples: int = 4000, seed: int = 0, active_th
     partial = Path(out_dir) / f"{name}.partial" if out_dir is not None else None
     parts, resumed = [], 0
     for index, batch in enumerate(tqdm(batches, desc="Section 5 batches", disable=not progress)):
-        path = partial / f"batch-{index:05d}.parquet" if partial is not None else None
-        if path is not None and path.exists():
-            try:
-                parts.append(pd.read_parquet(path))
+        # each finished batch is a checkpoint with its own checksummed manifest; a damaged one is
+        # reported by name (load_result warns) and recomputed, never used
+        checkpoint = {**manifest, "batch": index, "batch_examples": [int(i) for i in batch]}
+        if partial is not None:
+            part = load_result(partial, f"batch-{index:05d}", checkpoint)
+            if part is not None:
+                parts.append(part)
                 resumed += 1
                 continue
-            except Exception:  # an unreadable checkpoint is recomputed, never used
-                path.unlink(missing_ok=True)
         part = analyse_batch(loaded, examples, batch, settings, top_positive, top_negative, value_norms)
-        if path is not None:
-            write_parquet(path, part)
+        if partial is not None:
+            save_result(partial, f"batch-{index:05d}", part, checkpoint)
         parts.append(part)
     frame = pd.concat(parts, ignore_index=True).sort_values(["example", "layer"], kind="stable")
     frame = frame.reset_index(drop=True)

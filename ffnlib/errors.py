@@ -30,3 +30,7 @@ class ParameterError(FFNLibError, ValueError):
 
 class ResultsError(FFNLibError):
     """A results/cache folder cannot be written, or a stored result is corrupt."""
+
+
+class NotebookError(FFNLibError):
+    """A notebook of the suite stopped with an error (the executed notebook shows where)."""

@@ -25,7 +25,7 @@ import torch
 from .config import Scale, check_parameters, get_scale
 from .errors import ParameterError
 from .models import LoadedModel, load_model
-from .storage import ensure_dir, write_json
+from .storage import atomic_write, atomic_write_bytes, ensure_dir, write_json
 
 
 @dataclass
@@ -47,14 +47,14 @@ class Run:
         """Save a matplotlib figure as PNG and SVG under ``out/figures``."""
         folder = ensure_dir(self.out / "figures")
         paths = [folder / f"{name}.png", folder / f"{name}.svg"]
-        fig.savefig(paths[0], dpi=120, bbox_inches="tight")
-        fig.savefig(paths[1], bbox_inches="tight")
+        atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+        atomic_write(paths[1], lambda f: fig.savefig(f, format="svg", bbox_inches="tight"))
         return paths
 
     def save_table(self, frame, name: str) -> Path:
         """Save a result table as CSV under ``out/tables`` (for readers; Parquet results live in ``out``)."""
         path = ensure_dir(self.out / "tables") / f"{name}.csv"
-        frame.to_csv(path, index=False)
+        atomic_write_bytes(path, frame.to_csv(index=False).encode())
         return path
 
     def save_summary(self, name: str, summary: dict) -> Path:

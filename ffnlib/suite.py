@@ -10,6 +10,7 @@ whose manifest matches (and says so), so a rerun after an interruption picks up 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,10 +41,28 @@ def check_notebook_parameters(notebook: Path, params: dict) -> None:
 def execute(notebook: Path, output: Path, params: dict) -> None:
     """Execute one notebook with papermill after checking its parameters' names."""
     import papermill
+    from nbclient.exceptions import DeadKernelError
+
+    from .errors import NotebookError
 
     check_notebook_parameters(notebook, params)
-    papermill.execute_notebook(str(notebook), str(output), parameters=params, cwd=str(ROOT),
-                               kernel_name="python3", progress_bar=False)
+    # papermill saves the notebook cell by cell; it is renamed into place when the run ends (with or
+    # without an error), so a notebook at ``output`` is always a whole one
+    running = output.with_name(f".{output.stem}.running.ipynb")
+    try:
+        papermill.execute_notebook(str(notebook), str(running), parameters=params, cwd=str(ROOT),
+                                   kernel_name="python3", progress_bar=False)
+    except DeadKernelError as exc:
+        raise NotebookError(f"The kernel running {notebook.name} died (out of memory, or killed). The executed "
+                            f"notebook is {output}. Finished steps are cached: run the same command again to "
+                            "resume (with a smaller scale if memory ran out).") from exc
+    except papermill.PapermillExecutionError as exc:
+        raise NotebookError(f"{notebook.name} stopped in cell {exc.exec_count} with {exc.ename}: {exc.evalue}\n"
+                            f"The executed notebook, with the error, is {output}. Finished steps are cached: "
+                            "fix the cause and run the same command again to resume.") from exc
+    finally:
+        if running.exists():
+            os.replace(running, output)
 
 
 def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str = "results", seed: int = 0,

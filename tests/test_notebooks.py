@@ -44,7 +44,24 @@ def test_unknown_parameter_is_refused(tmp_path):
 
 
 def test_wrongly_typed_parameter_is_a_clear_error(tmp_path):
+    with pytest.raises(ffnlib.NotebookError, match=r"00_quickstart.ipynb stopped in cell \d+ with ParameterError: "
+                                                   r"Parameter seed='zero' has type str; it must be int") as info:
+        execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb", {"scale": "ci", "seed": "zero"})
+    assert str(tmp_path / "o.ipynb") in str(info.value)  # where to look
+    assert (tmp_path / "o.ipynb").exists() and not list(tmp_path.glob(".*.running.ipynb"))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_papermill_reads_every_parameter(name):
+    """papermill only warns about a line of the parameters cell it cannot parse, and then refuses that
+    parameter: every name the cell assigns must be one papermill reports."""
+    import ast
+
     import papermill
 
-    with pytest.raises(papermill.PapermillExecutionError, match="seed=.*must be int"):
-        execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb", {"scale": "ci", "seed": "zero"})
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    assert {"model", "scale", "seed", "results_dir", "device"} <= assigned
+    assert set(papermill.inspect_notebook(str(NOTEBOOK_DIR / name))) == assigned
