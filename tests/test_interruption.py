@@ -14,6 +14,7 @@ Mining has its own SIGKILL test in test_keys.py (kills at batch boundaries and i
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -27,6 +28,11 @@ import pandas as pd
 import pytest
 import torch
 import transformers as tf
+
+import ffnlib
+from ffnlib import storage
+from ffnlib.models import load_model
+from ffnlib.values import project_values
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = Path(__file__).resolve().parent / "faults"
@@ -187,3 +193,31 @@ def test_the_whole_suite_killed_at_five_points(model_dir, tmp_path):
     assert_never_redone(log, r"/removal-[0-9a-f]+\.manifest\.json$")
     assert "## " in next(out.rglob("report.md")).read_text()
     assert not list(out.rglob(".*.running.ipynb"))  # every executed notebook was renamed into place
+
+
+def test_a_full_disk_in_the_middle_of_a_step_loses_nothing(model_dir, tmp_path, monkeypatch, capsys):
+    """The disk fills while layer 2's checkpoint is written: a clear ResultsError, layers 0 and 1 kept,
+    no temporary file left; once there is room again the rerun resumes and ends identical."""
+    loaded = load_model(str(model_dir))
+    reference = project_values(loaded, top_k=5, progress=False)
+    real_fsync, state = storage.os.fsync, {"writes": 0}
+
+    def fsync(fd):
+        state["writes"] += 1
+        if state["writes"] == 9:  # four writes per layer: the first write of layer 2
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    with pytest.raises(ffnlib.ResultsError, match=r"disk is full: could not write .*layer-002\.tokens\.parquet"):
+        project_values(loaded, top_k=5, out_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.rglob("layer-*.manifest.json")) == [
+        "layer-000.manifest.json", "layer-000.tokens.manifest.json",
+        "layer-001.manifest.json", "layer-001.tokens.manifest.json"]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], "no half-written file is left"
+    monkeypatch.setattr(storage.os, "fsync", real_fsync)
+    capsys.readouterr()
+    resumed = project_values(loaded, top_k=5, out_dir=tmp_path, progress=False)
+    assert "Resumed: 2 of 6 layers" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(resumed.memories, reference.memories)
+    pd.testing.assert_frame_equal(resumed.tokens, reference.tokens)
