@@ -50,7 +50,7 @@ def check_parameters(params: dict, types: dict[str, type] | None = None) -> None
     expected = {**CORE_PARAMETERS, **(types or {})}
     for name, value in params.items():
         want = expected.get(name)
-        if want is None:
+        if want is None or (value is None and name not in CORE_PARAMETERS):  # None: a notebook's "automatic"
             continue
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
