@@ -1,6 +1,7 @@
 # ffnlib: two commands do everything on a fresh machine with only Python 3.
 #   make run    set up .venv, then run the notebook suite on the default embedded model (results/)
 #   make test   set up .venv, then run the tests (what CI runs)
+#   make publish  copy results/<model>/<scale>/report.md and its figures to docs/reports/<model>-<scale>/
 # Options: MODEL=gemma3-270m  SCALE=ci|default|full  DEVICE=cpu|cuda  RESULTS=results
 #          TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" for a GPU build.
 PYTHON ?= python3
@@ -13,7 +14,7 @@ DEVICE ?= cpu
 RESULTS ?= results
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup run test bench clean-cache
+.PHONY: setup run test bench publish clean-cache
 setup: $(VENV)/.ffnlib-setup
 
 # Idempotent: redone only when pyproject.toml or this Makefile changes.
@@ -30,6 +31,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+publish: setup
+	$(PY) -m ffnlib.report $(RESULTS)/$(MODEL)/$(SCALE) --publish docs/reports/$(MODEL)-$(SCALE)
 
 bench: setup
 	$(PY) benchmarks/run_all.py --model $(MODEL) --device $(DEVICE)

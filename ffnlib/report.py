@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import html
 import json
+import re
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import FFNLibError, ResultsError
 from .storage import atomic_write_bytes
 
 VERDICTS = ("holds", "partly", "does not hold", "not measured")  # "not measured": e.g. needs human annotation
@@ -68,12 +72,17 @@ def _findings(name: str, summary: dict) -> list[dict]:
     for row in summary.get("comparison") or []:
         if row["finding"] in seen:
             continue
+        worded = str(row["verdict"]).strip().strip("()")
+        ours = row["ours"] if worded.lower() == normalise_verdict(worded) else f"{row['ours']} ({worded})"
         findings.append({"section": row.get("section", SECTION_OF.get(name[:2], name)), "finding": row["finding"],
-                         "paper": row["paper"], "ours": f"{row['ours']} ({row['verdict']})",
-                         "verdict": normalise_verdict(row["verdict"]), "figure": row.get("figure"),
+                         "paper": row["paper"], "ours": ours, "verdict": worded, "figure": row.get("figure"),
                          "paper_figure": row.get("paper_figure")})
     for f in findings:
         f["verdict"] = normalise_verdict(f["verdict"])
+        for key in ("figure", "paper_figure"):  # a table's empty cell arrives as NaN
+            f[key] = f.get(key) if isinstance(f.get(key), str) and f.get(key) else None
+        section = str(f.get("section") or "")
+        f["section"] = f"Sec. {section}" if section[:1].isdigit() else section  # "5 (Fig. 7)" -> "Sec. 5 (Fig. 7)"
     return findings
 
 
@@ -165,7 +174,53 @@ def write_report(run_dir: str | Path) -> list[Path]:
     """Write ``report.md`` and ``report.html`` into ``run_dir`` from its summaries."""
     run_dir = Path(run_dir)
     summaries = load_summaries(run_dir)
+    if not summaries:
+        raise ResultsError(f"No summaries in {run_dir / 'summaries'}: run the notebooks first (make run), and give "
+                           "the run's folder, results/<model>/<scale>.")
     md, page = run_dir / "report.md", run_dir / "report.html"
     atomic_write_bytes(md, render_markdown(run_dir, summaries).encode())
     atomic_write_bytes(page, render_html(run_dir, summaries).encode())
     return [md, page]
+
+
+def publish_report(run_dir: str | Path, dest: str | Path) -> Path:
+    """Copy a run's ``report.md`` and the PNG figures it shows into ``dest`` (e.g. ``docs/reports/<model>-<scale>``),
+    so that readers see the findings, figures included, without running anything. Returns the copied report."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    report = run_dir / "report.md"
+    if not report.exists():
+        raise ResultsError(f"{report} does not exist: run the suite first (make run MODEL=... SCALE=...).")
+    text = report.read_text()
+    shown = sorted(set(re.findall(r"\]\((figures/[^)\s]+\.png)\)", text)))
+    missing = [name for name in shown if not (run_dir / name).exists()]
+    if missing:
+        raise ResultsError(f"{report} shows figures that are not in {run_dir}: {missing}.")
+    if dest.exists():
+        shutil.rmtree(dest)  # a stale copy's figures must not linger
+    for name in shown:
+        atomic_write_bytes(dest / name, (run_dir / name).read_bytes())
+    atomic_write_bytes(dest / "report.md", text.encode())
+    return dest / "report.md"
+
+
+def main(argv=None) -> int:
+    """``python -m ffnlib.report RUN_DIR [--publish DEST]``: (re)write a run's report, and optionally copy it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run_dir", help="results/<model>/<scale>")
+    parser.add_argument("--publish", metavar="DEST", help="also copy report.md and its figures to DEST")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_report(args.run_dir)
+        if args.publish:
+            paths.append(publish_report(args.run_dir, args.publish))
+    except FFNLibError as exc:
+        print(f"ffnlib: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
