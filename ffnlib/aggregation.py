@@ -62,11 +62,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .capture import capture
 from .corpus import load_corpus
 from .errors import CorpusError, ParameterError
+from .progress import tqdm
 from .reference import PAPER_LAYERS, paper_reference, relative_depth
 from .storage import cache_dir, fingerprint, load_result, save_result
 

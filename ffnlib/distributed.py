@@ -410,7 +410,7 @@ def _run_shards(client, function, shards: list[tuple[int, int]], missing: set[in
     """Submit ``function(*build(index))`` for the ``missing`` shards; feed each result (the ``cached``
     ones first) to ``on_result(index, result)`` as it comes. Returns the computed shards' timings."""
     from distributed import KilledWorker, as_completed
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     bar = tqdm(total=len(shards), desc=desc, unit="shard", disable=not progress)
     for index in sorted(cached):

@@ -606,7 +606,7 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
     token_ids = table["token_ids"].tolist()
     handles = [adapter.down(layer).register_forward_pre_hook(miner.hook(layer, layer == layer_list[-1]))
                for layer in layer_list]
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     bar = tqdm(total=int(lengths.sum()), initial=int(done["tokens"]), unit="tok", unit_scale=True,
                desc="Mining trigger examples", disable=not progress)
@@ -796,7 +796,7 @@ def read_coefficients(loaded, sequences: Sequence[Sequence[int]], reads: pd.Data
 
     layers = sorted(set(layer_of.tolist()))
     handles = [adapter.down(layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     batches = plan_batches(lengths, batch_tokens)
     start = 0

@@ -38,8 +38,9 @@ def check_notebook_parameters(notebook: Path, params: dict) -> None:
         raise ParameterError(f"{notebook.name} has no parameter(s) {unknown}; it takes {sorted(declared)}.")
 
 
-def execute(notebook: Path, output: Path, params: dict) -> None:
-    """Execute one notebook with papermill after checking its parameters' names."""
+def execute(notebook: Path, output: Path, params: dict, stream: bool = False) -> None:
+    """Execute one notebook with papermill after checking its parameters' names; ``stream``: show what the
+    notebook prints (its progress bars included) on this process's console as it runs."""
     import papermill
     from nbclient.exceptions import DeadKernelError
 
@@ -51,7 +52,7 @@ def execute(notebook: Path, output: Path, params: dict) -> None:
     running = output.with_name(f".{output.stem}.running.ipynb")
     try:
         papermill.execute_notebook(str(notebook), str(running), parameters=params, cwd=str(ROOT),
-                                   kernel_name="python3", progress_bar=False)
+                                   kernel_name="python3", progress_bar=False, log_output=stream)
     except DeadKernelError as exc:
         raise NotebookError(f"The kernel running {notebook.name} died (out of memory, or killed). The executed "
                             f"notebook is {output}. Finished steps are cached: run the same command again to "
@@ -66,7 +67,7 @@ def execute(notebook: Path, output: Path, params: dict) -> None:
 
 
 def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str = "results", seed: int = 0,
-              device: str = "cpu", notebooks=None, log=print) -> Path:
+              device: str = "cpu", notebooks=None, log=print, stream: bool = False) -> Path:
     from .config import get_scale
     from .notebook import _slug
 
@@ -75,10 +76,12 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
     out = results_dir / _slug(model) / scale / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
     params = {"model": model, "scale": scale, "seed": seed, "results_dir": str(results_dir), "device": device}
+    if stream:  # the notebooks' progress bars as text lines on the console (ffnlib.progress)
+        os.environ.setdefault("FFNLIB_PROGRESS", "text")
     for nb in suite_notebooks(notebooks):
         start = time.perf_counter()
         log(f"[ffnlib] running {nb.name} ({model}, scale={scale}) ...")
-        execute(nb, out / nb.name, params)
+        execute(nb, out / nb.name, params, stream=stream)
         log(f"[ffnlib] {nb.name} done in {time.perf_counter() - start:.0f} s -> {out / nb.name}")
     try:
         from .report import write_report
@@ -97,11 +100,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--notebooks", nargs="*", help=f"a subset of {', '.join(SUITE)}")
+    parser.add_argument("--quiet", action="store_true",
+                        help="do not stream the notebooks' output (progress bars, messages) to the console")
     args = parser.parse_args(argv)
     from .errors import FFNLibError
 
     try:
-        run_suite(args.model, args.scale, args.results, args.seed, args.device, args.notebooks)
+        if not args.quiet:
+            import logging
+
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        run_suite(args.model, args.scale, args.results, args.seed, args.device, args.notebooks,
+                  stream=not args.quiet)
     except FFNLibError as exc:
         print(f"ffnlib: {exc}", file=sys.stderr)
         return 2

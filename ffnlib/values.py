@@ -52,10 +52,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .errors import ParameterError, ResultsError
+from .progress import tqdm
 from .reference import PAPER_LAYERS, paper_reference, relative_depth
 from .storage import fingerprint, load_result, save_result, sha256_bytes
 

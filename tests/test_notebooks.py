@@ -65,3 +65,24 @@ def test_papermill_reads_every_parameter(name):
                 for t in node.targets if isinstance(t, ast.Name)}
     assert {"model", "scale", "seed", "results_dir", "device"} <= assigned
     assert set(papermill.inspect_notebook(str(NOTEBOOK_DIR / name))) == assigned
+
+
+def test_the_suite_streams_what_the_notebooks_print_and_text_progress_bars(tmp_path, caplog, monkeypatch):
+    """``make run`` shows the notebooks' messages and progress bars as text on the console (not as widgets
+    that no one sees): ffnlib.progress gives plain tqdm bars under FFNLIB_PROGRESS=text."""
+    import io
+    import logging
+
+    from tqdm.std import tqdm as text_bar
+
+    from ffnlib import progress
+
+    monkeypatch.setenv("FFNLIB_PROGRESS", "text")
+    bar = progress.tqdm(range(3), file=io.StringIO())
+    assert type(bar) is text_bar and bar.mininterval == 30
+    monkeypatch.delenv("FFNLIB_PROGRESS")
+    assert type(progress.tqdm(range(3), disable=True)) is not text_bar  # Jupyter: tqdm.auto's choice
+    with caplog.at_level(logging.INFO, logger="papermill"):
+        execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb",
+                {"scale": "ci", "results_dir": str(tmp_path)}, stream=True)
+    assert "largest relative error of sum_i m_i v_i" in caplog.text
