@@ -72,7 +72,9 @@ def _findings(name: str, summary: dict) -> list[dict]:
     for row in summary.get("comparison") or []:
         if row["finding"] in seen:
             continue
-        worded = str(row["verdict"]).strip().strip("()")
+        worded = str(row["verdict"]).strip()
+        if worded.startswith("(") and worded.endswith(")"):  # "(no verdict: ...)": drop the enclosing pair only
+            worded = worded[1:-1]
         ours = row["ours"] if worded.lower() == normalise_verdict(worded) else f"{row['ours']} ({worded})"
         findings.append({"section": row.get("section", SECTION_OF.get(name[:2], name)), "finding": row["finding"],
                          "paper": row["paper"], "ours": ours, "verdict": worded, "figure": row.get("figure"),

@@ -31,6 +31,7 @@ def test_report_shows_each_finding_once_with_measured_numbers(tmp_path):
         {"finding": "Agreement rises", "paper": "3.5%", "ours": "0.53%", "verdict": "the direction holds, but weak",
          "figure": "figures/g.png"},
         {"finding": "Confident values", "paper": "46", "ours": "64", "verdict": "holds", "figure": float("nan")},
+        {"finding": "Above chance", "paper": "x9,371", "ours": "x2,432", "verdict": "holds (also against the baseline)"},
         {"finding": "Shallow", "paper": "1-9", "ours": "0.36", "verdict": "(no verdict: needs annotation)",
          "section": "5 (Fig. 7)"}]}))
     md, page = write_report(run)
@@ -38,9 +39,10 @@ def test_report_shows_each_finding_once_with_measured_numbers(tmp_path):
     assert "| Sec. 4 | Agreement rises | 3.5% | 0.53% (the direction holds, but weak) | **partly** |" in text
     assert "| Sec. 4 | Confident values | 46 | 64 | **holds** |" in text  # no "(holds)" repeated; NaN: no figure
     assert "| Sec. 5 (Fig. 7) | Shallow | 1-9 | 0.36 (no verdict: needs annotation) | **not measured** |" in text
+    assert "| x2,432 (holds (also against the baseline)) | **holds** |" in text
     assert "![ours](figures/g.png)" in text and "nan" not in text.lower()
     assert text.count("Removing the last token hurts most") == 2  # table row + figure section, not duplicated
-    assert "Verdicts: 2 hold, 1 partly, 0 do not hold, 1 not measured." in text
+    assert "Verdicts: 3 hold, 1 partly, 0 do not hold, 1 not measured." in text
     assert "last -93.5%" in text and "0.53%" in text and '"triggers"' in text
     assert "<img src='figures/f.png'>" in page.read_text()
 
