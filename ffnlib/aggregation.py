@@ -413,6 +413,34 @@ def _check_settings(loaded, active_threshold, active_rule, norm_share, batch_tok
             "batch_tokens": int(batch_tokens), "max_elements": _PROJECTION_ELEMENTS}
 
 
+def aggregation_request(loaded, n_examples: int, seed: int, corpus, settings: dict
+                        ) -> tuple[pd.DataFrame, dict, str]:
+    """The examples, the manifest and the result's name of one Section 5 request (one process or a cluster)."""
+    examples = sample_examples(loaded, n_examples, seed, corpus)
+    adapter = loaded.adapter
+    manifest = {"analysis": "section5-aggregation", "version": _VERSION, "model": loaded.name,
+                "weights": loaded.file_hash, "corpus": corpus if isinstance(corpus, str) else "custom",
+                "split": "heldout", "seed": int(seed), "n_examples": int(n_examples),
+                "examples": fingerprint(examples[["sentence_id", "position"]].to_numpy().tolist()),
+                "layers": adapter.n_layers, "d_ff": adapter.d_ff, "gated": adapter.gated,
+                **{k: v for k, v in settings.items() if k != "max_elements"}}
+    return examples, manifest, f"aggregation-{fingerprint(manifest)}"
+
+
+def load_cached_aggregation(out_dir, name: str, manifest: dict, examples: pd.DataFrame,
+                            progress: bool = True) -> AggregationResult | None:
+    """The saved result of the same request in ``out_dir``, or ``None`` (then it is computed)."""
+    if out_dir is None:
+        return None
+    cached = load_result(out_dir, name, manifest)
+    if cached is None:
+        return None
+    if progress:
+        print(f"[ffnlib] reusing cached Section 5 result {Path(out_dir) / name}.parquet "
+              f"({len(examples)} examples; same request)")
+    return AggregationResult(cached, examples, manifest, cached=True)
+
+
 def analyse_aggregation(loaded, n_examples: int = 4000, seed: int = 0, active_threshold: float = 0.1,
                         active_rule: str = "auto", norm_share: float = 0.9, batch_tokens: int = 2048,
                         out_dir: str | Path | None = None, corpus="wiki", progress: bool = True,
@@ -424,22 +452,11 @@ def analyse_aggregation(loaded, n_examples: int = 4000, seed: int = 0, active_th
     user cache folder). See the module docstring for every definition.
     """
     settings = _check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens)
-    examples = sample_examples(loaded, n_examples, seed, corpus)
+    examples, manifest, name = aggregation_request(loaded, n_examples, seed, corpus, settings)
     adapter = loaded.adapter
-    manifest = {"analysis": "section5-aggregation", "version": _VERSION, "model": loaded.name,
-                "weights": loaded.file_hash, "corpus": corpus if isinstance(corpus, str) else "custom",
-                "split": "heldout", "seed": int(seed), "n_examples": int(n_examples),
-                "examples": fingerprint(examples[["sentence_id", "position"]].to_numpy().tolist()),
-                "layers": adapter.n_layers, "d_ff": adapter.d_ff, "gated": adapter.gated,
-                **{k: v for k, v in settings.items() if k != "max_elements"}}
-    name = f"aggregation-{fingerprint(manifest)}"
-    if out_dir is not None:
-        cached = load_result(out_dir, name, manifest)
-        if cached is not None:
-            if progress:
-                print(f"[ffnlib] reusing cached Section 5 result {Path(out_dir) / name}.parquet "
-                      f"({len(examples)} examples; same request)")
-            return AggregationResult(cached, examples, manifest, cached=True)
+    cached = load_cached_aggregation(out_dir, name, manifest, examples, progress)
+    if cached is not None:
+        return cached
 
     top_positive, top_negative = memory_top_tokens(
         loaded, negative=adapter.gated or settings["active_rule"] == "relative", cache=value_cache,

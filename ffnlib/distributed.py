@@ -597,22 +597,11 @@ def analyse_aggregation_on_cluster(loaded, n_examples: int = 4000, seed: int = 0
     check_cluster(cluster)
     settings = _aggregation._check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens)
     ref = model_ref(loaded, device, torch_threads)
-    examples = _aggregation.sample_examples(loaded, n_examples, seed, corpus)
+    examples, manifest, name = _aggregation.aggregation_request(loaded, n_examples, seed, corpus, settings)
     adapter = loaded.adapter
-    manifest = {"analysis": "section5-aggregation", "version": _aggregation._VERSION, "model": loaded.name,
-                "weights": loaded.file_hash, "corpus": corpus if isinstance(corpus, str) else "custom",
-                "split": "heldout", "seed": int(seed), "n_examples": int(n_examples),
-                "examples": fingerprint(examples[["sentence_id", "position"]].to_numpy().tolist()),
-                "layers": adapter.n_layers, "d_ff": adapter.d_ff, "gated": adapter.gated,
-                **{k: v for k, v in settings.items() if k != "max_elements"}}
-    name = f"aggregation-{fingerprint(manifest)}"
-    if out_dir is not None:
-        cached = load_result(out_dir, name, manifest)
-        if cached is not None:
-            if progress:
-                print(f"[ffnlib] reusing cached Section 5 result {Path(out_dir) / name}.parquet "
-                      f"({len(examples)} examples; same request)")
-            return _aggregation.AggregationResult(cached, examples, manifest, cached=True)
+    cached = _aggregation.load_cached_aggregation(out_dir, name, manifest, examples, progress)
+    if cached is not None:
+        return cached
 
     lengths = examples["position"].to_numpy() + 1
     batches = _aggregation.make_batches(lengths, settings["batch_tokens"])
