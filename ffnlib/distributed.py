@@ -369,6 +369,7 @@ def _mine_shard(ref: ModelRef, spec: dict, token_ids: list, sentence_ids: np.nda
         finally:
             for handle in handles:
                 handle.remove()
+        miner.flush()
     scores, keys = state.scores.cpu().numpy(), state.keys.cpu().numpy()
     if save is not None:
         save_result(save["folder"], save["name"], _shard_frame(scores, keys), save["manifest"])

@@ -48,8 +48,9 @@ MAX_SENTENCE_ID = (1 << (62 - POSITION_BITS)) - 1
 EMPTY = 1 << 62  # keys of empty slots are EMPTY + slot (unique, after every real candidate)
 RESULT_VERSION = 1  # bump when what the miner computes changes
 # How the miner finds positions; these change the speed, never the result (tests run both ways):
-DENSE_PAIRS_SHARE = 0.05  # positions of more than 5% of a batch's (sentence, memory) pairs: found all at once
+DENSE_PAIRS_SHARE = 0.15  # positions of more than 15% of a batch's (sentence, memory) pairs: found all at once
 MAX_GROUP_VIEWS = 3  # a padded batch with up to 3 runs of equal length is reduced run by run (no copy)
+SPARE_SLOTS = 2.0  # each memory's pool has k * SPARE_SLOTS unsorted slots for new candidates before it is sorted
 TRIGGER_COLUMNS = ["layer", "memory", "sign", "rank", "coefficient", "sentence_id", "position", "next_token"]
 
 
@@ -92,7 +93,25 @@ class TopKState:
 
 
 def _top_sorted(scores: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best candidates of each row: score descending, then key ascending (two stable sorts)."""
+    """The k best candidates of each row: score descending, then key ascending.
+
+    A top-(k+1) by score settles a row when its first k+1 scores are all different (the set and its
+    order are then fixed by the scores alone); rows with a tie there are sorted exactly, by key and then
+    stably by score.
+    """
+    if scores.shape[-1] <= k:
+        return _sort_exact(scores, keys, k)
+    values, order = scores.topk(k + 1, dim=-1)
+    top_scores, top_keys = values[..., :k], keys.gather(-1, order[..., :k])
+    tied = (values[..., 1:] == values[..., :-1]).any(-1)
+    if bool(tied.any()):
+        where = tied.nonzero(as_tuple=True)
+        top_scores[where], top_keys[where] = _sort_exact(scores[where], keys[where], k)
+    return top_scores, top_keys
+
+
+def _sort_exact(scores: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best candidates of each row by two stable sorts: by key, then by score descending."""
     order = torch.argsort(keys, dim=-1, stable=True)
     keys, scores = keys.gather(-1, order), scores.gather(-1, order)
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :k]
@@ -181,11 +200,13 @@ def _forward(model, ids: torch.Tensor) -> None:
 
 def _first_position(view: torch.Tensor, extreme: torch.Tensor) -> torch.Tensor:
     """Index of the first token where ``view`` (rows, tokens, d_ff) equals ``extreme`` (rows, d_ff): the
-    position of the maximum (or minimum), first on ties, with fast elementwise ops and a max reduction
+    position of the maximum (or minimum), first on ties. Fast elementwise ops and a max reduction over
+    small integers: each match is weighted by tokens - index, so the largest weight is the first match
     (``argmax`` over the middle dimension is several times slower on CPU)."""
     tokens = view.shape[1]
-    weights = torch.arange(tokens, 0, -1, dtype=view.dtype, device=view.device)[None, :, None]
-    return tokens - torch.where(view == extreme[:, None, :], weights, 0.0).amax(dim=1).long()
+    dtype = torch.uint8 if tokens <= 255 else torch.int16 if tokens <= 32767 else torch.int32
+    weights = torch.arange(tokens, 0, -1, dtype=dtype, device=view.device)[None, :, None]
+    return tokens - ((view == extreme[:, None, :]) * weights).amax(dim=1).long()
 
 
 class _Miner:
@@ -195,6 +216,17 @@ class _Miner:
         self.state = state
         self.per_sentence = per_sentence
         self.n_bos = n_bos
+        # Each memory's pool: its sorted top k (from ``state``), then spare slots that candidates are
+        # appended to unsorted; call flush() to sort them back into ``state``.
+        self.k = k = state.k
+        self.spare = max(1, int(SPARE_SLOTS * k))
+        device = state.scores.device
+        self.spare_keys = EMPTY + torch.arange(k, k + self.spare, device=device)  # unique, after every real key
+        self.pool_scores = torch.cat([state.scores, torch.full((*state.scores.shape[:-1], self.spare), float("-inf"),
+                                                               device=device)], -1)
+        self.pool_keys = torch.cat([state.keys, self.spare_keys.expand(*state.keys.shape[:-1], self.spare)], -1)
+        self.fill = torch.full(state.scores.shape[:-1], k, dtype=torch.long, device=device)  # slots in use
+        self.threshold = state.scores[..., -1].clone()  # the k-th score at the last compaction
         self.layer_index = {layer: i for i, layer in enumerate(state.layers)}
         self.batch: _Batch | None = None
         self.sentence_ids: torch.Tensor | None = None  # (rows,) int64, on the state's device
@@ -266,81 +298,63 @@ class _Miner:
             for si, sign in enumerate(self.state.signs):
                 self._offer(si, li, flat if sign == 1 else -flat, keys_of)
 
-    def _offer(self, si: int, li: int, cand: torch.Tensor, keys_of: Callable) -> None:
-        """Merge candidates ``cand`` (n, d_ff) (scores, larger is better) into the state of one layer.
+    def _offer(self, si: int, li: int, cand: torch.Tensor, keys_of: Callable, offset: int = 0) -> None:
+        """Add candidates ``cand`` (n, d_ff) (scores, larger is better) to the pool of one layer.
 
-        Only candidates at least as good as a memory's current k-th score can enter; the keys (which
-        need the argmax position) are computed for those alone, and a few are inserted without sorting,
-        so once the state has filled up a batch costs little more than its maxima.
+        Only candidates at least as good as a memory's k-th score at its last compaction can enter (the
+        k-th can only rise, so no candidate of the final top-k is turned away); their keys (which need the
+        argmax position) are computed for those alone and they are appended, unsorted, to the memory's
+        spare slots. A memory's pool is sorted (:meth:`_compact`) only when its spare slots run out, so
+        once the state has filled up a batch costs little more than its maxima.
         """
-        scores, keys = self.state.scores[si, li], self.state.keys[si, li]  # (d_ff, k) views
-        k = scores.shape[1]
-        threshold = scores[:, -1]
+        pool_scores, pool_keys = self.pool_scores[si, li], self.pool_keys[si, li]  # (d_ff, k + spare) views
+        fill, threshold = self.fill[si, li], self.threshold[si, li]
         ok = cand >= threshold
         counts = ok.sum(0)
         most = int(counts.max())
         if most == 0:
             return
-        if most > 2 * k and cand.shape[0] > k:  # the state is (nearly) empty: the batch's own k-th bounds it
-            threshold = torch.maximum(threshold, cand.topk(k, dim=0).values[-1])
-            ok = cand >= threshold
+        if most > self.spare and cand.shape[0] > self.k:  # e.g. the state is still empty: the batch's own k-th bounds it
+            ok = cand >= torch.maximum(threshold, cand.topk(self.k, dim=0).values[-1])
             counts = ok.sum(0)
             most = int(counts.max())
-        if int(counts.min()) > 0:  # every memory has a candidate: no need to select rows
-            memories, sub, state_scores, state_keys = None, cand, scores, keys
-            index = torch.arange(cand.shape[1], device=cand.device)
-        else:
-            memories = index = (counts > 0).nonzero().squeeze(1)
-            sub, state_scores, state_keys = cand[:, memories], scores[memories], keys[memories]
-        if most >= sub.shape[0]:  # every candidate is needed: no selection
-            values = sub
-            cand_rows = torch.arange(sub.shape[0], device=sub.device)[:, None].expand(sub.shape)
-        else:
-            values, cand_rows = sub.topk(most, dim=0)  # (most, m): every qualifying candidate is among them
-        # Keys (positions) for the qualifying ones only; the others get score -inf and a filler key that
-        # is unique and sorts last, so they drop out.
-        qualifies = ok if memories is None else ok[:, memories]
-        qualifies = qualifies.gather(0, cand_rows)
-        cand_keys = EMPTY + k + torch.arange(values.shape[0], device=cand.device)[:, None].expand(values.shape).clone()
-        pairs = qualifies.nonzero(as_tuple=True)
-        cand_keys[pairs] = keys_of(cand_rows[pairs], index[pairs[1]])
-        values = values.masked_fill(~qualifies, float("-inf"))
-        if values.shape[0] <= 32:
-            new_scores, new_keys = _insert_sorted(state_scores, state_keys, values.T, cand_keys.T)
-        else:
-            new_scores, new_keys = _top_sorted(torch.cat([state_scores, values.T], 1),
-                                               torch.cat([state_keys, cand_keys.T], 1), k)
-        if memories is None:
-            scores.copy_(new_scores)
-            keys.copy_(new_keys)
-        else:
-            scores[memories] = new_scores
-            keys[memories] = new_keys
+        if most > self.spare:  # more than the spare slots hold (ties, or tiny spare): offer the rows in parts
+            for first in range(0, cand.shape[0], self.spare):
+                self._offer(si, li, cand[first: first + self.spare], keys_of, offset + first)
+            return
+        full = fill + counts > pool_scores.shape[1]
+        if bool(full.any()):
+            self._compact(si, li, full.nonzero().squeeze(1))
+        memories, rows = ok.T.nonzero(as_tuple=True)  # grouped by memory, rows ascending within each
+        first_of_memory = torch.cumsum(counts, 0) - counts
+        slots = fill[memories] + torch.arange(memories.shape[0], device=cand.device) - first_of_memory[memories]
+        pool_scores[memories, slots] = cand[rows, memories]
+        pool_keys[memories, slots] = keys_of(rows + offset, memories)
+        fill += counts
 
+    def _compact(self, si: int, li: int, memories: torch.Tensor | None = None) -> None:
+        """Sort the pools of ``memories`` (all by default) and keep their top k: the exact order of
+        :func:`_top_sorted`; the spare slots are emptied and the threshold rises to the new k-th score."""
+        k = self.k
+        pool_scores, pool_keys = self.pool_scores[si, li], self.pool_keys[si, li]
+        where = slice(None) if memories is None else memories
+        scores, keys = _top_sorted(pool_scores[where], pool_keys[where], k)
+        pool_scores[where, :k] = scores
+        pool_keys[where, :k] = keys
+        pool_scores[where, k:] = float("-inf")
+        pool_keys[where, k:] = self.spare_keys
+        self.fill[si, li, where] = k
+        self.threshold[si, li, where] = scores[:, -1]
 
-def _insert_sorted(scores: torch.Tensor, keys: torch.Tensor, new_scores: torch.Tensor, new_keys: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Insert a few candidates (m, c) into sorted rows (m, k) with binary searches instead of a sort.
-
-    Same result as :func:`_top_sorted` on the concatenation: when a candidate's score equals a kept
-    entry's (a tie that needs the key order), it falls back to that.
-    """
-    m, k = scores.shape
-    c = new_scores.shape[1]
-    new_scores, new_keys = _top_sorted(new_scores, new_keys, c)  # the candidates in order
-    descending = -scores  # ascending, as searchsorted wants
-    left = torch.searchsorted(descending, -new_scores, side="left")  # kept entries strictly better
-    if not torch.equal(left, torch.searchsorted(descending, -new_scores, side="right")):
-        return _top_sorted(torch.cat([scores, new_scores], 1), torch.cat([keys, new_keys], 1), k)
-    steps = torch.arange(k, device=scores.device).expand(m, k).contiguous()
-    rank_new = left + torch.arange(c, device=scores.device)
-    rank_old = steps + torch.searchsorted(left, steps, side="right")  # candidates better than each kept entry
-    ranks = torch.cat([rank_old, rank_new], 1)
-    out_scores = torch.empty((m, k + c), dtype=scores.dtype, device=scores.device)
-    out_keys = torch.empty((m, k + c), dtype=keys.dtype, device=keys.device)
-    out_scores.scatter_(1, ranks, torch.cat([scores, new_scores], 1))
-    out_keys.scatter_(1, ranks, torch.cat([keys, new_keys], 1))
-    return out_scores[:, :k], out_keys[:, :k]
+    def flush(self) -> TopKState:
+        """Compact every pool into the sorted top-k state (before a checkpoint and at the end)."""
+        for si in range(self.pool_scores.shape[0]):
+            for li in range(self.pool_scores.shape[1]):
+                if bool((self.fill[si, li] > self.k).any()):
+                    self._compact(si, li)
+        self.state.scores.copy_(self.pool_scores[..., : self.k])
+        self.state.keys.copy_(self.pool_keys[..., : self.k])
+        return self.state
 
 
 # =====================================================================================================
@@ -626,6 +640,7 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
                 bar.update(real)
                 bar.set_postfix(sentences=f"{done['sentences']}/{len(table)}")
                 if done["sentences"] - last_checkpoint >= checkpoint_every and index + 1 < len(batches):
+                    miner.flush()
                     checkpoint.save({"scores": state.scores, "keys": state.keys}, done)
                     last_checkpoint = done["sentences"]
                 _after_batch(done["batches"], done["sentences"])
@@ -633,6 +648,7 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
         bar.close()
         for handle in handles:
             handle.remove()
+    miner.flush()
     seconds = time.perf_counter() - started
     stats = {"sentences": len(table), "tokens": int(done["tokens"]), "batches": len(batches),
              "padding_share": done["padded"] / max(done["padded"] + done["tokens"], 1),
@@ -688,8 +704,13 @@ def _state_frame(state: TopKState, table: pd.DataFrame) -> pd.DataFrame:
     sentence_id = keys >> POSITION_BITS
     position = (keys & MAX_POSITION).astype(np.int32)
     ids = table["sentence_id"].to_numpy(np.int64)
-    order = np.argsort(ids)
-    row = order[np.searchsorted(ids, sentence_id, sorter=order)]
+    if len(ids) and ids.min() >= 0 and ids.max() < 8 * len(ids) + (1 << 20):  # a direct lookup table
+        lookup = np.empty(int(ids.max()) + 1, dtype=np.int64)
+        lookup[ids] = np.arange(len(ids))
+        row = lookup[sentence_id]
+    else:
+        order = np.argsort(ids)
+        row = order[np.searchsorted(ids, sentence_id, sorter=order)]
     token_lists = table["token_ids"].tolist()
     lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])

@@ -115,17 +115,19 @@ def assert_matches_brute_force(triggers, bf, atol=1e-6, exact=True):
 
 
 # ---- the miner ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("per_sentence,bos,lazy,copy", [("max", False, False, False), ("max", False, True, False),
-                                                        ("max", True, True, True), ("max", True, False, True),
-                                                        ("all", False, False, False), ("all", True, False, False)])
-def test_miner_equals_brute_force_on_a_tiny_model(tiny, smollm, sentences, per_sentence, bos, lazy, copy,
+@pytest.mark.parametrize("per_sentence,bos,lazy,copy,spare", [
+    ("max", False, False, False, 2.0), ("max", False, True, False, 0.2), ("max", True, True, True, 2.0),
+    ("max", True, False, True, 0.2), ("all", False, False, False, 2.0), ("all", True, False, False, 0.2)])
+def test_miner_equals_brute_force_on_a_tiny_model(tiny, smollm, sentences, per_sentence, bos, lazy, copy, spare,
                                                   monkeypatch):
     """Every way of finding the maxima gives the same result: positions in the same pass as the values or
-    only for the candidates that enter (lazy), padded batches reduced run by run or through one copy."""
+    only for the candidates that enter (lazy), padded batches reduced run by run or through one copy, pools
+    sorted rarely or after every candidate (spare slots 2k or 1)."""
     if lazy:
         monkeypatch.setattr(keys, "DENSE_PAIRS_SHARE", 2.0)  # never all at once
     if copy:
         monkeypatch.setattr(keys, "MAX_GROUP_VIEWS", 0)
+    monkeypatch.setattr(keys, "SPARE_SLOTS", spare)
     loaded = dataclasses.replace(tiny, bos=[1]) if bos else tiny
     ex = _mine(loaded, sentences, per_sentence=per_sentence, negative=True)
     bf = brute_force(loaded, sentences, [0, 1, 2], 5, per_sentence)
@@ -199,11 +201,29 @@ def test_merge_is_exact_on_ties():
     ref = pd.DataFrame({"s": scores.reshape(4, 30)[0], "k": keys_.reshape(4, 30)[0]}).sort_values(
         ["s", "k"], ascending=[False, True]).head(6)
     assert merged.keys[0, 0, 0].tolist() == ref["k"].tolist()
-    # inserting a few candidates without sorting gives the same order as sorting
-    s, k = keys._insert_sorted(a.scores[0, 0], a.keys[0, 0], scores[0, 0, :, 13:20], keys_[0, 0, :, 13:20])
-    s2, k2 = keys._top_sorted(torch.cat([a.scores[0, 0], scores[0, 0, :, 13:20]], 1),
-                              torch.cat([a.keys[0, 0], keys_[0, 0, :, 13:20]], 1), 6)
-    assert torch.equal(s, s2) and torch.equal(k, k2)
+
+
+@pytest.mark.parametrize("spare", [0.02, 0.3, 1.0, 3.0])
+def test_pool_of_unsorted_candidates_is_exact_on_ties(spare, monkeypatch):
+    """Candidates appended to the spare slots, sorted only when they run out, in batches of any size and
+    with many equal scores: the same top k as sorting everything at once (score, then key)."""
+    monkeypatch.setattr(keys, "SPARE_SLOTS", spare)
+    g = torch.Generator().manual_seed(1)
+    n, d_ff, k = 200, 5, 8
+    scores = torch.randint(0, 6, (n, d_ff), generator=g).float()
+    scores[:, 4] = 1.0  # one memory where every candidate ties
+    cand_keys = torch.stack([torch.randperm(100_000, generator=g)[:n] for _ in range(d_ff)], 1)
+    miner = keys._Miner(keys.TopKState.empty([0], [1], d_ff, k), "max", 0)
+    first = 0
+    for size in [1, 3, 50, 2, 17, 9, 1, 40, 77]:  # batches smaller and larger than k and the spare slots
+        part = slice(first, first + size)
+        miner._offer(0, 0, scores[part], lambda rows, memories, part=part: cand_keys[part][rows, memories])
+        first += size
+    assert first == n
+    state = miner.flush()
+    want_scores, want_keys = keys._top_sorted(scores.T[None, None], cand_keys.T[None, None], k)
+    assert torch.equal(state.scores, want_scores) and torch.equal(state.keys, want_keys)
+    assert (miner.fill == k).all() and torch.equal(miner.threshold, want_scores[..., -1])
 
 
 def test_plan_batches_by_length_and_budget():
@@ -615,3 +635,44 @@ def test_random_removal_is_uniform_over_the_prefix():
     assert np.all(np.abs(counts / n - 1 / 4) < 0.03), counts
     counts = np.bincount(long_, minlength=21)[1:]
     assert np.all(np.abs(counts / n - 1 / 20) < 0.015), counts
+
+
+def test_top_k_by_score_falls_back_to_the_exact_sort_only_where_scores_tie():
+    """Rows whose first k+1 scores all differ are settled by a top-k on the scores; rows with a tie there
+    (at the k-th place, inside the top k, or among empty -inf slots) are sorted by key: both agree with
+    the two stable sorts everywhere."""
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(40, 30, generator=g)
+    keys_ = torch.stack([torch.randperm(1000, generator=g)[:30] for _ in range(40)])
+    k = 6
+    top = scores.topk(k + 1, dim=1)
+    scores[0, top.indices[0, k]] = top.values[0, k - 1]  # a tie at the k-th place: the key decides who stays
+    scores[1, top.indices[1, 3]] = top.values[1, 2]  # a tie inside the top k: the key decides the order
+    scores[2, 10:] = float("-inf")  # empty slots below the top k + 1: no tie there, the fast path
+    scores[3, :] = float("-inf")
+    scores[3, 5] = 1.0  # one real candidate, then empty slots
+    fast = keys._top_sorted(scores, keys_, k)
+    exact = keys._sort_exact(scores, keys_, k)
+    assert torch.equal(fast[0], exact[0]) and torch.equal(fast[1], exact[1])
+    assert fast[1][0, k - 1] == min(keys_[0, top.indices[0, k]], keys_[0, top.indices[0, k - 1]])
+    assert fast[1][1, 2] == min(keys_[1, top.indices[1, 2]], keys_[1, top.indices[1, 3]])
+
+
+def test_trigger_table_finds_sentences_by_any_id():
+    """Sentence ids far apart (a lookup table would be huge) and close together give the same table."""
+    g = torch.Generator().manual_seed(3)
+    ids = np.array([5, 1, 3, 0, 4, 2])
+    table = pd.DataFrame({"sentence_id": ids, "token_ids": [[7, 8, 9][: 1 + i % 3] + [i] for i in range(6)]})
+    scores = torch.rand(1, 1, 2, 3, generator=g).sort(-1, descending=True).values
+    sentence = torch.randint(0, 6, (1, 1, 2, 3), generator=g)
+    position = torch.randint(0, 2, (1, 1, 2, 3), generator=g)
+    near = keys._state_frame(keys.TopKState([0], [1], scores, (torch.as_tensor(ids)[sentence] << 20) | position), table)
+    far_ids = ids * (1 << 36)
+    far = keys._state_frame(keys.TopKState([0], [1], scores, (torch.as_tensor(far_ids)[sentence] << 20) | position),
+                            table.assign(sentence_id=far_ids))
+    assert (far["sentence_id"] == near["sentence_id"] * (1 << 36)).all()
+    pd.testing.assert_frame_equal(far.drop(columns="sentence_id"), near.drop(columns="sentence_id"))
+    tokens = dict(zip(ids, table["token_ids"]))
+    for r in near.itertuples():
+        ids_ = tokens[r.sentence_id]
+        assert r.next_token == (ids_[r.position + 1] if r.position + 1 < len(ids_) else -1)
