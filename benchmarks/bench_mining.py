@@ -21,8 +21,10 @@ Rows (all measured in this run):
   installed), then the same top-k (per-sentence maximum and top-50 over sentences, both signs) with torch ops.
   Fresh process; same length-sorted batches; throughput and peak memory against ours.
 
-Passes run in the order bare, ours, body (then reversed with ``--repeats 2``) so a drifting machine load hits
-both sides alike. Requires Linux for the memory rows.
+The default size is the default notebook scale's mining corpus (8,000 sentences, the main job's). The baselines
+run half before and half after the miner (body and full LM on the first half of the tokens, the miner on all of
+them, then both on the second half), so a machine whose speed drifts during the run weighs on both sides alike.
+Requires Linux for the memory rows.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, run_python, table  # noqa: E402
+
+from ffnlib.config import SCALES  # noqa: E402
 
 ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
@@ -148,7 +152,8 @@ def bare_throughput(loaded, token_ids, batch_tokens: int, body_only: bool) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--sentences", type=int, default=1000, help="sentences mined (10N); N = this / 10")
+    parser.add_argument("--sentences", type=int, default=SCALES["default"].mining_sentences,
+                        help="sentences mined (10N; N = this / 10); default: the default scale's mining corpus")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--batch-tokens", type=int, default=2048)
@@ -170,9 +175,10 @@ def main() -> None:
     ours = [0.0, 0]
     padding = None
     bare_throughput(loaded, token_ids[:8], args.batch_tokens, False)  # warm-up
+    halves = [token_ids[: len(token_ids) // 2], token_ids[len(token_ids) // 2:]]
     for repeat in range(args.repeats):
-        steps = ["full", "ours", "body"] if repeat % 2 == 0 else ["body", "ours", "full"]
-        for step in steps:
+        steps = [("body", 0), ("full", 0), ("ours", None), ("full", 1), ("body", 1)]
+        for step, half in steps:
             if step == "ours":
                 start = time.perf_counter()
                 ex = keys.mine_trigger_examples(loaded, sentences, k=args.k, batch_tokens=args.batch_tokens,
@@ -181,7 +187,7 @@ def main() -> None:
                 ours[1] += ex.stats["tokens"]
                 padding = ex.stats["padding_share"]
             else:
-                seconds, tokens = bare_throughput(loaded, token_ids, args.batch_tokens, step == "body")
+                seconds, tokens = bare_throughput(loaded, halves[half], args.batch_tokens, step == "body")
                 target = bare_full if step == "full" else bare_body
                 target[0] += seconds
                 target[1] += tokens

@@ -9,7 +9,9 @@ which can be negative: the most negative coefficients make the memory write ``-v
   sentence gives at most one prefix per key (the position of its maximum); ``per_sentence="all"`` keeps
   every position. Memory use is bounded by layers x d_ff x k whatever the corpus size: each batch is
   reduced inside the forward pass, layer by layer, and merged into a running top-k state
-  (:class:`TopKState`, with an exact :func:`merge` for shards). Runs checkpoint and resume; results are
+  (:class:`TopKState`, with an exact :func:`merge` for shards). A candidate enters only if it is at least
+  a memory's k-th score; entrants wait unsorted in spare slots until they run out, so the sorting cost is
+  paid rarely and the result does not depend on when it is paid. Runs checkpoint and resume; results are
   cached by manifest.
 - :func:`trigger_table` / :func:`trigger_html`: one key's trigger examples, readable.
 - :func:`removal_experiment` (Fig. 3): remove the first, the last or a random token of each trigger
