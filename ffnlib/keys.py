@@ -316,7 +316,7 @@ class _Miner:
         most = int(counts.max())
         if most == 0:
             return
-        if most > self.spare and cand.shape[0] > self.k:  # e.g. the state is still empty: the batch's own k-th bounds it
+        if most > self.spare and cand.shape[0] > self.k:  # e.g. an empty state: the batch's own k-th bounds it
             ok = cand >= torch.maximum(threshold, cand.topk(self.k, dim=0).values[-1])
             counts = ok.sum(0)
             most = int(counts.max())
