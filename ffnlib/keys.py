@@ -228,7 +228,9 @@ class _Miner:
                                                                device=device)], -1)
         self.pool_keys = torch.cat([state.keys, self.spare_keys.expand(*state.keys.shape[:-1], self.spare)], -1)
         self.fill = torch.full(state.scores.shape[:-1], k, dtype=torch.long, device=device)  # slots in use
-        self.threshold = state.scores[..., -1].clone()  # the k-th score at the last compaction
+        # The k-th score at the last compaction: slot k-1, which only a compaction changes (new candidates go
+        # to slots k and up), so a view of the pool.
+        self.threshold = self.pool_scores[..., k - 1]
         self.layer_index = {layer: i for i, layer in enumerate(state.layers)}
         self.batch: _Batch | None = None
         self.sentence_ids: torch.Tensor | None = None  # (rows,) int64, on the state's device
@@ -336,7 +338,7 @@ class _Miner:
 
     def _compact(self, si: int, li: int, memories: torch.Tensor | None = None) -> None:
         """Sort the pools of ``memories`` (all by default) and keep their top k: the exact order of
-        :func:`_top_sorted`; the spare slots are emptied and the threshold rises to the new k-th score."""
+        :func:`_top_sorted`; the spare slots are emptied (the threshold, slot k-1, rises to the new k-th)."""
         k = self.k
         pool_scores, pool_keys = self.pool_scores[si, li], self.pool_keys[si, li]
         where = slice(None) if memories is None else memories
@@ -346,7 +348,6 @@ class _Miner:
         pool_scores[where, k:] = float("-inf")
         pool_keys[where, k:] = self.spare_keys
         self.fill[si, li, where] = k
-        self.threshold[si, li, where] = scores[:, -1]
 
     def flush(self) -> TopKState:
         """Compact every pool into the sorted top-k state (before a checkpoint and at the end)."""
