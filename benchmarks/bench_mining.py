@@ -9,9 +9,13 @@ Rows (all measured in this run):
   (tokenisation, length batching, the per-layer top-k reduction inside the forward pass, building the result
   table, writing Parquet + manifest), k=50, both signs, all layers;
 - bare forward: the same tokens packed into full dense batches (rows of the mean sentence length, no padding,
-  same token budget per batch), ``model(input_ids)`` with nothing hooked. Ratio = ours / bare (target >= 0.9).
-  A second row compares with the transformer body only (every layer, no final norm and head), since the miner
-  stops the forward pass after the last layer's FFN: that is the stricter comparison;
+  same token budget per batch), ``model(input_ids)`` with nothing hooked (a copy of the model, so the miner's hooks
+  never fire in it). Ratio = ours / bare (target >= 0.9). A second row compares with the transformer body only
+  (every layer, no final norm and head), since the miner stops the forward pass after the last layer's FFN: that
+  is the stricter comparison. The baselines run *interleaved* with the miner: after each of the miner's batches
+  (through ``keys._after_batch``) the dense batches that catch up with the tokens it has mined so far, body then
+  full LM. The miner's time is its end-to-end wall time minus the time spent in them, so a machine whose speed
+  drifts during the run (these shared machines drift by 5-15% within minutes) weighs on both sides alike;
 - padding share of the miner's batches (target < 5%);
 - peak memory at N and 10N sentences: a fresh process each; after the model is loaded and has run once,
   ``/proc/self/clear_refs`` resets the peak RSS (VmHWM); we report VmHWM during mining (model included) and the
@@ -21,9 +25,7 @@ Rows (all measured in this run):
   installed), then the same top-k (per-sentence maximum and top-50 over sentences, both signs) with torch ops.
   Fresh process; same length-sorted batches; throughput and peak memory against ours.
 
-The default size is the default notebook scale's mining corpus (8,000 sentences, the main job's). The baselines
-run half before and half after the miner (body and full LM on the first half of the tokens, the miner on all of
-them, then both on the second half), so a machine whose speed drifts during the run weighs on both sides alike.
+The default size is the default notebook scale's mining corpus (8,000 sentences, the main job's).
 Requires Linux for the memory rows.
 """
 
@@ -118,35 +120,69 @@ print(json.dumps({{"seconds": seconds, "tokens": int(lengths.sum()), "peak": sta
 """
 
 
-def bare_throughput(loaded, token_ids, batch_tokens: int, body_only: bool) -> tuple[float, int]:
-    """Seconds for the same tokens in full dense batches (rows of the mean sentence length)."""
-    import numpy as np
-    import torch
+class InterleavedBaselines:
+    """The bare forward passes, run between the miner's batches: install as ``keys._after_batch``.
 
-    from ffnlib.keys import _StopForward
+    The tokens are the miner's, in corpus order, packed into dense rows of the mean sentence length and batches of
+    ``batch_tokens``. After the miner's batch ``b``, dense batches run until they have covered as many tokens as
+    the miner has mined so far; each runs twice, through the transformer body only (stopped after the last layer)
+    and through the full LM. ``seconds`` counts all time spent in here, to subtract from the miner's wall time.
+    """
 
-    width = max(1, int(round(np.mean([len(t) for t in token_ids]))))
-    flat = [t for ids in token_ids for t in ids]
-    n_rows = len(flat) // width
-    ids = torch.tensor(flat[: n_rows * width]).view(n_rows, width).to(loaded.device)
-    rows = max(1, batch_tokens // width)
-    handle = None
-    if body_only:  # stop after the last layer: no final norm, no head
+    def __init__(self, loaded, token_ids, batch_tokens: int):
+        import copy
+
+        import numpy as np
+        import torch
+
+        from ffnlib import keys
+
+        lengths = np.array([len(t) for t in token_ids])
+        self.mined_after = np.cumsum([lengths[rows].sum() for rows in keys.plan_batches(lengths, batch_tokens)])
+        self.width = width = max(1, int(round(lengths.mean())))
+        flat = [t for ids in token_ids for t in ids]
+        n_rows = len(flat) // width
+        self.ids = torch.tensor(flat[: n_rows * width]).view(n_rows, width).to(loaded.device)
+        self.rows = max(1, batch_tokens // width)
+        self.next_row = 0
+        self.model = copy.deepcopy(loaded.model)  # before mining: no miner hooks on the copy
+        self.stop_body = False
+
         def stop(module, args, out):
-            raise _StopForward
-        handle = loaded.adapter.layer(loaded.adapter.n_layers - 1).register_forward_hook(stop)
-    start = time.perf_counter()
-    try:
+            if self.stop_body:
+                raise keys._StopForward
+
+        last = loaded.adapter.layer(loaded.adapter.n_layers - 1)
+        path = next(name for name, module in loaded.model.named_modules() if module is last)
+        self.model.get_submodule(path).register_forward_hook(stop)
+        self.seconds = 0.0
+        self.body = [0.0, 0]  # seconds, tokens
+        self.full = [0.0, 0]
+
+    def run(self, rows: int | None = None) -> None:
+        """One dense batch through the body and the full LM (``rows`` rows; default the batch size)."""
+        import torch
+
+        from ffnlib import keys
+
+        chunk = self.ids[self.next_row: self.next_row + (rows or self.rows)]
+        self.next_row += chunk.shape[0]
         with torch.inference_mode():
-            for i in range(0, n_rows, rows):
+            for target, body in ((self.body, True), (self.full, False)):
+                self.stop_body = body
+                start = time.perf_counter()
                 try:
-                    loaded.model(input_ids=ids[i: i + rows], use_cache=False)
-                except _StopForward:
+                    self.model(input_ids=chunk, use_cache=False)
+                except keys._StopForward:
                     pass
-    finally:
-        if handle is not None:
-            handle.remove()
-    return time.perf_counter() - start, n_rows * width
+                target[0] += time.perf_counter() - start
+                target[1] += chunk.numel()
+
+    def __call__(self, batches_done: int, sentences_done: int) -> None:
+        start = time.perf_counter()
+        while self.next_row < self.ids.shape[0] and self.next_row * self.width < self.mined_after[batches_done - 1]:
+            self.run()
+        self.seconds += time.perf_counter() - start
 
 
 def main() -> None:
@@ -162,6 +198,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import psutil
+    import torch
 
     from ffnlib import keys
     from ffnlib.corpus import load_corpus
@@ -174,23 +211,25 @@ def main() -> None:
     bare_body = [0.0, 0]
     ours = [0.0, 0]
     padding = None
-    bare_throughput(loaded, token_ids[:8], args.batch_tokens, False)  # warm-up
-    halves = [token_ids[: len(token_ids) // 2], token_ids[len(token_ids) // 2:]]
     for repeat in range(args.repeats):
-        steps = [("body", 0), ("full", 0), ("ours", None), ("full", 1), ("body", 1)]
-        for step, half in steps:
-            if step == "ours":
-                start = time.perf_counter()
-                ex = keys.mine_trigger_examples(loaded, sentences, k=args.k, batch_tokens=args.batch_tokens,
-                                                out_dir=tempfile.mkdtemp(), progress=False)
-                ours[0] += time.perf_counter() - start
-                ours[1] += ex.stats["tokens"]
-                padding = ex.stats["padding_share"]
-            else:
-                seconds, tokens = bare_throughput(loaded, halves[half], args.batch_tokens, step == "body")
-                target = bare_full if step == "full" else bare_body
-                target[0] += seconds
-                target[1] += tokens
+        baselines = InterleavedBaselines(loaded, token_ids, args.batch_tokens)
+        baselines.run(rows=8)  # warm-up of the copy
+        baselines.body, baselines.full, baselines.next_row = [0.0, 0], [0.0, 0], 0
+        with torch.inference_mode():  # and of the model the miner runs
+            loaded.model(input_ids=baselines.ids[:8], use_cache=False)
+        keys._after_batch = baselines
+        try:
+            start = time.perf_counter()
+            ex = keys.mine_trigger_examples(loaded, sentences, k=args.k, batch_tokens=args.batch_tokens,
+                                            out_dir=tempfile.mkdtemp(), progress=False)
+            ours[0] += time.perf_counter() - start - baselines.seconds
+        finally:
+            keys._after_batch = lambda *a: None
+        ours[1] += ex.stats["tokens"]
+        padding = ex.stats["padding_share"]
+        for total, part in ((bare_body, baselines.body), (bare_full, baselines.full)):
+            total[0] += part[0]
+            total[1] += part[1]
 
     rate = lambda pair: pair[1] / pair[0]
     params = {"model": args.model, "device": args.device, "k": args.k, "batch_tokens": args.batch_tokens}
