@@ -15,7 +15,7 @@ Rows (all measured in this run):
   is the stricter comparison. The baselines run *interleaved* with the miner: after each of the miner's batches
   (through ``keys._after_batch``) the dense batches that catch up with the tokens it has mined so far, body then
   full LM. The miner's time is its end-to-end wall time minus the time spent in them, so a machine whose speed
-  drifts during the run (these shared machines drift by 5-15% within minutes) weighs on both sides alike;
+  drifts during the run (these shared machines drift by 5-18% within minutes) weighs on both sides alike;
 - padding share of the miner's batches (target < 5%);
 - peak memory at N and 10N sentences: a fresh process each; after the model is loaded and has run once,
   ``/proc/self/clear_refs`` resets the peak RSS (VmHWM); we report VmHWM during mining (model included) and the
