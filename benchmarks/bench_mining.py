@@ -155,17 +155,20 @@ class InterleavedBaselines:
         last = loaded.adapter.layer(loaded.adapter.n_layers - 1)
         path = next(name for name, module in loaded.model.named_modules() if module is last)
         self.model.get_submodule(path).register_forward_hook(stop)
+        with torch.inference_mode():  # warm up both models (not counted)
+            for model in (self.model, loaded.model):
+                model(input_ids=self.ids[:8], use_cache=False)
         self.seconds = 0.0
         self.body = [0.0, 0]  # seconds, tokens
         self.full = [0.0, 0]
 
-    def run(self, rows: int | None = None) -> None:
-        """One dense batch through the body and the full LM (``rows`` rows; default the batch size)."""
+    def run(self) -> None:
+        """The next dense batch, through the body and then the full LM."""
         import torch
 
         from ffnlib import keys
 
-        chunk = self.ids[self.next_row: self.next_row + (rows or self.rows)]
+        chunk = self.ids[self.next_row: self.next_row + self.rows]
         self.next_row += chunk.shape[0]
         with torch.inference_mode():
             for target, body in ((self.body, True), (self.full, False)):
@@ -198,7 +201,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import psutil
-    import torch
 
     from ffnlib import keys
     from ffnlib.corpus import load_corpus
@@ -213,18 +215,14 @@ def main() -> None:
     padding = None
     for repeat in range(args.repeats):
         baselines = InterleavedBaselines(loaded, token_ids, args.batch_tokens)
-        baselines.run(rows=8)  # warm-up of the copy
-        baselines.body, baselines.full, baselines.next_row = [0.0, 0], [0.0, 0], 0
-        with torch.inference_mode():  # and of the model the miner runs
-            loaded.model(input_ids=baselines.ids[:8], use_cache=False)
-        keys._after_batch = baselines
+        after_batch, keys._after_batch = keys._after_batch, baselines
         try:
             start = time.perf_counter()
             ex = keys.mine_trigger_examples(loaded, sentences, k=args.k, batch_tokens=args.batch_tokens,
                                             out_dir=tempfile.mkdtemp(), progress=False)
             ours[0] += time.perf_counter() - start - baselines.seconds
         finally:
-            keys._after_batch = lambda *a: None
+            keys._after_batch = after_batch
         ours[1] += ex.stats["tokens"]
         padding = ex.stats["padding_share"]
         for total, part in ((bare_body, baselines.body), (bare_full, baselines.full)):
