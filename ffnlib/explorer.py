@@ -13,6 +13,10 @@ and the static atlas in ``ffnlib.atlas`` only render them):
   prediction before and after the FFN (``Adapter.logits_from_residual``).
 - **Interventions** (:func:`compare_intervention`): the next-token distribution and a short greedy
   continuation with and without edits made by ``ffnlib.interventions.intervene``.
+- **Contributions** (:func:`contribution_maps`): for the prompt and one layer, the four maps of Kobayashi et al.
+  (ICLR 2024; ``ffnlib.related.contextualization``): how much each input token contributes to each position after
+  attention (ATB), through the FFN (ATBFF), after the FFN's residual (ATBFFRES) and through the next norm
+  (ATBFFRESLN), each row normalised to sum to 1.
 
 Search (:func:`search_value_token`, :func:`search_trigger_word`) jumps to memories whose value promotes
 a token, or whose trigger examples contain a word. :class:`Explorer` holds the state the widgets show.
@@ -36,6 +40,7 @@ import torch
 from .capture import capture
 from .errors import ParameterError
 from .interventions import intervene
+from .related import contextualization as ctx
 
 SEARCH_BY = ("value token", "trigger word")
 
@@ -682,6 +687,36 @@ def search_trigger_word(loaded, triggers, word: str, limit: int = 20, index: dic
         {"last": int, "anywhere": int, "best_rank": int, "n_triggers": int}).reset_index(drop=True)
 
 
+# ---- contributions (Kobayashi et al. 2024) ---------------------------------------------------------
+@dataclass
+class ContributionMaps:
+    """The contribution maps of one prompt at one layer: ``maps[stage]`` is a (n, n) array whose row ``i`` says
+    how position ``i``'s vector at that stage shares itself among the input tokens ``j ≤ i`` (row-normalised
+    norms ``‖y_{i←j}‖``); ``stages`` are those of :data:`ffnlib.related.contextualization.MAIN_STAGES` this layer
+    has."""
+
+    prompt: str
+    layer: int
+    tokens: list[str]
+    stages: tuple[str, ...]
+    maps: dict[str, np.ndarray]
+
+
+def contribution_maps(loaded, prompt: str, layer: int, max_tokens: int = ctx.MAX_TOKENS) -> ContributionMaps:
+    """The four maps (ATB, ATBFF, ATBFFRES, ATBFFRESLN) of ``prompt`` at ``layer`` (see :class:`ContributionMaps`).
+    A prompt longer than ``max_tokens`` or a layer out of range raises a ParameterError that says so."""
+    prompt = _check_prompt(prompt)
+    layer = loaded.adapter.check_layer(layer)
+    result = ctx.decompose(loaded, prompt, layers=[layer], max_tokens=max_tokens)
+    stages = tuple(stage for stage in ctx.MAIN_STAGES if stage in result.stages[layer])
+    maps = {}
+    for stage in stages:
+        raw = result.map(layer, stage)
+        total = raw.sum(1, keepdims=True)
+        maps[stage] = raw / np.where(total > 0, total, 1.0)
+    return ContributionMaps(prompt, layer, loaded.token_strings(result.token_ids[0]), stages, maps)
+
+
 # ---- the explorer's state -------------------------------------------------------------------------
 @dataclass
 class Explorer:
@@ -704,6 +739,7 @@ class Explorer:
     results: pd.DataFrame | None = None
     analysis: PromptAnalysis | None = None
     comparison: InterventionComparison | None = None
+    contributions_view: ContributionMaps | None = None
     edits: dict = field(default_factory=dict)
     _index: dict | None = field(default=None, repr=False)
     _values: ValueIndex | None = field(default=None, repr=False)
@@ -741,6 +777,10 @@ class Explorer:
     def analyse(self, prompt: str) -> PromptAnalysis:
         self.analysis = analyse_prompt(self.loaded, prompt, top_memories=self.top_memories)
         return self.analysis
+
+    def contributions(self, prompt: str, layer: int) -> ContributionMaps:
+        self.contributions_view = contribution_maps(self.loaded, prompt, layer)
+        return self.contributions_view
 
     # interventions
     def set_edits(self, edits: Mapping[tuple[int, int], float] | str) -> dict:
@@ -988,6 +1028,41 @@ def render_prompt_analysis(analysis: PromptAnalysis) -> str:
             f'<th>top memories</th></tr>{"".join(rows)}</table></div>')
 
 
+def _map_svg(matrix: np.ndarray, tokens: list[str], title: str, cell: int = 14) -> str:
+    """One map as an inline SVG heatmap: rows are the positions i, columns the input tokens j (darker: more)."""
+    n = len(tokens)
+    label = 90
+    width, height = label + n * cell + 4, 18 + n * cell + label
+    top = float(matrix.max()) if matrix.size and matrix.max() > 0 else 1.0
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="ffn-map">',
+             f'<text x="{label}" y="12" font-size="12" font-weight="600">{_e(title)}</text>']
+    for i in range(n):
+        y = 18 + i * cell
+        parts.append(f'<text x="{label - 4}" y="{y + cell - 3}" font-size="10" text-anchor="end" '
+                     f'font-family="monospace">{_e(tokens[i][:12])}</text>')
+        for j in range(i + 1):
+            shade = float(matrix[i, j]) / top
+            parts.append(f'<rect x="{label + j * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
+                         f'fill="rgb(33,102,172)" fill-opacity="{shade:.3f}"><title>{_e(tokens[i])} ← '
+                         f'{_e(tokens[j])}: {float(matrix[i, j]):.3f}</title></rect>')
+    for j in range(n):
+        x = label + j * cell + cell - 4
+        y = 18 + n * cell + 4
+        parts.append(f'<text x="{x}" y="{y}" font-size="10" font-family="monospace" text-anchor="end" '
+                     f'transform="rotate(-90 {x} {y})">{_e(tokens[j][:12])}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def render_contribution_maps(view: ContributionMaps) -> str:
+    maps = "".join(f'<div class="ffn-side">{_map_svg(view.maps[stage], view.tokens, stage)}'
+                   f'<div class="ffn-note">{_e(ctx.STAGE_LABELS[stage])}</div></div>' for stage in view.stages)
+    return (f'{STYLE}<div class="ffn-view ffn-contributions"><h3>Contributions at layer {view.layer}</h3>'
+            f'<p class="ffn-note">Row i: how position i\'s vector shares itself among the input tokens j ≤ i '
+            f'(norm of each token\'s part, each row summing to 1; Kobayashi et al., ICLR 2024). ATB: after attention '
+            f'and its residual; ATBFF: the FFN\'s output (its input norm included); ATBFFRES: the layer\'s output; '
+            f'ATBFFRESLN: through the norm the next layer reads.</p><div class="ffn-sides">{maps}</div></div>')
+
+
 def render_intervention(comparison: InterventionComparison) -> str:
     rows = "".join(
         f'<tr><td>{token_html(r.token)}</td><td class="num">{r.p_before:.3f}</td><td class="num">{r.p_after:.3f}</td>'
@@ -1010,7 +1085,7 @@ def render_error(error: Exception) -> str:
     return f'{STYLE}<div class="ffn-view"><p class="ffn-error">{_e(error)}</p></div>'
 
 
-__all__ = ["Explorer", "PromptAnalysis", "InterventionComparison", "MemoryView", "MemorySide", "CoefficientSample",
+__all__ = ["Explorer", "PromptAnalysis", "ContributionMaps", "contribution_maps", "render_contribution_maps", "InterventionComparison", "MemoryView", "MemorySide", "CoefficientSample",
            "ValueIndex", "analyse_prompt", "compare_intervention", "memory_view", "key_rows", "value_norms",
            "parse_edits", "format_edits", "greedy_continuation", "search_value_token", "search_trigger_word",
            "top_tokens", "pattern_measures", "render_memory_view", "render_prompt_analysis", "render_intervention",

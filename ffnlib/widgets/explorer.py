@@ -3,7 +3,8 @@
 
 This module only wires widgets to the explorer's methods and renders with ``ffnlib.explorer.render_*``;
 every callback is a plain method (``show_memory``, ``search``, ``pick_result``, ``analyse``, ``open_contributor``,
-``add_selected``, ``clear_edits``, ``apply``) that tests call directly or through ``button.click()``.
+``show_contributions``, ``add_selected``, ``clear_edits``, ``apply``) that tests call directly or through
+``button.click()``.
 Errors a user can cause (a bad layer, an unknown token, unreadable edits) are shown in the view, not raised.
 """
 
@@ -14,8 +15,9 @@ from contextlib import contextmanager
 import ipywidgets as w
 
 from ..errors import FFNLibError
-from ..explorer import (SEARCH_BY, Explorer, contributor_label, format_edits, render_error, render_intervention,
-                        render_memory_view, render_prompt_analysis, render_search_results, search_label)
+from ..explorer import (SEARCH_BY, Explorer, contributor_label, format_edits, render_contribution_maps,
+                        render_error, render_intervention, render_memory_view, render_prompt_analysis,
+                        render_search_results, search_label)
 
 MODES = ("switch off", "set coefficient to")
 
@@ -54,6 +56,11 @@ class ExplorerWidget:
         self.open_button = _classed(w.Button(description="Show in memory view", layout=w.Layout(width="170px")),
                                     "ffn-open")
         self.prompt_out = _classed(w.HTML(), "ffn-prompt-out")
+        # prompt view: the contributions panel (the four maps of Kobayashi et al. for one layer)
+        self.maps_layer = _classed(w.BoundedIntText(value=0, min=0, max=adapter.n_layers - 1, description="layer",
+                                                    layout=w.Layout(width="150px")), "ffn-maps-layer")
+        self.maps_button = _classed(w.Button(description="Contributions"), "ffn-maps-run")
+        self.maps_out = _classed(w.HTML(), "ffn-maps-out")
         # interventions
         self.edit_prompt = _classed(w.Text(value=prompt, description="prompt", layout=w.Layout(width="520px")),
                                     "ffn-edit-prompt")
@@ -77,14 +84,17 @@ class ExplorerWidget:
         self.results.observe(lambda change: self.pick_result(change["new"]), names="value")
         self.analyse_button.on_click(lambda _: self.analyse())
         self.open_button.on_click(lambda _: self.open_contributor())
+        self.maps_button.on_click(lambda _: self.show_contributions())
         self.add_button.on_click(lambda _: self.add_selected())
         self.clear_button.on_click(lambda _: self.clear_edits())
         self.apply_button.on_click(lambda _: self.apply())
 
         memory_tab = w.VBox([w.HBox([self.layer, self.memory, self.show_button]),
                              w.HBox([self.query, self.search_by, self.search_button]), self.results, self.memory_out])
+        contributions = w.Accordion(children=[w.VBox([w.HBox([self.maps_layer, self.maps_button]), self.maps_out])])
+        contributions.set_title(0, "contributions")
         prompt_tab = w.VBox([w.HBox([self.prompt, self.analyse_button]), w.HBox([self.contributors, self.open_button]),
-                             self.prompt_out])
+                             self.prompt_out, contributions])
         edit_tab = w.VBox([self.edit_prompt, self.candidates, w.HBox([self.mode, self.value, self.add_button]),
                            w.HBox([self.edits, self.clear_button]), w.HBox([self.new_tokens, self.apply_button]),
                            self.edit_out])
@@ -144,6 +154,14 @@ class ExplorerWidget:
             self.contributors.options = options
             self.candidates.options = options
             self.edit_prompt.value = analysis.prompt
+
+    def show_contributions(self, layer: int | None = None) -> None:
+        """The contributions panel: the four maps of the prompt at the chosen layer."""
+        if layer is not None:
+            self.maps_layer.value = int(layer)
+        with self._busy(self.maps_button, self.maps_out):
+            view = self.explorer.contributions(self.prompt.value, int(self.maps_layer.value))
+            self.maps_out.value = render_contribution_maps(view)
 
     def open_contributor(self) -> None:
         if self.contributors.value:
