@@ -14,10 +14,13 @@ _CLASS_COLORS = {"subword": "#dd8452", "capitalised span": "#c44e52", "frequent 
                  "other": "#8c8c8c"}
 
 
-def plot_maps(maps: dict[int, dict[str, np.ndarray]], tokens: list[str], title: str = "") -> Figure:
+def plot_maps(maps: dict[int, dict[str, np.ndarray]], tokens: list[str], title: str = "",
+              off_diagonal_scale: bool = True) -> Figure:
     """Heatmaps of one sentence: a row of maps (ATB, ATBFF, ATBFFRES, ATBFFRESLN) per layer, side by side.
     ``maps``: ``{layer: {stage: (n, n) array}}`` as ``contextualization.map_arrays`` returns; row i is the
-    position whose vector is decomposed, column j the input token."""
+    position whose vector is decomposed, column j the input token. ``off_diagonal_scale``: each map's colour scale
+    ends at its largest off-diagonal entry, so that the self entries (the residual makes them dominate) saturate
+    and the context is visible."""
     layers = list(maps)
     stages = list(dict.fromkeys(stage for layer in layers for stage in maps[layer]))
     n = len(tokens)
@@ -32,11 +35,14 @@ def plot_maps(maps: dict[int, dict[str, np.ndarray]], tokens: list[str], title: 
                 ax.axis("off")
                 continue
             matrix = np.where(np.tril(np.ones((n, n), dtype=bool)), maps[layer][stage], np.nan)
-            ax.imshow(matrix, cmap="Blues", vmin=0, vmax=np.nanmax(matrix) if np.isfinite(matrix).any() else 1)
+            shown = np.tril(matrix, -1) if off_diagonal_scale and n > 1 else matrix
+            top = np.nanmax(shown) if np.isfinite(shown).any() and np.nanmax(shown) > 0 else 1.0
+            ax.imshow(matrix, cmap="Blues", vmin=0, vmax=top)
             ax.set_title(f"layer {layer}: {stage}", fontsize=9)
             ax.set_xticks(range(n), labels if r == len(layers) - 1 else [""] * n, rotation=90, fontsize=6)
             ax.set_yticks(range(n), labels if c == 0 else [""] * n, fontsize=6)
-    fig.suptitle(title or "Contribution maps (row i: how position i shares itself among input tokens j ≤ i)",
+    scale = "; colours end at each map's largest off-diagonal entry" if off_diagonal_scale else ""
+    fig.suptitle(title or f"Contribution maps (row i: how position i shares itself among input tokens j ≤ i{scale})",
                  fontsize=10)
     fig.tight_layout()
     return fig

@@ -83,6 +83,7 @@ from ..storage import fingerprint, load_result, save_result
 _VERSION = 1
 MAX_TOKENS = 128  # the default bound on a sentence's length (cost grows as n² per layer)
 CHUNK_ELEMENTS = 1 << 23  # floats in the largest per-chunk tensor (32 MiB in fp32)
+_ROWS_PER_CHUNK = 8  # query rows per chunk at most: more rows, bigger products; fewer, less of the causal corner
 STAGES = ("ATB", "ATBLN", "ATBFF", "ATBFFLN", "ATBFFRES", "ATBFFRESLN")
 MAIN_STAGES = ("ATB", "ATBFF", "ATBFFRES", "ATBFFRESLN")
 STAGE_LABELS = {"ATB": "ATB (attention + residual)", "ATBLN": "ATBLN (FFN input norm)",
@@ -240,6 +241,12 @@ class NormSplit:
         if self.centre:
             y = y - y.mean(-1, keepdim=True)
         return y * self.gain.to(y.device)
+
+    def scaled(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``g ⊙ C(y) · scale`` with ``scale`` of y's shape without its last dimension, in one pass over ``y``."""
+        if self.centre:
+            y = y - y.mean(-1, keepdim=True)
+        return y * (scale[..., None] * self.gain.to(y.device))
 
     def constant(self, like: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(like) if self.bias is None else self.bias.to(like.device).expand_as(like)
@@ -578,16 +585,6 @@ class _LayerInputs:
     residual_after: torch.Tensor
 
 
-def _pairs(lengths: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every (sentence, i, j) with ``j <= i < length``: the only entries a causal map has."""
-    parts = []
-    for row, length in enumerate(lengths):
-        i, j = torch.tril_indices(length, length)
-        parts.append(torch.stack([torch.full_like(i, row), i, j]))
-    sentence, i, j = torch.cat(parts, dim=1).to(device)
-    return sentence, i, j
-
-
 def _decompose_layer(adapter: Adapter, layout: LayerLayout, layer: int, stages: tuple[str, ...], t: _LayerInputs,
                      valid: torch.Tensor, keep_vectors: bool, check: bool, chunk_elements: int):
     family = adapter.family
@@ -683,49 +680,57 @@ def _decompose_layer(adapter: Adapter, layout: LayerLayout, layer: int, stages: 
         nx_scale = 1.0 / nxt.statistic(t.residual_after)
         bias["ATBFFRESLN"] = nxt.linear(bias["ATBFFRES"]) * nx_scale[..., None] + nxt.constant(x)
 
-    # every (sentence, i, j <= i) pair, in chunks: the attention part per head, then the FFN, then the rest
-    ps, pi, pj = _pairs(valid.sum(1).tolist(), x.device)
+    # sentence by sentence, in chunks of query rows i0..i1 against the input tokens j < i1 (causal: nothing
+    # beyond i, so only the chunk's own upper corner is computed for nothing): the attention part per head, then
+    # the FFN's first matrices, the activation's IG shares, the down-projection, then the rest
+    lengths = valid.sum(1).tolist()
     maps = {stage: torch.zeros(b, n, n, device=x.device) for stage in stages}
     sums = {name: torch.zeros_like(value) for name, value in bias.items()} if check else {}
     vectors = {stage: torch.zeros(b, n, n, d, device=x.device) for stage in stages} if keep_vectors else None
-    chunk = max(1, chunk_elements // (heads * max(k, d)))
-    for s0 in range(0, len(ps), chunk):
-        cs, ci, cj = ps[s0:s0 + chunk], pi[s0:s0 + chunk], pj[s0:s0 + chunk]
-        diag = (ci == cj).nonzero().squeeze(1)
-        weights = A[cs, :, ci, cj]  # (P, H): every head's attention weight of the pair
-        out: dict[str, torch.Tensor] = {}
-        atb = torch.einsum("ph,phd->pd", weights, U[cs, cj]) * atb_scale[cs, ci, None]
-        atb[diag] += x[cs[diag], ci[diag]]
-        out["ATB"] = atb
-        if mode == "norm":
-            out["ATBLN"] = pre.linear(atb) * f_scale[cs, ci, None]
-        if mode == "token":
-            P = torch.zeros(len(cs), k, device=x.device)
-            P[diag] = R[cs[diag], ci[diag]]
-        else:
-            P = torch.einsum("ph,phk->pk", weights, Q[cs, cj]) * (atb_scale * f_scale)[cs, ci, None]
-            P[diag] += R[cs[diag], ci[diag]] * f_scale[cs[diag], ci[diag], None]
-        if adapter.gated:
-            S = P[:, :d_ff] * coef_a[cs, ci] + P[:, d_ff:] * coef_u[cs, ci]
-        else:
-            S = P * ratio[cs, ci]
-        if check:
-            sums["preactivation"].index_put_((cs, ci), P, accumulate=True)
-            sums["hidden"].index_put_((cs, ci), S, accumulate=True)
-        del P
-        ff = out["ATBFF"] = S @ w2
-        del S
-        if family.post_ffn_norm:
-            ff = out["ATBFFLN"] = post_ff.linear(ff) * pf_scale[cs, ci, None]
-        res = out["ATBFFRES"] = atb + ff
-        if "ATBFFRESLN" in stages:
-            out["ATBFFRESLN"] = nxt.linear(res) * nx_scale[cs, ci, None]
-        for stage in stages:
-            maps[stage][cs, ci, cj] = out[stage].norm(dim=-1)
+    for row in range(b):
+        length = lengths[row]
+        rows_per_chunk = max(1, min(_ROWS_PER_CHUNK, chunk_elements // max(1, length * max(k, d))))
+        for i0 in range(0, length, rows_per_chunk):
+            i1 = min(length, i0 + rows_per_chunk)
+            rows = torch.arange(i1 - i0, device=x.device)
+            cols = i0 + rows  # the diagonal j = i of this chunk
+            # key-major layout (j, i, ·): each key's heads mix into the chunk's rows as one small batched product
+            weights = A[row, :, i0:i1, :i1].permute(2, 1, 0).contiguous()  # (J, c, H)
+            out: dict[str, torch.Tensor] = {}
+            atb = torch.bmm(weights * atb_scale[row, None, i0:i1, None], U[row, :i1])  # (J, c, d)
+            atb[cols, rows] += x[row, i0:i1]
+            out["ATB"] = atb
+            if mode == "norm":
+                out["ATBLN"] = pre.scaled(atb, f_scale[row, None, i0:i1].expand(i1, -1))
+            if mode == "token":
+                P = torch.zeros(i1, i1 - i0, k, device=x.device)
+                P[cols, rows] = R[row, i0:i1]
+            else:
+                P = torch.bmm(weights * (atb_scale * f_scale)[row, None, i0:i1, None], Q[row, :i1])  # (J, c, k)
+                P[cols, rows] += R[row, i0:i1] * f_scale[row, i0:i1, None]
+            if adapter.gated:
+                S = torch.addcmul(P[..., d_ff:] * coef_u[row, None, i0:i1], P[..., :d_ff], coef_a[row, None, i0:i1])
+            else:
+                S = P * ratio[row, None, i0:i1]
             if check:
-                sums[stage].index_put_((cs, ci), out[stage], accumulate=True)
-            if keep_vectors:
-                vectors[stage][cs, ci, cj] = out[stage]
+                sums["preactivation"][row, i0:i1] = P.sum(0)
+                sums["hidden"][row, i0:i1] = S.sum(0)
+            del P
+            ff = out["ATBFF"] = S @ w2
+            del S
+            if family.post_ffn_norm:
+                ff = out["ATBFFLN"] = post_ff.scaled(ff, pf_scale[row, None, i0:i1].expand(i1, -1))
+            res = out["ATBFFRES"] = atb + ff
+            if "ATBFFRESLN" in stages:
+                out["ATBFFRESLN"] = nxt.scaled(res, nx_scale[row, None, i0:i1].expand(i1, -1))
+            for stage in stages:
+                maps[stage][row, i0:i1, :i1] = out[stage].norm(dim=-1).T
+                if check:
+                    sums[stage][row, i0:i1] = out[stage].sum(0)
+                if keep_vectors:
+                    vectors[stage][row, i0:i1, :i1] = out[stage].transpose(0, 1)
+    for stage in stages:  # the chunks' upper corners hold exact zeros (A = 0 there); make sure of it
+        maps[stage].tril_()
     errors = []
     if check:
         real = {"ATB": t.residual_before, "ATBLN": ffn_input, "preactivation": p_real,
