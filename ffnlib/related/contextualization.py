@@ -21,8 +21,9 @@ them (:func:`stages_of` says which a family has):
   FFN's hidden vector. Element-wise activations (``m = g(p)``, ``p = Σ_j p_j + p_b``) have the closed form
   ``share_j = p_j · g(p)/p``; the coefficients ``m`` are read from the model, so no activation is
   re-implemented. Gated FFNs (``m = act(a)·u``) have ``share_j = a_j · u·(act(a) − B)/a + u_j · B`` with
-  ``B = ∫_0^1 act(α a) dα``: one 1-D integral per hidden unit (Gauss-Legendre, :func:`path_average`), checked
-  against captum's IntegratedGradients and a brute-force Riemann sum in the tests.
+  ``B = ∫_0^1 act(α a) dα``: one 1-D integral per hidden unit (Gauss-Legendre, :func:`path_average`, read from a
+  table of it, :func:`path_average_table`), checked against captum's IntegratedGradients and a brute-force
+  Riemann sum in the tests. Where the FFN has a first-layer bias it is one more summand (the bias term's).
 - **ATBFFLN**: Gemma 2/3's and OLMo 2's norm on the FFN output, one more stage before the residual.
 - **ATBFFRES**: the layer's output, ATB plus the FFN block.
 - **ATBFFRESLN**: the next norm, the one the next layer's attention reads (the final norm after the last
@@ -39,9 +40,11 @@ place where the post-LN paper's last LN sits. For parallel blocks (GPT-J, NeoX) 
 token ``i`` alone, so its map is diagonal: the FFN mixes no context within the layer there.
 
 **Cost.** The attention part is pushed through the FFN's first matrices per head before the mixing
-(``n·H·d·d_ff``), so the only large cost is the ``n²·d_ff·d`` down-projection, computed in chunks of query
-positions (memory bounded by ``chunk_elements``). Sentences longer than ``max_tokens`` (default
-:data:`MAX_TOKENS`) are refused.
+(``n·H·d·d_ff``, or ``d²·d_ff`` once per layer and batch through ``W_O·L·W1`` when the batch has more tokens than
+``d/(H−1)``), so the only large cost is the ``n²·d_ff·d`` down-projection, computed sentence by sentence in chunks
+of at most 16 query rows against the input tokens up to the chunk's last row (memory bounded by
+``chunk_elements``; only the causal pairs, up to each chunk's corner). Sentences longer than ``max_tokens``
+(default :data:`MAX_TOKENS`) are refused.
 
 **Measures** (functions of a :class:`MapsResult`, all returning DataFrames): maps are normalised per row
 (each query's contributions sum to 1; parameter ``normalise``). Contextualisation change of a component
@@ -83,7 +86,7 @@ from ..storage import fingerprint, load_result, save_result
 _VERSION = 1
 MAX_TOKENS = 128  # the default bound on a sentence's length (cost grows as n² per layer)
 CHUNK_ELEMENTS = 1 << 23  # floats in the largest per-chunk tensor (32 MiB in fp32)
-_ROWS_PER_CHUNK = 8  # query rows per chunk at most: more rows, bigger products; fewer, less of the causal corner
+_ROWS_PER_CHUNK = 16  # query rows per chunk at most: more rows, fewer and bigger products; fewer, less of the causal corner
 STAGES = ("ATB", "ATBLN", "ATBFF", "ATBFFLN", "ATBFFRES", "ATBFFRESLN")
 MAIN_STAGES = ("ATB", "ATBFF", "ATBFFRES", "ATBFFRESLN")
 STAGE_LABELS = {"ATB": "ATB (attention + residual)", "ATBLN": "ATBLN (FFN input norm)",
@@ -684,8 +687,9 @@ def _decompose_layer(adapter: Adapter, layout: LayerLayout, layer: int, stages: 
     # beyond i, so only the chunk's own upper corner is computed for nothing): the attention part per head, then
     # the FFN's first matrices, the activation's IG shares, the down-projection, then the rest
     lengths = valid.sum(1).tolist()
-    maps = {stage: torch.zeros(b, n, n, device=x.device) for stage in stages}
+    all_maps = torch.zeros(len(stages), b, n, n, device=x.device)  # one tensor: one norm and one copy per chunk
     sums = {name: torch.zeros_like(value) for name, value in bias.items()} if check else {}
+    stage_sums = torch.zeros(len(stages), b, n, d, device=x.device) if check else None
     vectors = {stage: torch.zeros(b, n, n, d, device=x.device) for stage in stages} if keep_vectors else None
     for row in range(b):
         length = lengths[row]
@@ -723,14 +727,17 @@ def _decompose_layer(adapter: Adapter, layout: LayerLayout, layer: int, stages: 
             res = out["ATBFFRES"] = atb + ff
             if "ATBFFRESLN" in stages:
                 out["ATBFFRESLN"] = nxt.scaled(res, nx_scale[row, None, i0:i1].expand(i1, -1))
-            for stage in stages:
-                maps[stage][row, i0:i1, :i1] = out[stage].norm(dim=-1).T
-                if check:
-                    sums[stage][row, i0:i1] = out[stage].sum(0)
-                if keep_vectors:
+            stacked = torch.stack([out[stage] for stage in stages])  # (stages, J, c, d)
+            all_maps[:, row, i0:i1, :i1] = torch.linalg.vector_norm(stacked, dim=-1).transpose(1, 2)
+            if check:
+                stage_sums[:, row, i0:i1] = stacked.sum(1)
+            if keep_vectors:
+                for stage in stages:
                     vectors[stage][row, i0:i1, :i1] = out[stage].transpose(0, 1)
-    for stage in stages:  # the chunks' upper corners hold exact zeros (A = 0 there); make sure of it
-        maps[stage].tril_()
+    # a chunk's corner j > i holds exact zeros (the attention weights are 0 there), as the maps need
+    maps = dict(zip(stages, all_maps))
+    if check:
+        sums.update(zip(stages, stage_sums))
     errors = []
     if check:
         real = {"ATB": t.residual_before, "ATBLN": ffn_input, "preactivation": p_real,
