@@ -1474,8 +1474,8 @@ def map_arrays(decomposition: Decomposition, sentence: int = 0, stages: Sequence
 # ---- notebook sizes ----------------------------------------------------------------------------------------------
 SCALE_SIZES = {  # scale -> held-out sentences decomposed, their largest token count, training sentences for bigrams
     "ci": {"n_sentences": 4, "max_tokens": 20, "bigram_sentences": 2000},
-    "default": {"n_sentences": 160, "max_tokens": 40, "bigram_sentences": 20000},
-    "full": {"n_sentences": 400, "max_tokens": 40, "bigram_sentences": 40000},
+    "default": {"n_sentences": 300, "max_tokens": 40, "bigram_sentences": 20000},
+    "full": {"n_sentences": 1000, "max_tokens": 40, "bigram_sentences": 40000},
 }
 
 
