@@ -438,6 +438,8 @@ def tiny_loaded():
 def test_clear_errors(tiny_loaded):
     with pytest.raises(ParameterError, match=r"Sentence 1 has 9 tokens, more than max_tokens=8"):
         ctx.decompose(tiny_loaded, ["w4 w5", "w4 " * 8], max_tokens=8)
+    with pytest.raises(ParameterError, match="more than the 64 positions"):
+        ctx.decompose(tiny_loaded, "w4 " * 70)
     with pytest.raises(ParameterError, match="out of range: this model has 2 layers"):
         ctx.decompose(tiny_loaded, "w4 w5 w6", layers=[2])
     with pytest.raises(ParameterError, match="empty"):

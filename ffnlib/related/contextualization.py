@@ -528,6 +528,12 @@ def decompose(loaded, inputs, layers: Iterable[int] | int | None = None, *, keep
     chunk_elements = _check_positive_int("chunk_elements", chunk_elements)
     layer_list = adapter.check_layers(layers)
     token_ids = _token_lists(loaded, inputs, max_tokens)
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max(len(ids) for ids in token_ids)
+    if isinstance(positions, int) and longest > positions:
+        raise ParameterError(f"A sentence has {longest} tokens, more than the {positions} positions this model "
+                             "knows; shorten it.")
     device = next(model.parameters()).device
     width = max(len(ids) for ids in token_ids)
     pad = getattr(getattr(loaded, "tokenizer", None), "pad_token_id", None) or 0
@@ -1048,6 +1054,20 @@ def _rank_correlation(frame: pd.DataFrame, x: np.ndarray, y: np.ndarray, correla
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def _pearson_groups(x: np.ndarray, y: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Pearson r of x and y within each group (ids 0..n_groups-1; NaN for a group with fewer than 2 entries or
+    no variance)."""
+    def total(values):
+        return np.bincount(group, weights=values, minlength=n_groups)
+
+    size = np.bincount(group, minlength=n_groups).astype(float)
+    sx, sy, sxy, sxx, syy = total(x), total(y), total(x * y), total(x * x), total(y * y)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = sxy - sx * sy / size
+        var = (sxx - sx * sx / size) * (syy - sy * sy / size)
+        return np.where((size > 1) & (var > 1e-24), cov / np.sqrt(np.clip(var, 1e-300, None)), np.nan)
+
+
 def _bootstrap_index(n_sentences: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_sentences, size=(n_boot, n_sentences))
 
@@ -1293,8 +1313,9 @@ def cancellation_per_sentence(result: MapsResult, normalise: str = "row", correl
     """Per sentence and layer, with ``N0`` the map the FFN reads, ``N1`` its output's map and ``N2`` the layer's
     last map (after RES and the next norm; after RES where the layer has no next norm): ``change_ff`` =
     1 − ρ(N0, N1), ``change_res`` = 1 − ρ(N0, map after RES), ``change_block`` = 1 − ρ(N0, N2) (Spearman, see
-    :func:`_rank_correlation`); ``pair_correlation``: the Pearson correlation, over the map entries, of the FFN's
-    change ``N1 − N0`` with the later components' change ``N2 − N1`` (negative: they push back pair by pair);
+    :func:`_rank_correlation`); ``pair_correlation``: the Pearson correlation, over the map entries ``j < i`` (self
+    entries left out), of the FFN's change ``N1 − N0`` with the later components' change ``N2 − N1`` (negative:
+    they push back pair by pair);
     ``control_correlation``: the same with the FFN's change shuffled among the off-diagonal entries of each query
     row (seeded; the self entry keeps its own), which keeps its size and each row's total but not which pairs
     it concerns."""
@@ -1319,8 +1340,11 @@ def cancellation_per_sentence(result: MapsResult, normalise: str = "row", correl
     frame["change_ff"] = 1 - _rank_correlation(norm, n0, n1, correlate)
     frame["change_res"] = 1 - _rank_correlation(norm, n0, res, correlate)
     frame["change_block"] = 1 - _rank_correlation(norm, n0, last, correlate)
-    frame["pair_correlation"] = _pearson(change, rest, starts)
-    frame["control_correlation"] = _pearson(shuffled, rest, starts)
+    # pair by pair: over the entries j < i only (the self entries' large, opposite changes would dominate)
+    group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(norm))))
+    off = ~diagonal
+    frame["pair_correlation"] = _pearson_groups(change[off], rest[off], group[off], len(starts))
+    frame["control_correlation"] = _pearson_groups(shuffled[off], rest[off], group[off], len(starts))
     return frame
 
 
@@ -1392,6 +1416,10 @@ def verdict(low: float, high: float, control_low: float, control_high: float, di
     return "does not hold"
 
 
+def _times(ratio: float) -> str:
+    return f"{ratio:.1f}x" if np.isfinite(ratio) else "no base rate to compare"
+
+
 def findings(classes: pd.DataFrame, cancel: pd.DataFrame, top_k: int, figures: dict[str, str] | None = None
              ) -> list[dict]:
     """The paper's two findings, measured: one row per amplified class (sub-word, capitalised span, frequent
@@ -1408,7 +1436,7 @@ def findings(classes: pd.DataFrame, cancel: pd.DataFrame, top_k: int, figures: d
             "paper": PAPER_CLAIMS["amplify"],
             "ours": (f"{row.top_share:.1%} [{row.top_low:.1%}, {row.top_high:.1%}] of the top-{top_k} FF-amplified "
                      f"pairs per sentence and layer are {name} pairs, against a base rate of {row.base_rate:.1%} "
-                     f"[{row.base_low:.1%}, {row.base_high:.1%}] among all pairs ({row.enrichment:.1f}x); at the top "
+                     f"[{row.base_low:.1%}, {row.base_high:.1%}] among all pairs ({_times(row.enrichment)}); at the top "
                      f"pairs' distances the base rate is {row.matched_rate:.1%} [{row.matched_low:.1%}, "
                      f"{row.matched_high:.1%}]. BOS/first position and self-pairs excluded."),
             "verdict": v, "figure": figures.get("classes"), "rule": RULE, "paper_value": None,
@@ -1439,7 +1467,8 @@ def findings(classes: pd.DataFrame, cancel: pd.DataFrame, top_k: int, figures: d
     out.append({
         "section": "Kobayashi 2024", "finding": "RES and the norms push back on FF's change pair by pair",
         "paper": PAPER_CLAIMS["cancel"],
-        "ours": (f"the correlation over map entries of FF's change with the change RES and the norms make after it is "
+        "ours": (f"the correlation over map entries (self pairs excluded) of FF's change with the change RES and the "
+                 f"norms make after it is "
                  f"{pooled.pair_correlation:+.2f} [{pooled.pair_correlation_low:+.2f}, "
                  f"{pooled.pair_correlation_high:+.2f}] (mean over layers and sentences), against "
                  f"{pooled.control_correlation:+.2f} [{pooled.control_correlation_low:+.2f}, "
