@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .capture import capture
+from .capture import capture, forward_until_stop, stop_after
 from .errors import ParameterError
 from .interventions import intervene
 
@@ -287,14 +287,6 @@ def compare_intervention(loaded, prompt: str, edits: Mapping[tuple[int, int], fl
 
 
 # ---- coefficients over a corpus sample --------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-def _stop(module, args, output):
-    raise _Stop
-
-
 class CoefficientSample:
     """Every token's coefficients of one layer over a sample of sentences, for the memory view's histogram.
 
@@ -329,7 +321,6 @@ class CoefficientSample:
     def _run(self, layers: list[int], keep) -> None:
         """One batched pass over the sample that stops after the last of ``layers``; ``keep(layer, m)`` gets
         each layer's coefficients (real tokens only, BOS left out) batch by batch."""
-        adapter = self.loaded.adapter
         pad = self.loaded.tokenizer.pad_token_id or 0
         for start in range(0, len(self.ids), self.batch_size):
             batch = self.ids[start: start + self.batch_size]
@@ -339,16 +330,10 @@ class CoefficientSample:
             for row, ids in enumerate(batch):
                 inputs[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
-            with capture(self.loaded, layers, what=("coefficients",)) as acts:
-                handle = adapter.layer(max(layers)).register_forward_hook(_stop)
-                try:
-                    with torch.no_grad():
-                        self.loaded.model(input_ids=inputs.to(self.loaded.device),
-                                          attention_mask=mask.to(self.loaded.device), use_cache=False)
-                except _Stop:
-                    pass
-                finally:
-                    handle.remove()
+            with capture(self.loaded, layers, what=("coefficients",)) as acts, \
+                    stop_after(self.loaded, max(layers)), torch.no_grad():
+                forward_until_stop(self.loaded.model, input_ids=inputs.to(self.loaded.device),
+                                   attention_mask=mask.to(self.loaded.device), use_cache=False)
             real = mask.bool()
             real[:, : self._start] = False
             for layer in layers:
