@@ -102,6 +102,59 @@ def corpus_fingerprint(sentences: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class Batch:
+    """One batch of right-padded sequences, rows sorted by length descending."""
+
+    ids: torch.Tensor  # (rows, tokens)
+    lengths: np.ndarray  # (rows,)
+    groups: list[tuple[int, int, int]]  # runs of rows with equal length: (first row, end row, length)
+    pad: torch.Tensor | None  # (rows, tokens - n_bos, 1) True at padding positions; None without padding
+
+
+def make_batch(sequences: Sequence[Sequence[int]], pad_id: int, device, n_bos: int = 0) -> Batch:
+    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+    if np.any(np.diff(lengths) > 0):
+        raise AssertionError("batch rows must be sorted by length, longest first")
+    ids = torch.full((len(sequences), int(lengths[0])), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    groups, start = [], 0
+    for row in range(1, len(lengths) + 1):
+        if row == len(lengths) or lengths[row] != lengths[start]:
+            groups.append((start, row, int(lengths[start])))
+            start = row
+    pad = None
+    if lengths[-1] != lengths[0]:
+        steps = torch.arange(n_bos, int(lengths[0]))
+        pad = (steps[None, :] >= torch.as_tensor(lengths)[:, None])[..., None].to(device)
+    return Batch(ids.to(device), lengths, groups, pad)
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float = 0.05) -> list[np.ndarray]:
+    """Cut sequences into batches, longest first: a batch grows while it stays within ``batch_tokens``
+    padded tokens and its padding within ``max_padding`` of them (a sequence longer than the budget gets
+    a batch of its own). Returns row indices per batch.
+
+    Ties in length keep the input order, so the plan is a deterministic function of the lengths.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        width = int(lengths[order[start]])
+        end, real = start + 1, width
+        while end < len(order):
+            rows = end - start + 1
+            if rows * width > batch_tokens or rows * width - (real + lengths[order[end]]) > max_padding * rows * width:
+                break
+            real += int(lengths[order[end]])
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 # =====================================================================================================
 # The running top-k state
 # =====================================================================================================
@@ -183,59 +236,6 @@ def merge(a: TopKState, b: TopKState) -> TopKState:
 # =====================================================================================================
 # The miner
 # =====================================================================================================
-@dataclass
-class Batch:
-    """One batch of right-padded sequences, rows sorted by length descending."""
-
-    ids: torch.Tensor  # (rows, tokens)
-    lengths: np.ndarray  # (rows,)
-    groups: list[tuple[int, int, int]]  # runs of rows with equal length: (first row, end row, length)
-    pad: torch.Tensor | None  # (rows, tokens - n_bos, 1) True at padding positions; None without padding
-
-
-def make_batch(sequences: Sequence[Sequence[int]], pad_id: int, device, n_bos: int = 0) -> Batch:
-    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-    if np.any(np.diff(lengths) > 0):
-        raise AssertionError("batch rows must be sorted by length, longest first")
-    ids = torch.full((len(sequences), int(lengths[0])), pad_id, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-    groups, start = [], 0
-    for row in range(1, len(lengths) + 1):
-        if row == len(lengths) or lengths[row] != lengths[start]:
-            groups.append((start, row, int(lengths[start])))
-            start = row
-    pad = None
-    if lengths[-1] != lengths[0]:
-        steps = torch.arange(n_bos, int(lengths[0]))
-        pad = (steps[None, :] >= torch.as_tensor(lengths)[:, None])[..., None].to(device)
-    return Batch(ids.to(device), lengths, groups, pad)
-
-
-def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float = 0.05) -> list[np.ndarray]:
-    """Cut sequences into batches, longest first: a batch grows while it stays within ``batch_tokens``
-    padded tokens and its padding within ``max_padding`` of them (a sequence longer than the budget gets
-    a batch of its own). Returns row indices per batch.
-
-    Ties in length keep the input order, so the plan is a deterministic function of the lengths.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(-lengths, kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        width = int(lengths[order[start]])
-        end, real = start + 1, width
-        while end < len(order):
-            rows = end - start + 1
-            if rows * width > batch_tokens or rows * width - (real + lengths[order[end]]) > max_padding * rows * width:
-                break
-            real += int(lengths[order[end]])
-            end += 1
-        batches.append(order[start:end])
-        start = end
-    return batches
-
-
 def _first_position(view: torch.Tensor, extreme: torch.Tensor) -> torch.Tensor:
     """Index of the first token where ``view`` (rows, tokens, d_ff) equals ``extreme`` (rows, d_ff): the
     position of the maximum (or minimum), first on ties. Fast elementwise ops and a max reduction over
