@@ -55,7 +55,8 @@ def main() -> None:
     france = prompts[prompts["subject"] == "France"].assign(length=lambda f: f["prompt_ids"].map(len))
     chosen = [("median", france.iloc[int((france["length"] - median).abs().argmin())]),
               ("shortest", france.sort_values("length", kind="stable").iloc[0])]
-    kn.knowledge_attribution(loaded, chosen[0][1]["prompt_ids"], chosen[0][1]["answer_ids"], layers=[0], steps=2)  # warm-up
+    warm = chosen[0][1]
+    kn.knowledge_attribution(loaded, warm["prompt_ids"], warm["answer_ids"], layers=[0], steps=2)  # warm-up
     rows = []
     print(f"Machine: {machine(args.device)}; model {args.model}\n")
     results = {}
@@ -69,9 +70,9 @@ def main() -> None:
             results[(label, implementation)] = result
         fast, slow = np.mean(times["fast"]), np.mean(times["captum"])
         n_layers = len(results[(label, "fast")].layers)
-        rows.append({"row": f"Attribution of one prompt ({label} length: {prompt['length']} tokens, {prompt['prompt']!r} "
-                            f"-> {prompt['answer']!r}), {n_layers} layers x {loaded.adapter.d_ff} memories, "
-                            f"m = {args.steps}: fast path vs captum run naively",
+        rows.append({"row": f"Attribution of one prompt ({label} length: {prompt['length']} tokens, "
+                            f"{prompt['prompt']!r} -> {prompt['answer']!r}), {n_layers} layers x "
+                            f"{loaded.adapter.d_ff} memories, m = {args.steps}: fast path vs captum run naively",
                      "ours": f"{fast:.1f} s", "baseline": f"{slow:.1f} s", "ratio": fast / slow, "target": "≤ 0.2",
                      "met": bool(fast / slow <= 0.2), "note": f"times: ours {times['fast']}, captum {times['captum']}"})
         diff = _relative(results[(label, "fast")].scores, results[(label, "captum")].scores)

@@ -1097,8 +1097,10 @@ def render_error(error: Exception) -> str:
     return f'{STYLE}<div class="ffn-view"><p class="ffn-error">{_e(error)}</p></div>'
 
 
-__all__ = ["Explorer", "PromptAnalysis", "PromptAttribution", "InterventionComparison", "MemoryView", "MemorySide", "CoefficientSample",
-           "ValueIndex", "analyse_prompt", "attribute_prediction", "compare_intervention", "memory_view", "key_rows", "value_norms",
+__all__ = ["Explorer", "PromptAnalysis", "PromptAttribution", "InterventionComparison", "MemoryView", "MemorySide",
+           "CoefficientSample", "ValueIndex", "analyse_prompt", "attribute_prediction", "compare_intervention",
+           "memory_view", "key_rows", "value_norms",
            "parse_edits", "format_edits", "greedy_continuation", "search_value_token", "search_trigger_word",
-           "top_tokens", "pattern_measures", "render_memory_view", "render_prompt_analysis", "render_attribution", "render_intervention",
+           "top_tokens", "pattern_measures", "render_memory_view", "render_prompt_analysis", "render_attribution",
+           "render_intervention",
            "render_search_results", "render_histogram"]

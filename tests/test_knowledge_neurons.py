@@ -165,7 +165,8 @@ def test_the_fast_path_batches_layers_without_changing_scores(tiny):
 def test_bad_attribution_parameters_are_clear_errors(tiny):
     prompt, answer = _ids("The capital of France is"), _ids("Paris")
     for kwargs, match in (({"target": "all"}, "target"), ({"implementation": "slow"}, "implementation"),
-                          ({"steps": 1}, "steps"), ({"method": "simpson"}, "method"), ({"layers": [7]}, "out of range")):
+                          ({"steps": 1}, "steps"), ({"method": "simpson"}, "method"),
+                          ({"layers": [7]}, "out of range")):
         with pytest.raises(ffnlib.ParameterError, match=match):
             kn.knowledge_attribution(tiny, prompt, answer, **kwargs)
 
@@ -235,7 +236,8 @@ def _small_study(loaded):
                           "subject": ["France", "Germany", "Spain", "France", "Spain"],
                           "answer": ["Paris", "Berlin", "Madrid", "French", "Spanish"]})
     templates = {"capital": ["The capital of [X] is [Y]", "[X] capital city is [Y]", "the city of [X] is [Y]"],
-                 "official_language": ["people in [X] speak [Y]", "the language of [X] is [Y]", "in [X] people speak [Y]"]}
+                 "official_language": ["people in [X] speak [Y]", "the language of [X] is [Y]",
+                                       "in [X] people speak [Y]"]}
     return kn.evaluate_prompts(loaded, kn.build_prompts(loaded, facts, templates))
 
 
@@ -328,7 +330,8 @@ def test_an_interrupted_attribution_resumes_with_identical_results(tmp_path, mon
     resumed = kn.attribute_prompts(loaded, prompts, steps=4, out_dir=tmp_path, checkpoint_every=3)
     assert "6 of 15 prompts were read from checkpoints" in capsys.readouterr().out
     pd.testing.assert_frame_equal(resumed.scores, reference.scores)
-    pd.testing.assert_frame_equal(resumed.per_prompt.drop(columns="seconds"), reference.per_prompt.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(resumed.per_prompt.drop(columns="seconds"),
+                                  reference.per_prompt.drop(columns="seconds"))
     again = kn.attribute_prompts(loaded, prompts, steps=4, out_dir=tmp_path)
     assert "Loaded the cached attribution" in capsys.readouterr().out
     pd.testing.assert_frame_equal(again.scores, reference.scores)
@@ -456,18 +459,31 @@ def test_verdicts_follow_the_rule():
     assert kn._rule_verdict(-0.30, (-0.60, -0.02), (-0.05, 0.01), -1, -0.29) == "does not hold"  # overlapping
     assert kn._rule_verdict(0.30, (0.25, 0.35), (-0.05, 0.01), -1) == "does not hold"  # wrong direction
     rng = np.random.default_rng(0)
+    cases = [("knowledge", "suppress", -0.4), ("random", "suppress", 0.0), ("knowledge", "amplify", 0.05),
+             ("random", "amplify", 0.0)]
     effects = pd.DataFrame([{"fact_id": f, "kind": k, "operation": o, "change": c + rng.normal(0, 0.01)}
-                            for f in range(12) for k, o, c in [("knowledge", "suppress", -0.4), ("random", "suppress", 0.0),
-                                                               ("knowledge", "amplify", 0.05), ("random", "amplify", 0.0)]])
+                            for f in range(12) for k, o, c in cases])
     per_fact = pd.DataFrame({"fact_id": range(12), "n_neurons": [3] * 10 + [0, 0]})
     found = {f["finding"]: f for f in kn.findings({"effects": effects, "per_fact": per_fact}, 30)}
     suppress = found["Suppress the neurons: the answer's probability falls"]
-    assert suppress["verdict"] == "holds" and suppress["low"] < suppress["value"] < suppress["high"] < suppress["control_low"]
+    assert suppress["verdict"] == "holds"
+    assert suppress["low"] < suppress["value"] < suppress["high"] < suppress["control_low"]
     assert found["Amplify the neurons: the answer's probability rises"]["verdict"] == "partly"
     assert found["A fact is expressed by a few neurons"]["verdict"] == "holds"
     assert all(set(f) >= {"section", "finding", "paper", "ours", "verdict", "figure", "rule", "paper_value", "value",
                           "low", "high", "control_value", "control_low", "control_high"} for f in found.values())
     assert "unverified" in suppress["paper"]
+    # the layer findings are judged within the attributed layers: attributing only the top layers proves nothing
+    neurons = pd.DataFrame({"fact_id": [0, 0, 1], "layer": [28, 29, 29], "memory": [1, 2, 3]})
+    top_only = kn.findings({"neurons": neurons}, 30, layers=[26, 27, 28, 29])
+    assert top_only[0]["verdict"] == "not measured" and top_only[0]["control_value"] == 1.0
+    assert kn.findings({"neurons": neurons}, 30)[0]["verdict"] in ("holds", "does not hold")
+    agreement = pd.DataFrame({"sign": 1, "layer": range(30), "agreement": np.linspace(0, 0.03, 30)})
+    view = kn.layer_view(neurons, 30, agreement, layers=[26, 27, 28, 29])
+    assert view["layer"].tolist() == [26, 27, 28, 29] and view["neurons"].tolist() == [0, 0, 1, 2]
+    assert view["share"].sum() == pytest.approx(1) and view.attrs["spearman"]["rho"] > 0
+    series = kn.curves(view, 30)["kn_share"]["values"]
+    assert len(series) == 30 and series[:26] == [None] * 26 and series[29] == pytest.approx(2 / 3)
 
 
 # ---- the explorer's "attribute" action --------------------------------------------------------------

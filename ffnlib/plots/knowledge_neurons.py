@@ -14,6 +14,10 @@ from ..related.knowledge_neurons import binomial_interval, summarise
 _KIND_COLOURS = {"knowledge": "#4c72b0", "random": "#bbbbbb"}
 
 
+def _label(kind: str) -> str:
+    return "knowledge neurons" if kind == "knowledge" else "random memories, same layers"
+
+
 def plot_accuracy(accuracy: pd.DataFrame, title: str = "") -> Figure:
     """Per relation: the share of prompts whose answer's first token is the model's top token, and in its top
     10, and the share of facts right in at least one template (those analysed)."""
@@ -71,7 +75,7 @@ def _bars(ax, table: pd.DataFrame, groups: list, kinds=("knowledge", "random"), 
         high = np.array([r["high"].iloc[0] if len(r) else np.nan for r in rows]) * scale
         ax.bar(x + (j - 0.5) * 0.38, mean, width=0.36, color=_KIND_COLOURS[kind],
                yerr=np.vstack([mean - low, high - mean]), capsize=3,
-               label="knowledge neurons" if kind == "knowledge" else "random memories, same layers")
+               label=_label(kind))
     ax.set_xticks(x, groups)
     ax.axhline(0, color="black", lw=0.8)
     ax.grid(axis="y", alpha=0.3)
@@ -126,8 +130,8 @@ def plot_values(values: pd.DataFrame, triggers: pd.DataFrame | None = None, titl
     bins = np.logspace(0, np.log10(max(float(values["answer_rank"].max()) + 2, 10)), 30)
     for kind in ("knowledge", "random"):
         ranks = values.loc[values["kind"] == kind, "answer_rank"].to_numpy() + 1
-        ax.hist(ranks, bins=bins, alpha=0.6, color=_KIND_COLOURS[kind],
-                label=f"{'knowledge neurons' if kind == 'knowledge' else 'random, same layers'} (median {np.median(ranks):.0f})")
+        name = "knowledge neurons" if kind == "knowledge" else "random, same layers"
+        ax.hist(ranks, bins=bins, alpha=0.6, color=_KIND_COLOURS[kind], label=f"{name} (median {np.median(ranks):.0f})")
     ax.set_xscale("log")
     ax.set_xlabel("rank of the answer in the value's distribution (1 = top)")
     ax.set_ylabel("memories")
@@ -142,7 +146,7 @@ def plot_values(values: pd.DataFrame, triggers: pd.DataFrame | None = None, titl
                 mean = hits.mean()
                 ax.bar(j + (k - 0.5) * 0.38, 100 * mean, width=0.36, color=_KIND_COLOURS[kind],
                        yerr=[[100 * (mean - low)], [100 * (high - mean)]], capsize=3,
-                       label=("knowledge neurons" if kind == "knowledge" else "random, same layers") if j == 0 else None)
+                       label=_label(kind) if j == 0 else None)
         ax.set_xticks([0, 1], ["a top trigger names\nthe subject", "a top trigger contains\nthe answer"])
         ax.set_ylabel("share of memories (%)")
         ax.legend(fontsize=7)
@@ -152,7 +156,8 @@ def plot_values(values: pd.DataFrame, triggers: pd.DataFrame | None = None, titl
     return fig
 
 
-def plot_editing(edits: pd.DataFrame, erase: pd.DataFrame, paper_success: float | None = None, title: str = "") -> Figure:
+def plot_editing(edits: pd.DataFrame, erase: pd.DataFrame, paper_success: float | None = None,
+                 title: str = "") -> Figure:
     """Left: fact updates, success rate (the new answer becomes the top token) for knowledge neurons and random
     memories (exact binomial 95% intervals). Right: erasing a relation, the change of the answer's perplexity
     for its own facts and other relations', knowledge neurons against random memories."""
@@ -167,7 +172,7 @@ def plot_editing(edits: pd.DataFrame, erase: pd.DataFrame, paper_success: float 
                 mean = hits.mean()
                 ax.bar(j + (k - 0.5) * 0.38, 100 * mean, width=0.36, color=_KIND_COLOURS[kind],
                        yerr=[[100 * (mean - low)], [100 * (high - mean)]], capsize=3,
-                       label=("knowledge neurons" if kind == "knowledge" else "random, same layers") if j == 0 else None)
+                       label=_label(kind) if j == 0 else None)
         ax.set_xticks([0, 1, 2], ["success\n(new answer top)", "new answer\nin top 5", "prediction\nchanged"])
         if paper_success is not None:
             ax.plot([-0.19], [paper_success], "k*", ms=9, label="Dai et al. (unverified)")

@@ -35,7 +35,6 @@ Facts come from the ``countryinfo`` package (offline); our PARAREL-style templat
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -45,7 +44,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -243,7 +242,8 @@ def load_facts(source: str = "countryinfo", relations: Sequence[str] | None = No
         wanted = list(relations)
     for relation in wanted:
         if relation not in templates:
-            raise ParameterError(f"Relation {relation!r} has no templates; relations with templates: {sorted(templates)}.")
+            raise ParameterError(f"Relation {relation!r} has no templates; relations with templates: "
+                                 f"{sorted(templates)}.")
         if not (facts["relation"] == relation).any():
             raise ParameterError(f"Relation {relation!r} has no facts in the {source} data. Choose among "
                                  f"{sorted(facts['relation'].unique())}.")
@@ -366,53 +366,63 @@ def answer_probabilities(loaded, prompt_ids: Sequence[Sequence[int]], answer_tok
 
     ``factors``: one mapping ``{(layer, memory): factor}`` per prompt (or ``None``); each listed coefficient
     is multiplied by its factor **at that prompt's last position only**, as Dai et al.'s suppress (0) and
-    amplify (2) do. Prompts of equal length are batched together (no padding), and only the last position's
-    logits are computed.
+    amplify (2) do. Prompts are batched by length and right-padded (padding never reaches a real position);
+    the head runs only at the batch's last positions.
     """
     adapter, model = loaded.adapter, loaded.model
     n = len(prompt_ids)
     if factors is not None and len(factors) != n:
         raise ParameterError(f"factors has {len(factors)} entries for {n} prompts.")
-    out = {"p_answer": np.zeros(n), "rank": np.zeros(n, np.int64), "nll": np.zeros(n), "top_token": np.zeros(n, np.int64)}
-    lengths = np.array([len(ids) for ids in prompt_ids])
-    order = np.argsort(lengths, kind="stable")
-    for length in np.unique(lengths):
-        same = order[lengths[order] == length]
-        for part in _batches(len(same), batch_size):
-            rows = same[part]
-            ids = torch.tensor([list(prompt_ids[r]) for r in rows], device=loaded.device)
-            handles = []
-            if factors is not None:
-                by_layer: dict[int, torch.Tensor] = {}
-                for j, r in enumerate(rows):
-                    for (layer, memory), factor in factors[r].items():
-                        layer = adapter.check_layer(int(layer))
-                        if layer not in by_layer:
-                            by_layer[layer] = torch.ones(len(rows), adapter.d_ff)
-                        by_layer[layer][j, int(memory)] = float(factor)
-                handles = [adapter.down(layer).register_forward_pre_hook(_last_position_hook(m.to(loaded.device), len(rows)))
-                           for layer, m in by_layer.items()]
-            try:
-                final = _wide(model(input_ids=ids, logits_to_keep=1).logits[:, -1])
-            finally:
-                for handle in handles:
-                    handle.remove()
-            log_probs = final.log_softmax(-1)
-            answers = torch.tensor([int(answer_tokens[r]) for r in rows], device=final.device)[:, None]
-            out["p_answer"][rows] = log_probs.gather(1, answers)[:, 0].exp().cpu().numpy()
-            out["nll"][rows] = -log_probs.gather(1, answers)[:, 0].cpu().numpy()
-            out["rank"][rows] = (final > final.gather(1, answers)).sum(-1).cpu().numpy()
-            out["top_token"][rows] = final.argmax(-1).cpu().numpy()
+    pad = loaded.tokenizer.pad_token_id or 0
+    out = {"p_answer": np.zeros(n), "rank": np.zeros(n, np.int64), "nll": np.zeros(n),
+           "top_token": np.zeros(n, np.int64)}
+    order = np.argsort([len(ids) for ids in prompt_ids], kind="stable")
+    for part in _batches(n, batch_size):
+        rows = order[part]
+        lengths = torch.tensor([len(prompt_ids[r]) for r in rows])
+        ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, : lengths[j]] = torch.tensor(list(prompt_ids[r]))
+            mask[j, : lengths[j]] = 1
+        last = lengths - 1
+        handles = []
+        if factors is not None:
+            by_layer: dict[int, torch.Tensor] = {}
+            for j, r in enumerate(rows):
+                for (layer, memory), factor in factors[r].items():
+                    layer = adapter.check_layer(int(layer))
+                    if layer not in by_layer:
+                        by_layer[layer] = torch.ones(len(rows), adapter.d_ff)
+                    by_layer[layer][j, int(memory)] = float(factor)
+            handles = [adapter.down(layer).register_forward_pre_hook(
+                _last_position_hook(m.to(loaded.device), last.to(loaded.device))) for layer, m in by_layer.items()]
+        keep = torch.unique(last)  # the head runs at these positions only
+        try:
+            logits = model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                           logits_to_keep=keep.to(loaded.device)).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        column = torch.searchsorted(keep, last)
+        final = _wide(logits[torch.arange(len(rows)), column.to(logits.device)])
+        log_probs = final.log_softmax(-1)
+        answers = torch.tensor([int(answer_tokens[r]) for r in rows], device=final.device)[:, None]
+        out["p_answer"][rows] = log_probs.gather(1, answers)[:, 0].exp().cpu().numpy()
+        out["nll"][rows] = -log_probs.gather(1, answers)[:, 0].cpu().numpy()
+        out["rank"][rows] = (final > final.gather(1, answers)).sum(-1).cpu().numpy()
+        out["top_token"][rows] = final.argmax(-1).cpu().numpy()
     return pd.DataFrame(out)
 
 
-def _last_position_hook(multiplier: torch.Tensor, batch: int):
-    """A ``down`` pre-hook multiplying each row's coefficients at the last position by ``multiplier``."""
+def _last_position_hook(multiplier: torch.Tensor, last: torch.Tensor):
+    """A ``down`` pre-hook multiplying each row's coefficients at its last position by ``multiplier``."""
+    rows = torch.arange(len(last), device=last.device)
 
     def hook(module, args):
         coefficients = args[0]
-        shaped = coefficients.reshape(batch, -1, coefficients.shape[-1]).clone()  # OPT flattens tokens
-        shaped[:, -1] = shaped[:, -1] * multiplier.to(shaped.dtype)
+        shaped = coefficients.reshape(len(last), -1, coefficients.shape[-1]).clone()  # OPT flattens tokens
+        shaped[rows, last] = shaped[rows, last] * multiplier.to(shaped.dtype)
         return (shaped.reshape(coefficients.shape), *args[1:])
 
     return hook
@@ -642,7 +652,8 @@ def _ig_fast(loaded, prompt_ids, answer_ids, layers, steps, method, target, rows
             return hook
 
         for attempt in (0, 1):
-            handles = [adapter.down(layer).register_forward_pre_hook(make_hook(slot)) for slot, layer in enumerate(group)]
+            handles = [adapter.down(layer).register_forward_pre_hook(make_hook(slot))
+                       for slot, layer in enumerate(group)]
             try:
                 cache = _copy_cache(prefix, rows, group[0] + 1 if broadcast else 0)
                 ids = new if broadcast else new.expand(rows, -1)
@@ -771,7 +782,8 @@ def attribute_prompts(loaded, prompts: pd.DataFrame, layers=None, steps: int = 2
             if partial is not None and len(pending_info) >= checkpoint_every:
                 save_result(partial, f"chunk-{chunk:05d}", pd.concat(pending_scores, ignore_index=True),
                             {**request, "chunk": chunk})
-                save_result(partial, f"chunk-{chunk:05d}-prompts", pd.DataFrame(pending_info), {**request, "chunk": chunk})
+                save_result(partial, f"chunk-{chunk:05d}-prompts", pd.DataFrame(pending_info),
+                            {**request, "chunk": chunk})
                 done_scores.extend(pending_scores)
                 done_info.append(pd.DataFrame(pending_info))
                 pending_scores, pending_info, chunk = [], [], chunk + 1
@@ -840,8 +852,6 @@ def find_knowledge_neurons(scores: pd.DataFrame, prompts: pd.DataFrame, threshol
             if target_range[0] <= mean <= target_range[1]:
                 break
             p_now = round(p_now - p_step if mean < target_range[0] else p_now + p_step, 6)
-            if attempt == max_tries - 1:
-                p_now = history[-1]["p"]
         for fact, neurons in refined.items():
             prompt_ids = group.loc[group["fact_id"] == fact, "prompt_id"].astype(int).tolist()
             for layer, memory in sorted(neurons):
@@ -1062,10 +1072,11 @@ def same_answer_effect(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all
         rng = np.random.default_rng([seed, fact, 7])
         first = group.iloc[0]
         same = pool[(pool["answer_token"] == first.answer_token) & (pool["fact_id"] != fact)]["fact_id"].to_numpy()
-        other = pool[(pool["relation"] == first.relation) & (pool["answer_token"] != first.answer_token)]["fact_id"].to_numpy()
+        other = pool[(pool["relation"] == first.relation)
+                     & (pool["answer_token"] != first.answer_token)]["fact_id"].to_numpy()
         targets = {"self": [fact]}
         for label, ids in (("same answer", same), ("same relation, other answer", other)):
-            targets[label] = sorted(rng.choice(ids, min(max_targets, len(ids)), replace=False).tolist()) if len(ids) else []
+            targets[label] = sorted(rng.choice(ids, min(max_targets, len(ids)), replace=False).tolist())
         kn = by_fact[fact]
         control = random_like(kn, d_ff, np.random.default_rng([seed, fact]))
         for label, ids in targets.items():
@@ -1161,46 +1172,53 @@ def trigger_view(loaded, neurons: pd.DataFrame, prompts: pd.DataFrame, triggers,
         raise ParameterError("No trigger examples: run notebook 01 (or ffnlib.keys.mine_trigger_examples) first.")
     facts = prompts.drop_duplicates("fact_id").set_index("fact_id")
     table = triggers.triggers
-    table = table[table["rank"] < top]
-    index = triggers.token_index()
-    titles = triggers.sentences.set_index("sentence_id")["title"].to_dict()
     mined = set(triggers.layers)
     signs = set(table["sign"].unique().tolist())
-    grouped = {key: g for key, g in table.groupby(["layer", "memory", "sign"])}
     rng = np.random.default_rng([seed, 13])
+    pairs = []  # (neuron row, kind, layer, memory)
+    for row in neurons.itertuples():
+        if row.layer in mined and row.sign in signs:
+            control = random_like([(row.layer, row.memory)], loaded.adapter.d_ff, rng)[0]
+            pairs += [(row, "knowledge", int(row.layer), int(row.memory)), (row, "random", *control)]
+    needed = pd.DataFrame([(l, m, r.sign) for r, _, l, m in pairs], columns=["layer", "memory", "sign"])
+    needed = needed.drop_duplicates()
+    table = table[table["layer"].isin(needed["layer"].unique()) & (table["rank"] < top)]
+    table = table.merge(needed.astype({c: table[c].dtype for c in needed.columns}), on=["layer", "memory", "sign"])
+    grouped = {key: g for key, g in table.groupby(["layer", "memory", "sign"])}
+    index = triggers.token_index()
+    titles = triggers.sentences.set_index("sentence_id")["title"].to_dict()
     decode = loaded.tokenizer.decode
     rows = []
-    for row in neurons.itertuples():
-        if row.layer not in mined or row.sign not in signs:
-            continue
+    for row, kind, layer, memory in pairs:
         subject, answer = facts.at[row.fact_id, "subject"], facts.at[row.fact_id, "answer"]
-        control = random_like([(row.layer, row.memory)], loaded.adapter.d_ff, rng)[0]
-        for kind, (layer, memory) in (("knowledge", (row.layer, row.memory)), ("random", control)):
-            found = grouped.get((layer, memory, row.sign))
-            about = mentions = n = 0
-            if found is not None:
-                for t in found.itertuples():
-                    ids = index[int(t.sentence_id)]
-                    prefix = decode(ids[triggers.n_bos: int(t.position) + 1])
-                    title = titles.get(int(t.sentence_id)) or ""
-                    about += subject in prefix or subject in str(title)
-                    mentions += answer in prefix
-                    n += 1
-            rows.append({"fact_id": int(row.fact_id), "relation": row.relation, "subject": subject, "answer": answer,
-                         "layer": int(layer), "memory": int(memory), "sign": int(row.sign), "kind": kind,
-                         "triggers": n, "about_subject": about, "mentions_answer": mentions,
-                         "any_about_subject": about > 0, "any_mentions_answer": mentions > 0})
+        found = grouped.get((layer, memory, row.sign))
+        about = mentions = n = 0
+        if found is not None:
+            for t in found.itertuples():
+                ids = index[int(t.sentence_id)]
+                prefix = decode(ids[triggers.n_bos: int(t.position) + 1])
+                title = titles.get(int(t.sentence_id)) or ""
+                about += subject in prefix or subject in str(title)
+                mentions += answer in prefix
+                n += 1
+        rows.append({"fact_id": int(row.fact_id), "relation": row.relation, "subject": subject, "answer": answer,
+                     "layer": layer, "memory": memory, "sign": int(row.sign), "kind": kind, "triggers": n,
+                     "about_subject": about, "mentions_answer": mentions, "any_about_subject": about > 0,
+                     "any_mentions_answer": mentions > 0})
     return pd.DataFrame(rows)
 
 
-def layer_view(neurons: pd.DataFrame, n_layers: int, agreement: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Knowledge neurons per layer (count, share, relative depth) next to Section 4's agreement by layer
-    (notebook 02's ``agreement`` column, sign +1) when given; ``attrs["spearman"]``: the rank correlation of
-    the two over layers and its p-value."""
-    counts = neurons.groupby("layer").size().reindex(range(n_layers), fill_value=0)
-    frame = pd.DataFrame({"layer": range(n_layers), "relative_depth": relative_depth(np.arange(n_layers), n_layers),
+def layer_view(neurons: pd.DataFrame, n_layers: int, agreement: pd.DataFrame | None = None,
+               layers: Sequence[int] | None = None) -> pd.DataFrame:
+    """Knowledge neurons per attributed layer (``layers``, all by default): count, share, relative depth and the
+    share a uniform spread would give, next to Section 4's agreement by layer (notebook 02's ``agreement``
+    column, sign +1) when given; ``attrs["spearman"]``: the rank correlation of the two over the attributed
+    layers and its p-value."""
+    layers = list(range(n_layers)) if layers is None else sorted(int(l) for l in layers)
+    counts = neurons.groupby("layer").size().reindex(layers, fill_value=0)
+    frame = pd.DataFrame({"layer": layers, "relative_depth": relative_depth(np.array(layers), n_layers),
                           "neurons": counts.to_numpy(), "share": counts.to_numpy() / max(counts.sum(), 1),
-                          "uniform": 1.0 / n_layers})
+                          "uniform": 1.0 / len(layers)})
     if agreement is not None and len(agreement):
         positive = agreement[agreement["sign"] == 1] if "sign" in agreement.columns else agreement
         frame = frame.merge(positive[["layer", "agreement"]], on="layer", how="left")
@@ -1250,18 +1268,20 @@ def update_vectors(loaded, neurons: Sequence[tuple[int, int, int]], old_token: i
 
 def edit_facts(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts: pd.DataFrame,
                heldout: Sequence[Sequence[int]], lambda1: float = 1.0, lambda2: float = 8.0, seed: int = 0,
-               drop_shared: float = 0.1, n_others: int = 5, batch_size: int = 32) -> pd.DataFrame:
+               drop_shared: float = 0.1, n_others: int = 5, max_facts: int | None = None,
+               batch_size: int = 32) -> pd.DataFrame:
     """Dai's fact update: for each fact, one of its prompts the model gets right (seeded) and a new answer (the
     answer of another fact of the relation, seeded); the fact's neurons (without those of more than
     ``drop_shared`` of the relation's facts, as their code, and at least without those shared with another
     fact: with a handful of facts per relation 10% is less than one) have their values edited by
-    :func:`update_vectors`, then the edit is undone. The same edit of as many random memories of the same layers is the control.
+    :func:`update_vectors`, then the edit is undone. The same edit of as many random memories of the same
+    layers is the control.
 
     Rows: fact_id, relation, kind, n_neurons, success (new top token = the new answer's first token),
     success_at_5, changed (top token no longer the old answer), p_new_before/after, generalisation (share of
     the fact's other prompts whose top token becomes the new answer), intra/inter (mean NLL of the gold answer
     over ``n_others`` other facts of the same / other relations, before and after), heldout_ppl (after;
-    ``heldout_ppl_before`` once).
+    ``heldout_ppl_before`` once). ``max_facts``: edit only the first facts (by fact_id) that qualify.
     """
     d_ff = loaded.adapter.d_ff
     relation_counts = {rel: Counter((int(l), int(m)) for l, m in zip(g["layer"], g["memory"]))
@@ -1272,9 +1292,6 @@ def edit_facts(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts
     base_ppl = _ppl(perplexity(loaded, heldout)) if len(heldout) else math.nan
     rows = []
 
-    def measure(ids_lists, tokens):
-        return answer_probabilities(loaded, ids_lists, tokens, batch_size=batch_size)
-
     for fact, group in neurons.groupby("fact_id"):
         fact = int(fact)
         relation = group["relation"].iloc[0]
@@ -1284,7 +1301,7 @@ def edit_facts(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts
                   if (int(l), int(m)) not in shared]
         mine = evaluated[evaluated["fact_id"] == fact]
         right = mine[mine["correct"]]
-        if not chosen or right.empty:
+        if not chosen or right.empty or (max_facts is not None and len(rows) >= 2 * max_facts):
             continue
         rng = np.random.default_rng([seed, fact, 3])
         prompt = right.iloc[int(rng.integers(len(right)))]
@@ -1295,31 +1312,40 @@ def edit_facts(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts
         new = int(candidates.iloc[int(rng.integers(len(candidates)))]["answer_token"])
         intra_ids = pool[(pool["relation"] == relation) & (pool["fact_id"] != fact)]["fact_id"].to_numpy()
         inter_ids = pool[pool["relation"] != relation]["fact_id"].to_numpy()
-        intra = all_prompts[all_prompts["fact_id"].isin(rng.choice(intra_ids, min(n_others, len(intra_ids)), replace=False))]
-        inter = all_prompts[all_prompts["fact_id"].isin(rng.choice(inter_ids, min(n_others, len(inter_ids)), replace=False))]
+        intra = all_prompts[all_prompts["fact_id"].isin(rng.choice(intra_ids, min(n_others, len(intra_ids)),
+                                                                   replace=False))]
+        inter = all_prompts[all_prompts["fact_id"].isin(rng.choice(inter_ids, min(n_others, len(inter_ids)),
+                                                                   replace=False))]
         others = mine[mine["prompt_id"] != prompt["prompt_id"]]
-        targets = [prompt["prompt_ids"]] + others["prompt_ids"].tolist()
-        before_new = measure(targets, [new] * len(targets))
-        intra_before = measure(intra["prompt_ids"].tolist(), intra["answer_token"].tolist())["nll"].mean()
-        inter_before = measure(inter["prompt_ids"].tolist(), inter["answer_token"].tolist())["nll"].mean()
+        # one batch: the edited prompt and the fact's other prompts (read for the new answer), then the other
+        # facts' prompts (read for their own answers)
+        ids = ([prompt["prompt_ids"]] + others["prompt_ids"].tolist() + intra["prompt_ids"].tolist()
+               + inter["prompt_ids"].tolist())
+        tokens = [new] * (1 + len(others)) + intra["answer_token"].tolist() + inter["answer_token"].tolist()
+        parts = np.repeat([0, 1, 2, 3], [1, len(others), len(intra), len(inter)])
+
+        def measure():
+            result = answer_probabilities(loaded, ids, tokens, batch_size=batch_size)
+            return result, float(result.loc[parts == 2, "nll"].mean()), float(result.loc[parts == 3, "nll"].mean())
+
+        before, intra_before, inter_before = measure()
         control = [(l, m, s) for (l, m), s in zip(random_like([(l, m) for l, m, _ in chosen], d_ff,
                                                               np.random.default_rng([seed, fact])),
                                                   [s for _, _, s in chosen])]
         for kind, edit in (("knowledge", chosen), ("random", control)):
             with edited_values(loaded, update_vectors(loaded, edit, old, new, lambda1, lambda2)):
-                after = measure(targets, [new] * len(targets))
-                intra_after = measure(intra["prompt_ids"].tolist(), intra["answer_token"].tolist())["nll"].mean()
-                inter_after = measure(inter["prompt_ids"].tolist(), inter["answer_token"].tolist())["nll"].mean()
+                after, intra_after, inter_after = measure()
                 ppl = _ppl(perplexity(loaded, heldout)) if len(heldout) else math.nan
+            generalised = after.loc[parts == 1, "rank"]
             rows.append({"fact_id": fact, "relation": relation, "kind": kind, "n_neurons": len(edit),
                          "prompt_id": int(prompt["prompt_id"]), "old_token": old, "new_token": new,
                          "success": bool(after["rank"].iloc[0] == 0), "success_at_5": bool(after["rank"].iloc[0] < 5),
                          "changed": bool(after["top_token"].iloc[0] != old),
-                         "p_new_before": float(before_new["p_answer"].iloc[0]),
+                         "p_new_before": float(before["p_answer"].iloc[0]),
                          "p_new_after": float(after["p_answer"].iloc[0]),
-                         "generalisation": float((after["rank"].iloc[1:] == 0).mean()) if len(after) > 1 else math.nan,
-                         "intra_nll_before": float(intra_before), "intra_nll_after": float(intra_after),
-                         "inter_nll_before": float(inter_before), "inter_nll_after": float(inter_after),
+                         "generalisation": float((generalised == 0).mean()) if len(generalised) else math.nan,
+                         "intra_nll_before": intra_before, "intra_nll_after": intra_after,
+                         "inter_nll_before": inter_before, "inter_nll_after": inter_after,
                          "heldout_ppl_before": base_ppl, "heldout_ppl_after": ppl})
     return pd.DataFrame(rows)
 
@@ -1425,13 +1451,14 @@ def _ci_text(ci, pct=True) -> str:
 
 
 def findings(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
-             figures: Mapping[str, str] | None = None) -> list[dict]:
+             figures: Mapping[str, str] | None = None, layers: Sequence[int] | None = None) -> list[dict]:
     """The notebook's findings, each with our number, its 95% interval, the control's, and a verdict.
 
     ``results`` may hold: ``per_fact`` (:func:`neurons_per_fact`), ``neurons``, ``effects``
     (:func:`suppress_amplify`), ``specificity`` (its facts frame), ``same_answer``, ``values``
     (:func:`value_view`), ``triggers`` (:func:`trigger_view`), ``layers`` (:func:`layer_view`), ``edits``
     (:func:`edit_facts`), ``erase`` (the facts frame of :func:`erase_relations`). Missing ones are skipped.
+    ``layers``: the attributed layers (all by default); the layer findings are judged within them.
     The paper's numbers are third-party readings, unverified (``data/paper/knowledge_neurons.json``).
     """
     from ..reference import paper_reference
@@ -1446,25 +1473,33 @@ def findings(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
         mean, ci = float(counts.mean()), bootstrap_interval(counts, seed)
         with_any = float((counts > 0).mean())
         in_range = 2 <= mean <= 5
-        verdict = "holds" if in_range and with_any >= 0.5 else ("partly" if in_range or with_any >= 0.5 else "does not hold")
+        verdict = ("holds" if in_range and with_any >= 0.5
+                   else "partly" if in_range or with_any >= 0.5 else "does not hold")
         out.append(_finding(
-            "A fact is expressed by a few neurons", f"{paper['neurons_per_fact']['value']} per fact, BERT-base {unverified}",
-            f"{mean:.2f} per fact [{ci[0]:.2f}, {ci[1]:.2f}] over {len(counts)} facts; {with_any:.0%} of facts have at least one",
-            verdict, "holds: the refining rule reaches its 2-5 target on average and >= 50% of facts have a neuron; partly: "
-            "one of the two; p is tuned per relation towards 2-5 by construction (Dai's code), so the count is not free",
+            "A fact is expressed by a few neurons",
+            f"{paper['neurons_per_fact']['value']} per fact, BERT-base {unverified}",
+            f"{mean:.2f} per fact [{ci[0]:.2f}, {ci[1]:.2f}] over {len(counts)} facts; {with_any:.0%} of facts have "
+            "at least one",
+            verdict, "holds: the refining rule reaches its 2-5 target on average and >= 50% of facts have a neuron; "
+            "partly: one of the two; p is tuned per relation towards 2-5 by construction (Dai's code), so the count "
+            "is not free",
             figures.get("layers"), paper["neurons_per_fact"]["value"], mean, ci))
     neurons = results.get("neurons")
     if neurons is not None and len(neurons):
         depth = relative_depth(neurons["layer"].to_numpy(), n_layers)
         shares = pd.Series(depth > 0.5, index=neurons["fact_id"].to_numpy()).groupby(level=0).mean().to_numpy(float)
         mean, ci = float(shares.mean()), bootstrap_interval(shares, seed)
-        control = float((relative_depth(np.arange(n_layers), n_layers) > 0.5).mean())
-        verdict = "holds" if ci[0] > control else "does not hold"
+        attributed = np.arange(n_layers) if layers is None else np.asarray(sorted(layers))
+        control = float((relative_depth(attributed, n_layers) > 0.5).mean())
+        verdict = ("not measured" if control in (0.0, 1.0)  # only upper (or lower) layers were attributed
+                   else "holds" if ci[0] > control else "does not hold")
         out.append(_finding(
             "Knowledge neurons sit mostly in the top layers", f"mostly in the top layers {unverified}",
-            f"{mean:.0%} of a fact's neurons in the upper half [{ci[0]:.0%}, {ci[1]:.0%}] vs {control:.0%} of the layers",
-            verdict, "holds: the 95% interval of the per-fact share in the upper half (relative depth > 0.5) lies above "
-            "the share of layers there", figures.get("layers"), None, mean, ci, control, (control, control)))
+            f"{mean:.0%} of a fact's neurons in the upper half [{ci[0]:.0%}, {ci[1]:.0%}] vs {control:.0%} of the "
+            f"{len(attributed)} attributed layers",
+            verdict, "holds: the 95% interval of the per-fact share in the upper half (relative depth > 0.5) lies "
+            "above the share of attributed layers there; not measured when only one half was attributed",
+            figures.get("layers"), None, mean, ci, control, (control, control)))
     effects = results.get("effects")
     if effects is not None and len(effects):
         table = summarise(effects, "change", ["kind", "operation"], seed=seed).set_index(["kind", "operation"])
@@ -1475,13 +1510,15 @@ def findings(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
             paper_value = paper[f"{key}_change_pct"]["value"] / 100
             base = paper[f"{key}_baseline_pct"]["value"]
             out.append(_finding(
-                f"{operation.capitalize()} the neurons: the answer's probability {'falls' if direction < 0 else 'rises'}",
+                f"{operation.capitalize()} the neurons: the answer's probability "
+                + ("falls" if direction < 0 else "rises"),
                 f"{paper[f'{key}_change_pct']['value']:+.2f}% (random neurons {base:+.2f}%) {unverified}",
                 f"{_pct(ours['mean'])} {_ci_text((ours['low'], ours['high']))} over {int(ours['units'])} facts; random "
                 f"neurons of the same layers {_pct(ctrl['mean'])} {_ci_text((ctrl['low'], ctrl['high']))}",
-                _rule_verdict(ours["mean"], (ours["low"], ours["high"]), (ctrl["low"], ctrl["high"]), direction, paper_value),
-                "holds: ours beats random neurons of the same layers with non-overlapping 95% intervals (bootstrap over "
-                "facts) in the paper's direction and reaches half the paper's size; partly: only the direction",
+                _rule_verdict(ours["mean"], (ours["low"], ours["high"]), (ctrl["low"], ctrl["high"]), direction,
+                              paper_value),
+                "holds: ours beats random neurons of the same layers with non-overlapping 95% intervals (bootstrap "
+                "over facts) in the paper's direction and reaches half the paper's size; partly: only the direction",
                 figures.get("effects"), paper_value, ours["mean"], (ours["low"], ours["high"]), ctrl["mean"],
                 (ctrl["low"], ctrl["high"])))
     spec = results.get("specificity")
@@ -1526,7 +1563,8 @@ def findings(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
             "Knowledge neurons are memories whose values promote the answer",
             "new: not tested by Dai et al. (key-value view of Geva et al.)",
             f"{ours:.0%} of the neurons' values rank the answer in their top 10 [{ours_ci[0]:.0%}, {ours_ci[1]:.0%}] "
-            f"(median rank {median:.0f}); random memories of the same layers {ctrl:.1%} [{ctrl_ci[0]:.1%}, {ctrl_ci[1]:.1%}]",
+            f"(median rank {median:.0f}); random memories of the same layers {ctrl:.1%} "
+            f"[{ctrl_ci[0]:.1%}, {ctrl_ci[1]:.1%}]",
             _rule_verdict(ours, ours_ci, ctrl_ci, 1), "holds: the share of values ranking the answer in the top 10 is "
             "above random same-layer memories' with non-overlapping exact binomial 95% intervals",
             figures.get("values"), None, ours, ours_ci, ctrl, ctrl_ci))
@@ -1538,7 +1576,8 @@ def findings(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
         out.append(_finding(
             "Knowledge neurons' keys fire on text about the subject",
             "new: not tested by Dai et al. (trigger examples of Geva et al.)",
-            f"{ours:.0%} of the neurons have a top trigger example naming the subject [{ours_ci[0]:.0%}, {ours_ci[1]:.0%}];"
+            f"{ours:.0%} of the neurons have a top trigger example naming the subject "
+            f"[{ours_ci[0]:.0%}, {ours_ci[1]:.0%}];"
             f" random memories of the same layers {ctrl:.0%} [{ctrl_ci[0]:.0%}, {ctrl_ci[1]:.0%}]",
             _rule_verdict(ours, ours_ci, ctrl_ci, 1), "holds: the share is above random same-layer memories' with "
             "non-overlapping exact binomial 95% intervals", figures.get("values"), None, ours, ours_ci, ctrl, ctrl_ci))
@@ -1560,11 +1599,12 @@ def findings(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
         kn = edits[edits["kind"] == "knowledge"]
         out.append(_finding(
             "Editing the neurons' values updates the fact",
-            f"success {paper['update_success_pct']['value']}% (random neurons {paper['update_success_random_pct']['value']}%) "
-            + unverified,
+            f"success {paper['update_success_pct']['value']}% (random neurons "
+            f"{paper['update_success_random_pct']['value']}%) " + unverified,
             f"success {ours:.0%} [{ours_ci[0]:.0%}, {ours_ci[1]:.0%}] of {len(kn)} facts (random neurons {ctrl:.0%} "
-            f"[{ctrl_ci[0]:.0%}, {ctrl_ci[1]:.0%}]); prediction changed {kn['changed'].mean():.0%}; held-out perplexity "
-            f"{kn['heldout_ppl_before'].iloc[0]:.1f} -> {kn['heldout_ppl_after'].mean():.1f} on average",
+            f"[{ctrl_ci[0]:.0%}, {ctrl_ci[1]:.0%}]); prediction changed {kn['changed'].mean():.0%}; held-out "
+            f"perplexity {kn['heldout_ppl_before'].iloc[0]:.4g} -> {kn['heldout_ppl_after'].median():.4g} (median over "
+            f"edits; random neurons {edits.loc[edits['kind'] == 'random', 'heldout_ppl_after'].median():.4g})",
             _rule_verdict(ours, ours_ci, ctrl_ci, 1, paper_value), "holds: the success rate beats random neurons' with "
             "non-overlapping exact binomial 95% intervals and reaches half the paper's; partly: only the direction",
             figures.get("editing"), paper_value, ours, ours_ci, ctrl, ctrl_ci))
@@ -1592,11 +1632,15 @@ def findings(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
     return out
 
 
-def curves(layers: pd.DataFrame) -> dict:
-    """Per-layer series for the report: the share of knowledge neurons per layer (and Section 4's agreement)."""
-    out = {"kn_share": {"label": "share of knowledge neurons in the layer",
-                        "values": [float(x) for x in layers["share"]], "paper": None}}
+def curves(layers: pd.DataFrame, n_layers: int) -> dict:
+    """Per-layer series for the report (one value per layer, None where a layer was not attributed): the share
+    of knowledge neurons in each layer, and Section 4's agreement when the table has it."""
+    def series(column):
+        values = dict(zip(layers["layer"], layers[column]))
+        return [None if l not in values or pd.isna(values[l]) else float(values[l]) for l in range(n_layers)]
+
+    out = {"kn_share": {"label": "share of knowledge neurons in the layer", "values": series("share"), "paper": None}}
     if "agreement" in layers.columns:
-        out["kn_agreement"] = {"label": "Section 4 agreement of the layer (notebook 02)",
-                               "values": [None if pd.isna(x) else float(x) for x in layers["agreement"]], "paper": None}
+        out["kn_agreement"] = {"label": "Section 4 agreement of the layer (notebook 02)", "values": series("agreement"),
+                               "paper": None}
     return out

@@ -3,7 +3,8 @@
 
 This module only wires widgets to the explorer's methods and renders with ``ffnlib.explorer.render_*``;
 every callback is a plain method (``show_memory``, ``search``, ``pick_result``, ``analyse``, ``attribute``,
-``open_contributor``, ``add_selected``, ``clear_edits``, ``apply``) that tests call directly or through ``button.click()``.
+``open_contributor``, ``add_selected``, ``clear_edits``, ``apply``) that tests call directly or through
+``button.click()``.
 Errors a user can cause (a bad layer, an unknown token, unreadable edits) are shown in the view, not raised.
 """
 
