@@ -384,6 +384,9 @@ def test_an_answer_the_tokenizer_cannot_encode_is_a_clear_error(tiny):
         kn.build_prompts(tiny, facts, {"capital": ["The capital of [X] is [Y]"]})
     with pytest.raises(ffnlib.ParameterError, match="is empty"):
         kn.encode_answer(TOKENIZER, "  ")
+    both = pd.concat([facts, pd.DataFrame({"relation": ["capital"], "subject": ["Italy"], "answer": ["Rome"]})])
+    kept = kn.build_prompts(tiny, both, {"capital": ["The capital of [X] is [Y]"]}, skip_unencodable=True)
+    assert kept["answer"].tolist() == ["Rome"] and kept.attrs["skipped"] == [("capital", "France", "Lutetia")]
 
 
 def _bigbench_tarball(path, examples) -> None:

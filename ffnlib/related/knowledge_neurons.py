@@ -315,11 +315,13 @@ def encode_answer(tokenizer, answer: str, where: str = "") -> list[int]:
     return list(ids)
 
 
-def build_prompts(loaded, facts: pd.DataFrame, templates: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
+def build_prompts(loaded, facts: pd.DataFrame, templates: Mapping[str, Sequence[str]] | None = None,
+                  skip_unencodable: bool = False) -> pd.DataFrame:
     """One prompt per (fact, template): fact_id, relation, subject, answer, template_id, prompt (text),
     prompt_ids (as the model reads them, BOS included), answer_ids (leading space), answer_token (the first).
 
-    Errors: a relation with no templates or no facts, a bad template, an answer the tokenizer cannot encode.
+    Errors: a relation with no templates or no facts, a bad template, an answer the tokenizer cannot encode
+    (with ``skip_unencodable=True`` such facts are dropped instead and listed in ``attrs["skipped"]``).
     """
     templates = load_templates() if templates is None else templates
     missing = {"relation", "subject", "answer"} - set(facts.columns)
@@ -330,14 +332,20 @@ def build_prompts(loaded, facts: pd.DataFrame, templates: Mapping[str, Sequence[
     facts = facts.reset_index(drop=True)
     if "fact_id" not in facts.columns:
         facts = facts.assign(fact_id=np.arange(len(facts)))
-    rows = []
+    rows, skipped = [], []
     for relation, group in facts.groupby("relation", sort=False):
         if relation not in templates or not templates[relation]:
             raise ParameterError(f"Relation {relation!r} has facts but no templates; add some to "
                                  f"{TEMPLATES_PATH} (relations there: {sorted(templates)}).")
         prompts = [check_template(t, relation) for t in templates[relation]]
         for fact in group.itertuples():
-            answer_ids = encode_answer(loaded.tokenizer, fact.answer, f" of fact ({relation}, {fact.subject!r})")
+            try:
+                answer_ids = encode_answer(loaded.tokenizer, fact.answer, f" of fact ({relation}, {fact.subject!r})")
+            except ParameterError:
+                if not skip_unencodable:
+                    raise
+                skipped.append((relation, fact.subject, fact.answer))
+                continue
             for template_id, prompt in enumerate(prompts):
                 text = prompt.replace(SUBJECT, fact.subject.strip())
                 rows.append({"fact_id": int(fact.fact_id), "relation": relation, "subject": fact.subject,
@@ -346,6 +354,7 @@ def build_prompts(loaded, facts: pd.DataFrame, templates: Mapping[str, Sequence[
                              "answer_token": answer_ids[0]})
     out = pd.DataFrame(rows)
     out.insert(0, "prompt_id", np.arange(len(out)))
+    out.attrs["skipped"] = skipped
     return out
 
 
