@@ -1090,8 +1090,6 @@ def same_answer_effect(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all
         control = random_like(kn, d_ff, np.random.default_rng([seed, fact]))
         for label, ids in targets.items():
             for row in all_prompts[all_prompts["fact_id"].isin(ids)].itertuples():
-                jobs.append((row.prompt_ids, row.answer_token, {}))
-                meta.append(None)
                 for kind, chosen in (("knowledge", kn), ("random", control)):
                     jobs.append((row.prompt_ids, row.answer_token, {n: 0.0 for n in chosen}))
                     meta.append({"source_fact": fact, "target_fact": int(row.fact_id), "group": label, "kind": kind,
@@ -1099,15 +1097,17 @@ def same_answer_effect(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all
     if not jobs:
         return pd.DataFrame(columns=["source_fact", "target_fact", "group", "kind", "prompt_id", "p_before", "p_after",
                                      "change"])
-    result = answer_probabilities(loaded, [j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
-                                  batch_size=batch_size)
-    rows, before = [], None
-    for info, p in zip(meta, result["p_answer"]):
-        if info is None:
-            before = float(p)
-            continue
-        rows.append({**info, "p_before": before, "p_after": float(p), "change": (float(p) - before) / before})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(meta)
+    unique = all_prompts[all_prompts["prompt_id"].isin(frame["prompt_id"])]  # each target prompt's base run, once
+    base = answer_probabilities(loaded, unique["prompt_ids"].tolist(), unique["answer_token"].tolist(),
+                                batch_size=batch_size)
+    before = dict(zip(unique["prompt_id"], base["p_answer"]))
+    after = answer_probabilities(loaded, [j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
+                                 batch_size=batch_size)
+    frame["p_before"] = frame["prompt_id"].map(before).astype(float)
+    frame["p_after"] = after["p_answer"].to_numpy()
+    frame["change"] = (frame["p_after"] - frame["p_before"]) / frame["p_before"]
+    return frame
 
 
 @torch.no_grad()
