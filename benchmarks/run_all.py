@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("bench_values.py", [], ["--layers", "0,15,29"]),
     ("bench_aggregation.py", ["--examples", "4000"], ["--examples", "500"]),
     ("bench_distributed.py", [], []),
+    ("bench_knowledge_neurons.py", [], ["--layers", "0,15,29"]),
     ("bench_suite.py", [], ["--scales", "ci"]),
 ]
 

@@ -1,0 +1,1 @@
+"""Analyses of related papers, each in the key-value view of Geva et al. (one module per paper)."""
