@@ -151,6 +151,8 @@ def judge(finding: Finding, ours: Estimate | None, control: Estimate | None,
         return "not measured"
     if finding.direction != "within" and finding.null is None and not finding.baseline:
         return "not measured"  # no rule applies (e.g. human annotations: no control to compare with)
+    if finding.baseline and (ours_baseline is None or not ours_baseline.measured):
+        return "not measured"  # the measure's own baseline could not be measured (e.g. no such facts)
     shows = _shows(finding, ours, ours_baseline)
     control_shows = control is not None and control.measured and _shows(finding, control, control_baseline)
     if finding.direction == "within":
@@ -272,6 +274,60 @@ FINDINGS: tuple[Finding, ...] = (
             our_figure="03_fig11_ffn_cases"),
 )
 
+UNVERIFIED = "(third-party reading, unverified)"
+KN_SECTION = "Knowledge neurons (Dai et al., 2022)"
+FINDINGS += (
+    # ---- Knowledge neurons, Dai et al. ACL 2022 (notebook 06); the paper's numbers: data/paper/knowledge_neurons.json.
+    # A random-weights model knows no facts, so each finding's own control is its baseline (random memories of the
+    # same layers, other relations, other facts with the same answer).
+    Finding("06_knowledge_neurons.neurons_per_fact", KN_SECTION, "", "A fact is expressed by a few neurons",
+            f"4.13 per fact, BERT-base {UNVERIFIED}", "within", within=(2.0, 5.0), percent=False,
+            unit_note="knowledge neurons per fact (claimed range: 2-5, the refining rule's target)",
+            our_figure="06_layers"),
+    Finding("06_knowledge_neurons.top_layers", KN_SECTION, "", "Knowledge neurons sit mostly in the top layers",
+            f"mostly in the top layers {UNVERIFIED}", "greater", baseline=True,
+            unit_note="per fact, the share of its neurons in the upper half of the depth; baseline: the upper half's "
+                      "share of the attributed layers", our_figure="06_layers"),
+    Finding("06_knowledge_neurons.suppress", KN_SECTION, "Fig. 3", "Suppressing a fact's neurons lowers the "
+            "answer's probability", f"-29.03% (random neurons -1.47%) {UNVERIFIED}", "less", paper_value=-0.2903,
+            baseline=True, unit_note="relative change of the answer's probability, mean over facts; baseline: as many "
+                                     "random memories of the same layers", our_figure="06_effects"),
+    Finding("06_knowledge_neurons.amplify", KN_SECTION, "Fig. 3", "Amplifying (doubling) a fact's neurons raises the "
+            "answer's probability", f"+31.17% (random neurons -1.27%) {UNVERIFIED}", "greater", paper_value=0.3117,
+            baseline=True, unit_note="relative change of the answer's probability; baseline: random same-layer memories",
+            our_figure="06_effects"),
+    Finding("06_knowledge_neurons.relation_specific", KN_SECTION, "", "Suppressing a relation's neurons hurts its own "
+            "facts more than other relations'", f"other relations change little {UNVERIFIED}", "less", baseline=True,
+            unit_note="relative change of the answer's probability of the relation's own facts; baseline: other "
+                      "relations' facts", our_figure="06_specificity"),
+    Finding("06_knowledge_neurons.fact_specific", KN_SECTION, "", "A fact's neurons are specific to the fact, not to "
+            "its answer word", "implied by the knowledge-neuron thesis; Niu et al. (ICLR 2024) argue they track word "
+            "patterns", "less", baseline=True,
+            unit_note="relative change of the fact's own answer probability; baseline: other facts with the same answer",
+            our_figure="06_specificity"),
+    Finding("06_knowledge_neurons.values_promote_answer", KN_SECTION, "", "Knowledge neurons are memories whose values "
+            "promote the answer", "new: not tested by Dai et al. (the key-value view of Geva et al.)", "greater",
+            baseline=True, unit_note="share of the neurons whose value ranks the answer in its top 10; baseline: random "
+                                     "memories of the same layers", our_figure="06_values"),
+    Finding("06_knowledge_neurons.keys_about_subject", KN_SECTION, "", "Knowledge neurons' keys fire on text about the "
+            "subject", "new: not tested by Dai et al. (the trigger examples of Geva et al.)", "greater", baseline=True,
+            unit_note="share of the neurons with a top trigger example naming the subject; baseline: random "
+                      "memories of the same layers", our_figure="06_values"),
+    Finding("06_knowledge_neurons.layer_agreement", KN_SECTION, "", "Knowledge neurons sit where values agree with "
+            "their keys' triggers (Section 4)", "new: Dai et al.'s top layers vs Geva et al.'s agreement by layer",
+            "greater", percent=False, unit_note="Spearman correlation, over the attributed layers, of the share of "
+                                                "knowledge neurons with Section 4's agreement", our_figure="06_layers"),
+    Finding("06_knowledge_neurons.update", KN_SECTION, "Table 5", "Editing the neurons' values updates the fact",
+            f"success 34.4% (random neurons 0.0%) {UNVERIFIED}", "greater", paper_value=0.344, baseline=True,
+            unit_note="share of facts whose prediction becomes the new answer; baseline: random same-layer memories",
+            our_figure="06_editing"),
+    Finding("06_knowledge_neurons.erase", KN_SECTION, "Table 6", "Erasing a relation's top-20 neurons raises its "
+            "perplexity", f"+106.6% and +128.2% (P19, P106); other relations +1.1..+10.1% {UNVERIFIED}", "greater",
+            paper_value=1.066, baseline=True, unit_note="relative change of the answer perplexity of the erased "
+                                                        "relation's facts; baseline: 20 random same-layer memories",
+            our_figure="06_editing"),
+)
+
 _BY_KEY = {f.key: f for f in FINDINGS}
 
 
@@ -284,9 +340,11 @@ def of_notebook(notebook: str) -> list[Finding]:
 
 
 def findings_rows(notebook: str, ours: dict[str, Estimate], control: dict[str, Estimate] | None,
-                  details: dict[str, str] | None = None, control_name: str = "") -> list[dict]:
+                  details: dict[str, str] | None = None, control_name: str = "",
+                  control_note: str = "no control") -> list[dict]:
     """The summary rows (``summaries/<notebook>.json`` ``findings``) of one notebook's findings: each
-    judged from the measures of the trained model (``ours``) and of the control (``None``: none)."""
+    judged from the measures of the trained model (``ours``) and of the control (``None``: none; the control
+    column then says ``control_note``)."""
     rows = []
     details = details or {}
     for f in of_notebook(notebook):
@@ -299,7 +357,7 @@ def findings_rows(notebook: str, ours: dict[str, Estimate], control: dict[str, E
             "key": f.key, "section": f.section, "figure_ref": f.figure, "finding": f.claim, "paper": f.paper,
             "ours": f.text(mine) + (f" (baseline {f.text(base)})" if base is not None else ""),
             "ours_detail": details.get(f.measure, ""),
-            "control": "no control" if control is None else (
+            "control": control_note if control is None else (
                 f.text(theirs) + (f" (baseline {f.text(control_base)})" if control_base is not None else "")),
             "control_name": control_name, "verdict": verdict, "rule": f.rule(), "measure": f.unit_note,
             "figure": f"figures/{f.our_figure}.png" if f.our_figure else None, "paper_figure": None,

@@ -113,6 +113,26 @@ def bootstrap(per_unit: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray
     return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, "bootstrap")
 
 
+def resampled(rows: np.ndarray, statistic: Callable[[np.ndarray], float], unit: str, n_boot: int = N_BOOT,
+              seed: int = 0) -> Estimate:
+    """The estimate of ``statistic(rows)`` with a percentile bootstrap interval from resampling the rows
+    (one unit each) with replacement: for statistics that are not functions of sums (e.g. a rank correlation
+    over a few dozen layers). Seeded like :func:`bootstrap`."""
+    rows = np.asarray(rows)
+    n = len(rows)
+    if n == 0:
+        return Estimate.missing(unit)
+    rng = np.random.default_rng([_check_seed(seed), 0xB007])
+    value = float(statistic(rows))
+    samples = np.array([statistic(rows[rng.integers(0, n, n)]) for _ in range(n_boot)], dtype=np.float64)
+    samples = samples[np.isfinite(samples)]
+    if not math.isfinite(value) or len(samples) == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), n, unit, "bootstrap")
+    alpha = (1 - LEVEL) / 2
+    low, high = np.quantile(samples, [alpha, 1 - alpha])
+    return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, "bootstrap")
+
+
 def share(indicator, unit: str, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
     """The mean of a 0/1 (or any) per-unit number, with a bootstrap interval."""
     x = np.asarray(indicator, dtype=np.float64)

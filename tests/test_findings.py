@@ -75,6 +75,7 @@ def test_missing_numbers_are_not_measured():
     assert judge(GREATER, None, est(0.0, 0.01)) == "not measured"
     assert judge(GREATER, Estimate.missing(), est(0.0, 0.01)) == "not measured"
     assert judge(finding("01_keys.patterns_per_key"), est(3.0, 0.5), est(0.0, 0.1)) == "not measured"
+    assert judge(WITH_BASELINE, est(0.3, 0.01), est(0.0, 0.01), None, est(0.0, 0.01)) == "not measured"
 
 
 def test_without_a_control_the_baseline_decides_and_nothing_is_architectural():

@@ -456,33 +456,35 @@ def test_trigger_view_counts_prefixes_about_the_subject():
         kn.trigger_view(loaded, neurons, prompts, None)
 
 
-def test_verdicts_follow_the_rule():
-    assert kn._rule_verdict(-0.30, (-0.35, -0.25), (-0.05, 0.01), -1, -0.29) == "holds"
-    assert kn._rule_verdict(-0.10, (-0.12, -0.08), (-0.05, 0.01), -1, -0.29) == "partly"  # under half the paper's
-    assert kn._rule_verdict(-0.30, (-0.60, -0.02), (-0.05, 0.01), -1, -0.29) == "does not hold"  # overlapping
-    assert kn._rule_verdict(0.30, (0.25, 0.35), (-0.05, 0.01), -1) == "does not hold"  # wrong direction
+def test_measures_are_judged_by_the_registry():
+    from ffnlib.findings import finding, findings_rows, judge, of_notebook
+
     rng = np.random.default_rng(0)
     cases = [("knowledge", "suppress", -0.4), ("random", "suppress", 0.0), ("knowledge", "amplify", 0.05),
              ("random", "amplify", 0.0)]
     effects = pd.DataFrame([{"fact_id": f, "kind": k, "operation": o, "change": c + rng.normal(0, 0.01)}
                             for f in range(12) for k, o, c in cases])
-    per_fact = pd.DataFrame({"fact_id": range(12), "n_neurons": [3] * 10 + [0, 0]})
-    found = {f["finding"]: f for f in kn.findings({"effects": effects, "per_fact": per_fact}, 30)}
-    suppress = found["Suppress the neurons: the answer's probability falls"]
-    assert suppress["verdict"] == "holds"
-    assert suppress["low"] < suppress["value"] < suppress["high"] < suppress["control_low"]
-    assert found["Amplify the neurons: the answer's probability rises"]["verdict"] == "partly"
-    assert found["A fact is expressed by a few neurons"]["verdict"] == "holds"
-    assert all(set(f) >= {"section", "finding", "paper", "ours", "verdict", "figure", "rule", "paper_value", "value",
-                          "low", "high", "control_value", "control_low", "control_high"} for f in found.values())
-    assert "unverified" in suppress["paper"]
-    # the layer findings are judged within the attributed layers: attributing only the top layers proves nothing
+    per_fact = pd.DataFrame({"fact_id": range(12), "n_neurons": [3] * 10 + [2, 4]})
+    ours, details = kn.measures({"effects": effects, "per_fact": per_fact}, 30)
+    assert ours["suppress"].value == pytest.approx(effects.query("kind == 'knowledge' and operation == 'suppress'")
+                                                   .groupby("fact_id")["change"].mean().mean())
+    assert ours["suppress"].high < ours["suppress/baseline"].low and ours["suppress"].n == 12
+    rows = {r["key"].split(".")[1]: r for r in findings_rows("06_knowledge_neurons", ours, None, details)}
+    assert len(rows) == len(of_notebook("06_knowledge_neurons"))
+    assert rows["suppress"]["verdict"] == "holds"  # beats random neurons, beyond half of -29%
+    assert rows["amplify"]["verdict"] == "partly"  # +5% against the paper's +31%
+    assert rows["neurons_per_fact"]["verdict"] == "holds"  # 3 per fact, within 2-5
+    few = kn.measures({"per_fact": pd.DataFrame({"fact_id": range(12), "n_neurons": [3] * 10 + [0, 0]})}, 30)[0]
+    assert judge(finding("06_knowledge_neurons.neurons_per_fact"), few["neurons_per_fact"], None) == "partly"
+    assert rows["update"]["verdict"] == "not measured" and "unverified" in rows["suppress"]["paper"]
+    # the layer finding is judged within the attributed layers: attributing only the top layers proves nothing
     neurons = pd.DataFrame({"fact_id": [0, 0, 1], "layer": [28, 29, 29], "memory": [1, 2, 3]})
-    top_only = kn.findings({"neurons": neurons}, 30, layers=[26, 27, 28, 29])
-    assert top_only[0]["verdict"] == "not measured" and top_only[0]["control_value"] == 1.0
-    assert kn.findings({"neurons": neurons}, 30)[0]["verdict"] in ("holds", "does not hold")
+    assert "top_layers" not in kn.measures({"neurons": neurons}, 30, layers=[26, 27, 28, 29])[0]
+    full, _ = kn.measures({"neurons": neurons}, 30)
+    assert full["top_layers"].value == 1.0 and full["top_layers/baseline"].value == 0.5
     agreement = pd.DataFrame({"sign": 1, "layer": range(30), "agreement": np.linspace(0, 0.03, 30)})
     view = kn.layer_view(neurons, 30, agreement, layers=[26, 27, 28, 29])
+    assert kn.measures({"layers": view}, 30)[0]["layer_agreement"].value > 0
     assert view["layer"].tolist() == [26, 27, 28, 29] and view["neurons"].tolist() == [0, 0, 1, 2]
     assert view["share"].sum() == pytest.approx(1) and view.attrs["spearman"]["rho"] > 0
     series = kn.curves(view, 30)["kn_share"]["values"]

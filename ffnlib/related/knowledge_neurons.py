@@ -55,6 +55,7 @@ import torch
 from ..capture import capture
 from ..errors import ParameterError, ResultsError
 from ..interventions import intervene
+from ..stats import Estimate, binomial, resampled, share
 from ..progress import tqdm
 from ..reference import DATA_DIR, relative_depth
 from ..storage import atomic_write_bytes, cache_dir, ensure_dir, fingerprint, load_result, read_json, save_result
@@ -1428,217 +1429,124 @@ def _separated(ours: tuple, control: tuple, direction: int) -> bool:
     return bool(ours[1] < control[0]) if direction < 0 else bool(ours[0] > control[1])
 
 
-def _rule_verdict(value, ours_ci, control_ci, direction: int, paper_value=None) -> str:
-    """holds: ours beats the control with non-overlapping 95% intervals in the paper's direction and reaches
-    at least half the paper's size (where it gives one); partly: only the direction holds significantly."""
-    if any(not np.isfinite(x) for x in (*ours_ci, *control_ci)) or not _separated(ours_ci, control_ci, direction):
-        return "does not hold"
-    if paper_value is not None and abs(value) < 0.5 * abs(paper_value):
-        return "partly"
-    return "holds"
-
-
-def _finding(finding, paper, ours, verdict, rule, figure=None, paper_value=None, value=None, ci=(None, None),
-             control=None, control_ci=(None, None)) -> dict:
-    def num(x):
-        return None if x is None or (isinstance(x, float) and not np.isfinite(x)) else float(x)
-
-    return {"section": "Knowledge neurons (Dai et al., 2022)", "finding": finding, "paper": paper, "ours": ours,
-            "verdict": verdict, "figure": figure, "rule": rule, "paper_value": paper_value, "value": num(value),
-            "low": num(ci[0]), "high": num(ci[1]), "control_value": num(control), "control_low": num(control_ci[0]),
-            "control_high": num(control_ci[1])}
+def _estimate(values, unit: str, seed: int) -> Estimate:
+    """The mean of per-unit numbers with a seeded bootstrap 95% interval (``ffnlib.stats``)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return share(values, unit, seed=seed) if len(values) else Estimate.missing(unit)
 
 
 def _pct(x) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:+.1f}%"
 
 
-def _ci_text(ci, pct=True) -> str:
-    if pct:
-        return f"[{_pct(ci[0])}, {_pct(ci[1])}]"
-    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
-def findings(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
-             figures: Mapping[str, str] | None = None, layers: Sequence[int] | None = None) -> list[dict]:
-    """The notebook's findings, each with our number, its 95% interval, the control's, and a verdict.
+def measures(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
+             layers: Sequence[int] | None = None) -> tuple[dict[str, Estimate], dict[str, str]]:
+    """The measures of the notebook's findings (``ffnlib.findings``, notebook ``06_knowledge_neurons``), each
+    with a 95% interval (seeded bootstrap over facts, or exact binomial for shares of neurons), and the
+    measure's own control under ``"<key>/baseline"``: as many random memories of the same layers (none of the
+    fact's), the other relations' facts, or the other facts with the same answer. A random-weights model knows
+    no facts, so these findings have no random-weights control: the baseline is theirs.
 
     ``results`` may hold: ``per_fact`` (:func:`neurons_per_fact`), ``neurons``, ``effects``
     (:func:`suppress_amplify`), ``specificity`` (its facts frame), ``same_answer``, ``values``
     (:func:`value_view`), ``triggers`` (:func:`trigger_view`), ``layers`` (:func:`layer_view`), ``edits``
     (:func:`edit_facts`), ``erase`` (the facts frame of :func:`erase_relations`). Missing ones are skipped.
-    ``layers``: the attributed layers (all by default); the layer findings are judged within them.
-    The paper's numbers are third-party readings, unverified (``data/paper/knowledge_neurons.json``).
+    ``layers``: the attributed layers (all by default).
     """
-    from ..reference import paper_reference
-
-    paper = paper_reference("knowledge_neurons")
-    figures = dict(figures or {})
-    out = []
-    unverified = "(third-party reading, unverified)"
+    out: dict[str, Estimate] = {}
+    details: dict[str, str] = {}
     per_fact = results.get("per_fact")
     if per_fact is not None and len(per_fact):
         counts = per_fact["n_neurons"].to_numpy(float)
-        mean, ci = float(counts.mean()), bootstrap_interval(counts, seed)
-        with_any = float((counts > 0).mean())
-        in_range = 2 <= mean <= 5
-        verdict = ("holds" if in_range and with_any >= 0.5
-                   else "partly" if in_range or with_any >= 0.5 else "does not hold")
-        out.append(_finding(
-            "A fact is expressed by a few neurons",
-            f"{paper['neurons_per_fact']['value']} per fact, BERT-base {unverified}",
-            f"{mean:.2f} per fact [{ci[0]:.2f}, {ci[1]:.2f}] over {len(counts)} facts; {with_any:.0%} of facts have "
-            "at least one",
-            verdict, "holds: the refining rule reaches its 2-5 target on average and >= 50% of facts have a neuron; "
-            "partly: one of the two; p is tuned per relation towards 2-5 by construction (Dai's code), so the count "
-            "is not free",
-            figures.get("layers"), paper["neurons_per_fact"]["value"], mean, ci))
+        out["neurons_per_fact"] = _estimate(counts, "facts", seed)
+        details["neurons_per_fact"] = (f"{len(counts)} facts, {(counts > 0).mean():.0%} with at least one; p is "
+                                       "moved per relation towards 2-5 neurons per fact (Dai's code), so the count "
+                                       "is not free")
     neurons = results.get("neurons")
     if neurons is not None and len(neurons):
-        depth = relative_depth(neurons["layer"].to_numpy(), n_layers)
-        shares = pd.Series(depth > 0.5, index=neurons["fact_id"].to_numpy()).groupby(level=0).mean().to_numpy(float)
-        mean, ci = float(shares.mean()), bootstrap_interval(shares, seed)
         attributed = np.arange(n_layers) if layers is None else np.asarray(sorted(layers))
-        control = float((relative_depth(attributed, n_layers) > 0.5).mean())
-        verdict = ("not measured" if control in (0.0, 1.0)  # only upper (or lower) layers were attributed
-                   else "holds" if ci[0] > control else "does not hold")
-        out.append(_finding(
-            "Knowledge neurons sit mostly in the top layers", f"mostly in the top layers {unverified}",
-            f"{mean:.0%} of a fact's neurons in the upper half [{ci[0]:.0%}, {ci[1]:.0%}] vs {control:.0%} of the "
-            f"{len(attributed)} attributed layers",
-            verdict, "holds: the 95% interval of the per-fact share in the upper half (relative depth > 0.5) lies "
-            "above the share of attributed layers there; not measured when only one half was attributed",
-            figures.get("layers"), None, mean, ci, control, (control, control)))
+        upper_share = float((relative_depth(attributed, n_layers) > 0.5).mean())
+        if 0.0 < upper_share < 1.0:  # with only one half attributed, the share says nothing
+            depth = relative_depth(neurons["layer"].to_numpy(), n_layers)
+            shares = pd.Series(depth > 0.5, index=neurons["fact_id"].to_numpy()).groupby(level=0).mean()
+            out["top_layers"] = _estimate(shares.to_numpy(float), "facts", seed)
+            out["top_layers/baseline"] = Estimate(upper_share, upper_share, upper_share, len(attributed), "layers",
+                                                  "exact")
+            details["top_layers"] = (f"per fact, the share of its neurons in the upper half; baseline: the upper "
+                                     f"half's share of the {len(attributed)} attributed layers")
     effects = results.get("effects")
     if effects is not None and len(effects):
-        table = summarise(effects, "change", ["kind", "operation"], seed=seed).set_index(["kind", "operation"])
-        for operation, direction, key in (("suppress", -1, "suppress"), ("amplify", 1, "amplify")):
-            if ("knowledge", operation) not in table.index:
-                continue
-            ours, ctrl = table.loc[("knowledge", operation)], table.loc[("random", operation)]
-            paper_value = paper[f"{key}_change_pct"]["value"] / 100
-            base = paper[f"{key}_baseline_pct"]["value"]
-            out.append(_finding(
-                f"{operation.capitalize()} the neurons: the answer's probability "
-                + ("falls" if direction < 0 else "rises"),
-                f"{paper[f'{key}_change_pct']['value']:+.2f}% (random neurons {base:+.2f}%) {unverified}",
-                f"{_pct(ours['mean'])} {_ci_text((ours['low'], ours['high']))} over {int(ours['units'])} facts; random "
-                f"neurons of the same layers {_pct(ctrl['mean'])} {_ci_text((ctrl['low'], ctrl['high']))}",
-                _rule_verdict(ours["mean"], (ours["low"], ours["high"]), (ctrl["low"], ctrl["high"]), direction,
-                              paper_value),
-                "holds: ours beats random neurons of the same layers with non-overlapping 95% intervals (bootstrap "
-                "over facts) in the paper's direction and reaches half the paper's size; partly: only the direction",
-                figures.get("effects"), paper_value, ours["mean"], (ours["low"], ours["high"]), ctrl["mean"],
-                (ctrl["low"], ctrl["high"])))
+        for operation in ("suppress", "amplify"):
+            for kind, key in (("knowledge", operation), ("random", f"{operation}/baseline")):
+                rows = effects[(effects["operation"] == operation) & (effects["kind"] == kind)]
+                if len(rows):
+                    out[key] = _estimate(rows.groupby("fact_id")["change"].mean().to_numpy(), "facts", seed)
+            if operation in out:
+                details[operation] = f"baseline: as many random memories of the same layers, {out[operation].n} facts"
     spec = results.get("specificity")
     if spec is not None and len(spec):
         kn = spec[spec["kind"] == "knowledge"].assign(unit=lambda f: f["suppressed"] + ":" + f["fact_id"].astype(str))
-        table = summarise(kn, "change", ["same_relation"], unit="unit", seed=seed).set_index("same_relation")
-        if True in table.index and False in table.index:
-            own, other = table.loc[True], table.loc[False]
-            out.append(_finding(
-                "Suppressing a relation's neurons hurts its own facts more than other relations'",
-                "other relations change little (+1.1..+10.1% perplexity when erasing) " + unverified,
-                f"own relation {_pct(own['mean'])} {_ci_text((own['low'], own['high']))}, other relations "
-                f"{_pct(other['mean'])} {_ci_text((other['low'], other['high']))} (answer probability)",
-                _rule_verdict(own["mean"], (own["low"], own["high"]), (other["low"], other["high"]), -1),
-                "holds: the change of the own relation's facts is below the other relations' with non-overlapping 95% "
-                "intervals (bootstrap over facts)", figures.get("specificity"), None, own["mean"],
-                (own["low"], own["high"]), other["mean"], (other["low"], other["high"])))
+        for same, key in ((True, "relation_specific"), (False, "relation_specific/baseline")):
+            rows = kn[kn["same_relation"] == same]
+            if len(rows):
+                out[key] = _estimate(rows.groupby("unit")["change"].mean().to_numpy(), "facts", seed)
+        details["relation_specific"] = "answer probability of the suppressed relation's facts; baseline: other relations'"
     same = results.get("same_answer")
     if same is not None and len(same):
         kn = same[same["kind"] == "knowledge"]
-        table = summarise(kn, "change", ["group"], unit="source_fact", seed=seed).set_index("group")
-        if "self" in table.index and "same answer" in table.index:
-            own, other = table.loc["self"], table.loc["same answer"]
-            rel = table.loc["same relation, other answer"] if "same relation, other answer" in table.index else None
-            out.append(_finding(
-                "A fact's neurons are specific to the fact, not to its answer word",
-                "implied by the knowledge-neuron thesis; Niu et al. (ICLR 2024) argue they track word patterns",
-                f"the fact itself {_pct(own['mean'])} {_ci_text((own['low'], own['high']))}; other facts with the same "
-                f"answer {_pct(other['mean'])} {_ci_text((other['low'], other['high']))}"
-                + ("" if rel is None else f"; same relation, other answer {_pct(rel['mean'])}"),
-                _rule_verdict(own["mean"], (own["low"], own["high"]), (other["low"], other["high"]), -1),
-                "holds: suppressing a fact's neurons lowers the fact's answer more than other facts' with the same "
-                "answer, with non-overlapping 95% intervals (bootstrap over facts)", figures.get("specificity"), None,
-                own["mean"], (own["low"], own["high"]), other["mean"], (other["low"], other["high"])))
+        for group, key in (("self", "fact_specific"), ("same answer", "fact_specific/baseline")):
+            rows = kn[kn["group"] == group]
+            if len(rows):
+                out[key] = _estimate(rows.groupby("source_fact")["change"].mean().to_numpy(), "facts", seed)
+        details["fact_specific"] = "the fact's own answer; baseline: other facts with the same answer"
     values = results.get("values")
     if values is not None and len(values):
-        hits = {kind: values.loc[values["kind"] == kind, "answer_rank"] < 10 for kind in ("knowledge", "random")}
-        ours_ci, ctrl_ci = (binomial_interval(int(h.sum()), len(h)) for h in (hits["knowledge"], hits["random"]))
-        ours, ctrl = float(hits["knowledge"].mean()), float(hits["random"].mean())
+        for kind, key in (("knowledge", "values_promote_answer"), ("random", "values_promote_answer/baseline")):
+            hits = values.loc[values["kind"] == kind, "answer_rank"] < 10
+            out[key] = binomial(int(hits.sum()), len(hits), "neurons")
         median = float(values.loc[values["kind"] == "knowledge", "answer_rank"].median())
-        out.append(_finding(
-            "Knowledge neurons are memories whose values promote the answer",
-            "new: not tested by Dai et al. (key-value view of Geva et al.)",
-            f"{ours:.0%} of the neurons' values rank the answer in their top 10 [{ours_ci[0]:.0%}, {ours_ci[1]:.0%}] "
-            f"(median rank {median:.0f}); random memories of the same layers {ctrl:.1%} "
-            f"[{ctrl_ci[0]:.1%}, {ctrl_ci[1]:.1%}]",
-            _rule_verdict(ours, ours_ci, ctrl_ci, 1), "holds: the share of values ranking the answer in the top 10 is "
-            "above random same-layer memories' with non-overlapping exact binomial 95% intervals",
-            figures.get("values"), None, ours, ours_ci, ctrl, ctrl_ci))
+        details["values_promote_answer"] = (f"median rank of the answer in the values' distributions {median:.0f}; "
+                                            "baseline: random memories of the same layers")
     triggers = results.get("triggers")
     if triggers is not None and len(triggers):
-        hits = {k: triggers.loc[triggers["kind"] == k, "any_about_subject"] for k in ("knowledge", "random")}
-        ours_ci, ctrl_ci = (binomial_interval(int(h.sum()), len(h)) for h in (hits["knowledge"], hits["random"]))
-        ours, ctrl = float(hits["knowledge"].mean()), float(hits["random"].mean())
-        out.append(_finding(
-            "Knowledge neurons' keys fire on text about the subject",
-            "new: not tested by Dai et al. (trigger examples of Geva et al.)",
-            f"{ours:.0%} of the neurons have a top trigger example naming the subject "
-            f"[{ours_ci[0]:.0%}, {ours_ci[1]:.0%}];"
-            f" random memories of the same layers {ctrl:.0%} [{ctrl_ci[0]:.0%}, {ctrl_ci[1]:.0%}]",
-            _rule_verdict(ours, ours_ci, ctrl_ci, 1), "holds: the share is above random same-layer memories' with "
-            "non-overlapping exact binomial 95% intervals", figures.get("values"), None, ours, ours_ci, ctrl, ctrl_ci))
-    layers = results.get("layers")
-    if layers is not None and "spearman" in layers.attrs:
-        rho, p = layers.attrs["spearman"]["rho"], layers.attrs["spearman"]["p"]
-        out.append(_finding(
-            "Knowledge neurons sit where values agree with their keys' triggers (Section 4)",
-            "new: Dai et al.'s top layers vs Geva et al.'s agreement by layer",
-            f"Spearman rho {rho:+.2f} (p = {p:.3g}) between the layers' share of knowledge neurons and their agreement",
-            "holds" if rho > 0 and p < 0.05 else "does not hold", "holds: a positive rank correlation with p < 0.05",
-            figures.get("layers"), None, rho, (None, None)))
+        for kind, key in (("knowledge", "keys_about_subject"), ("random", "keys_about_subject/baseline")):
+            hits = triggers.loc[triggers["kind"] == kind, "any_about_subject"]
+            out[key] = binomial(int(hits.sum()), len(hits), "neurons")
+        details["keys_about_subject"] = "a top trigger example names the subject; baseline: random same-layer memories"
+    layer_table = results.get("layers")
+    if layer_table is not None and "agreement" in layer_table.columns:
+        both = layer_table.dropna(subset=["share", "agreement"])
+        if len(both) >= 3:
+            def rho(rows: np.ndarray) -> float:
+                return float(pd.Series(rows[:, 0]).corr(pd.Series(rows[:, 1]), method="spearman"))
+
+            out["layer_agreement"] = resampled(both[["share", "agreement"]].to_numpy(np.float64), rho, "layers",
+                                               seed=seed)
+            details["layer_agreement"] = (f"Spearman correlation over {len(both)} attributed layers between their "
+                                          "share of knowledge neurons and their Section 4 agreement")
     edits = results.get("edits")
     if edits is not None and len(edits):
-        rates = {k: edits.loc[edits["kind"] == k, "success"] for k in ("knowledge", "random")}
-        ours_ci, ctrl_ci = (binomial_interval(int(r.sum()), len(r)) for r in rates.values())
-        ours, ctrl = float(rates["knowledge"].mean()), float(rates["random"].mean())
-        paper_value = paper["update_success_pct"]["value"] / 100
+        for kind, key in (("knowledge", "update"), ("random", "update/baseline")):
+            rate = edits.loc[edits["kind"] == kind, "success"]
+            out[key] = binomial(int(rate.sum()), len(rate), "facts")
         kn = edits[edits["kind"] == "knowledge"]
-        out.append(_finding(
-            "Editing the neurons' values updates the fact",
-            f"success {paper['update_success_pct']['value']}% (random neurons "
-            f"{paper['update_success_random_pct']['value']}%) " + unverified,
-            f"success {ours:.0%} [{ours_ci[0]:.0%}, {ours_ci[1]:.0%}] of {len(kn)} facts (random neurons {ctrl:.0%} "
-            f"[{ctrl_ci[0]:.0%}, {ctrl_ci[1]:.0%}]); prediction changed {kn['changed'].mean():.0%}; held-out "
-            f"perplexity {kn['heldout_ppl_before'].iloc[0]:.4g} -> {kn['heldout_ppl_after'].median():.4g} (median over "
-            f"edits; random neurons {edits.loc[edits['kind'] == 'random', 'heldout_ppl_after'].median():.4g})",
-            _rule_verdict(ours, ours_ci, ctrl_ci, 1, paper_value), "holds: the success rate beats random neurons' with "
-            "non-overlapping exact binomial 95% intervals and reaches half the paper's; partly: only the direction",
-            figures.get("editing"), paper_value, ours, ours_ci, ctrl, ctrl_ci))
+        details["update"] = (f"prediction changed {kn['changed'].mean():.0%}; held-out perplexity "
+                             f"{kn['heldout_ppl_before'].iloc[0]:.4g} -> {kn['heldout_ppl_after'].median():.4g} (median "
+                             f"over edits; random neurons {edits.loc[edits['kind'] == 'random', 'heldout_ppl_after'].median():.4g})")
     erase = results.get("erase")
     if erase is not None and len(erase):
         own = erase[erase["same_relation"]].assign(delta=lambda f: f["nll_after"] - f["nll_before"])
-        stats = {}
-        for kind in ("knowledge", "random"):
-            per_fact = own[own["kind"] == kind].groupby("fact_id")["delta"].mean().to_numpy()
-            low, high = bootstrap_interval(per_fact, seed)
-            stats[kind] = (math.expm1(per_fact.mean()), (math.expm1(low), math.expm1(high)))
-        paper_value = min(paper["erase_ppl_change_pct"]["value"]) / 100
+        for kind, key in (("knowledge", "erase"), ("random", "erase/baseline")):
+            per_fact_delta = own[own["kind"] == kind].groupby("fact_id")["delta"].mean().to_numpy()
+            e = _estimate(per_fact_delta, "facts", seed)  # mean change of the answer's log-perplexity
+            out[key] = Estimate(math.expm1(e.value), math.expm1(e.low), math.expm1(e.high), e.n, e.unit, e.method) \
+                if e.measured else e
         other = erase[~erase["same_relation"] & (erase["kind"] == "knowledge")]
         other_change = math.expm1(float((other["nll_after"] - other["nll_before"]).mean())) if len(other) else math.nan
-        out.append(_finding(
-            "Erasing a relation's top-20 neurons raises its perplexity",
-            f"+106.6% and +128.2% (P19, P106); other relations +1.1..+10.1% {unverified}",
-            f"own relation {_pct(stats['knowledge'][0])} {_ci_text(stats['knowledge'][1])} (answer perplexity); random "
-            f"neurons {_pct(stats['random'][0])} {_ci_text(stats['random'][1])}; other relations {_pct(other_change)}",
-            _rule_verdict(stats["knowledge"][0], stats["knowledge"][1], stats["random"][1], 1, paper_value),
-            "holds: the own relation's answer perplexity rises more than with 20 random memories of the same layers, "
-            "non-overlapping 95% intervals (bootstrap over facts), by at least half the paper's smaller figure",
-            figures.get("editing"), paper_value, stats["knowledge"][0], stats["knowledge"][1], stats["random"][0],
-            stats["random"][1]))
-    return out
+        details["erase"] = (f"answer perplexity of the erased relation's facts; other relations {_pct(other_change)}; "
+                            "baseline: 20 random memories of the same layers")
+    return out, details
 
 
 def curves(layers: pd.DataFrame, n_layers: int) -> dict:
