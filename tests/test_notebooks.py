@@ -116,3 +116,16 @@ def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder(smollm, tmp_path
     assert len(verdicts) >= 20 and "holds" not in verdicts, verdicts
     assert all(f["control"] not in ("", "no control") for s in summaries.values() for f in s["findings"]
                if f["verdict"] != "not measured")
+
+
+def test_the_control_parameter_reaches_the_notebooks_that_take_it(tmp_path):
+    import papermill
+
+    from ffnlib.suite import SUITE, run_suite, suite_notebooks
+
+    takes = {nb.stem for nb in suite_notebooks(SUITE) if "control" in papermill.inspect_notebook(str(nb))}
+    assert {"01_keys", "02_values", "03_aggregation"} <= takes
+    for nb in ("01_keys", "02_values", "03_aggregation"):
+        assert papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"))["control"]["default"] == '"random-init"'
+    with pytest.raises(ffnlib.ParameterError, match="control must be one of"):
+        run_suite(scale="ci", results=str(tmp_path), control="shuffled", log=lambda *a: None)
