@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("bench_aggregation.py", ["--examples", "4000"], ["--examples", "500"]),
     ("bench_distributed.py", [], []),
     ("bench_suite.py", [], ["--scales", "ci"]),
+    ("bench_moefication.py", [], ["--rounds", "10"]),
 ]
 
 

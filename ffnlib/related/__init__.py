@@ -1,0 +1,1 @@
+"""Related papers revisited in the key-value view: one module per paper."""
