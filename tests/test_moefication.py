@@ -47,6 +47,10 @@ def _tiny(kind: str = "llama", seed: int = 0) -> LoadedModel:
     if kind == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
         bos = []
+    elif kind == "gpt2":  # a plain FFN with biases: act(k·x + b)
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=D_MODEL, n_inner=D_FF, n_layer=3, n_head=2,
+                                                 n_positions=128, bos_token_id=1, eos_token_id=2))
+        bos = []
     else:
         model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=4))
         bos = [1]
@@ -249,7 +253,7 @@ def test_centroid_similarity_is_the_negative_squared_distance(llama, prepared):
 
 
 # ---- the expert-sparse forward --------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt2"])
 def test_sparse_forward_equals_the_masked_dense_ffn(kind):
     loaded = _tiny(kind, seed=2)
     adapter = loaded.adapter
@@ -271,6 +275,7 @@ def test_sparse_forward_equals_the_masked_dense_ffn(kind):
             assert _close(ffn.forward(x[t:t + 1], chosen[t:t + 1]), reference[t:t + 1])
         everything = torch.arange(ffn.n_experts).expand(x.shape[0], -1)
         assert _close(ffn.forward(x, everything), adapter.down(layer)(acts.coefficients[layer][0]))
+        assert _close(ffn.forward(x[:1], everything[:1]), adapter.down(layer)(acts.coefficients[layer][0][:1]))
 
 
 def test_sparse_forward_on_smollm2_equals_the_masked_dense_ffn(smollm):
