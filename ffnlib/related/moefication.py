@@ -400,6 +400,7 @@ class ExpertSplits:
     n_experts: int
     manifest: dict
     info: pd.DataFrame = field(default_factory=pd.DataFrame)  # per split and layer: seconds, edges, moved
+    _labels: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def splits(self) -> list[str]:
@@ -410,10 +411,13 @@ class ExpertSplits:
         return sorted(int(x) for x in self.frame["layer"].unique())
 
     def labels(self, split: str, layer: int) -> np.ndarray:
-        rows = self.frame[(self.frame["split"] == split) & (self.frame["layer"] == layer)]
-        if rows.empty:
+        """The expert of each memory (d_ff,) of one split and layer."""
+        if not self._labels:
+            for (s, l), rows in self.frame.groupby(["split", "layer"], sort=False):
+                self._labels[(s, int(l))] = rows.sort_values("memory")["expert"].to_numpy(np.int64)
+        if (split, layer) not in self._labels:
             raise ParameterError(f"No split {split!r} for layer {layer}: splits {self.splits}, layers {self.layers}.")
-        return rows.sort_values("memory")["expert"].to_numpy(np.int64)
+        return self._labels[(split, layer)].copy()
 
 
 def _labels_frame(split: str, layer: int, labels: np.ndarray) -> pd.DataFrame:
