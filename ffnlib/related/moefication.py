@@ -729,11 +729,29 @@ def _captured_mass(scores: torch.Tensor, targets: torch.Tensor, k: int) -> float
     return float((chosen[ok] / total[ok]).mean()) if ok.any() else float("nan")
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block. A router's products are tiny: on a shared 2-core machine two
+    threads made training 15-30 times slower (each small operation waits for the other thread), and one thread
+    makes the result independent of the machine's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_router(inputs: torch.Tensor, targets: torch.Tensor, w_init: torch.Tensor, epochs: int = 30,
                  seed: int = 0, batch: int = 512, lr: float = 0.01, val_share: float = 0.2) -> dict:
     """Train one :class:`MLPRouter` as the authors (see the module docstring) on normalised inputs (N, d) and
-    expert sizes (N, E). Returns its weights, the best epoch, and the held-out mass kept at ``val_share`` of
-    the experts by the router and by the ground truth (the upper bound)."""
+    expert sizes (N, E), on one thread. Returns its weights, the best epoch, and the held-out mass kept at
+    ``val_share`` of the experts by the router and by the ground truth (the upper bound)."""
+    with _one_thread():
+        return _train_router(inputs, targets, w_init, epochs, seed, batch, lr, val_share)
+
+
+def _train_router(inputs, targets, w_init, epochs, seed, batch, lr, val_share) -> dict:
     n, d = inputs.shape
     n_experts = targets.shape[1]
     if n < 20:
