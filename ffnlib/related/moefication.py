@@ -134,7 +134,7 @@ class Sizes:
 
 SIZES: dict[str, Sizes] = {
     "ci": Sizes(train_sentences=24, router_sentences=24, calibration_sentences=16, heldout_sentences=8,
-                shares=(0.2, 0.5), n_layers=3, kmeans_iter=1, router_epochs=3, n_boot=200),
+                shares=(0.25,), n_layers=3, kmeans_iter=1, router_epochs=3, n_boot=200),
     "default": Sizes(train_sentences=600, router_sentences=200, calibration_sentences=256, heldout_sentences=150,
                      shares=(0.1, 0.2, 0.3, 0.5, 0.75), n_layers=None, kmeans_iter=10, router_epochs=30),
     "full": Sizes(train_sentences=4000, router_sentences=1000, calibration_sentences=512, heldout_sentences=1000,
