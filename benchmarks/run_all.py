@@ -27,6 +27,7 @@ BENCHMARKS = [
     ("bench_distributed.py", [], []),
     ("bench_knowledge_neurons.py", [], ["--layers", "0,15,29"]),
     ("bench_suite.py", [], ["--scales", "ci"]),
+    ("bench_moefication.py", [], ["--rounds", "10"]),
 ]
 
 
