@@ -2,7 +2,7 @@
 #   make run    set up .venv, then run the notebook suite on the default embedded model (results/)
 #   make test   set up .venv, then run the tests (what CI runs)
 #   make publish  copy results/<model>/<scale>/report.md and its figures to docs/reports/<model>-<scale>/
-# Options: MODEL=gemma3-270m  SCALE=ci|default|full  DEVICE=cpu|cuda  RESULTS=results
+# Options: MODEL=gemma3-270m  SCALE=ci|default|full  DEVICE=cpu|cuda  RESULTS=results  CONTROL=random-init|none
 #          TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" for a GPU build.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,6 +12,7 @@ MODEL ?= smollm2-135m
 SCALE ?= default
 DEVICE ?= cpu
 RESULTS ?= results
+CONTROL ?= random-init
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: setup run test bench publish clean-cache
@@ -27,7 +28,7 @@ $(VENV)/.ffnlib-setup: pyproject.toml Makefile
 	touch $@
 
 run: setup
-	$(PY) -m ffnlib.suite --model $(MODEL) --scale $(SCALE) --device $(DEVICE) --results $(RESULTS)
+	$(PY) -m ffnlib.suite --model $(MODEL) --scale $(SCALE) --device $(DEVICE) --results $(RESULTS) --control $(CONTROL)
 
 test: setup
 	$(PY) -m pytest -q

@@ -53,7 +53,7 @@ SETUP = """
 import json, os, resource, tempfile, time, numpy as np, torch
 from ffnlib.corpus import load_corpus
 from ffnlib.models import load_model
-from ffnlib import keys
+from ffnlib import keys, mining
 loaded = load_model({model!r}, device={device!r})
 sentences = load_corpus("wiki", split="train", seed=0, max_sentences={sentences})
 
@@ -82,7 +82,7 @@ print(json.dumps({{"seconds": seconds, "tokens": ex.stats["tokens"], "peak": sta
 USUAL = SETUP + """
 a = loaded.adapter
 start = time.perf_counter()
-table = keys.prepare_sentences(loaded, sentences)
+table = mining.prepare_sentences(loaded, sentences)
 lengths = np.array([len(t) for t in table["token_ids"]])
 cache = {{layer: [] for layer in range(a.n_layers)}}
 hooks = [a.down(layer).register_forward_pre_hook(lambda m, args, layer=layer: cache[layer].append(args[0].detach().clone()))
@@ -90,7 +90,7 @@ hooks = [a.down(layer).register_forward_pre_hook(lambda m, args, layer=layer: ca
 pad = loaded.tokenizer.pad_token_id or 0
 order = []
 with torch.inference_mode():
-    for rows in keys.plan_batches(lengths, {batch_tokens}):
+    for rows in mining.plan_batches(lengths, {batch_tokens}):
         width = int(lengths[rows].max())
         ids = torch.full((len(rows), width), pad)
         for i, r in enumerate(rows):
@@ -135,10 +135,10 @@ class InterleavedBaselines:
         import numpy as np
         import torch
 
-        from ffnlib import keys
+        from ffnlib import capture, mining
 
         lengths = np.array([len(t) for t in token_ids])
-        self.mined_after = np.cumsum([lengths[rows].sum() for rows in keys.plan_batches(lengths, batch_tokens)])
+        self.mined_after = np.cumsum([lengths[rows].sum() for rows in mining.plan_batches(lengths, batch_tokens)])
         self.width = width = max(1, int(round(lengths.mean())))
         flat = [t for ids in token_ids for t in ids]
         n_rows = len(flat) // width
@@ -150,7 +150,7 @@ class InterleavedBaselines:
 
         def stop(module, args, out):
             if self.stop_body:
-                raise keys._StopForward
+                raise capture.StopForward
 
         last = loaded.adapter.layer(loaded.adapter.n_layers - 1)
         path = next(name for name, module in loaded.model.named_modules() if module is last)
@@ -166,7 +166,7 @@ class InterleavedBaselines:
         """The next dense batch, through the body and then the full LM."""
         import torch
 
-        from ffnlib import keys
+        from ffnlib import capture
 
         chunk = self.ids[self.next_row: self.next_row + self.rows]
         self.next_row += chunk.shape[0]
@@ -176,7 +176,7 @@ class InterleavedBaselines:
                 start = time.perf_counter()
                 try:
                     self.model(input_ids=chunk, use_cache=False)
-                except keys._StopForward:
+                except capture.StopForward:
                     pass
                 target[0] += time.perf_counter() - start
                 target[1] += chunk.numel()
@@ -202,13 +202,13 @@ def main() -> None:
 
     import psutil
 
-    from ffnlib import keys
+    from ffnlib import keys, mining
     from ffnlib.corpus import load_corpus
     from ffnlib.models import load_model
 
     loaded = load_model(args.model, device=args.device)
     sentences = load_corpus("wiki", split="train", seed=0, max_sentences=args.sentences)
-    token_ids = keys.prepare_sentences(loaded, sentences)["token_ids"].tolist()
+    token_ids = mining.prepare_sentences(loaded, sentences)["token_ids"].tolist()
     bare_full = [0.0, 0]
     bare_body = [0.0, 0]
     ours = [0.0, 0]

@@ -26,7 +26,9 @@ BENCHMARKS = [
     ("bench_aggregation.py", ["--examples", "4000"], ["--examples", "500"]),
     ("bench_distributed.py", [], []),
     ("bench_contextualization.py", [], ["--repeats", "3", "--batch", "8", "--skip-memory"]),
+    ("bench_knowledge_neurons.py", [], ["--layers", "0,15,29"]),
     ("bench_suite.py", [], ["--scales", "ci"]),
+    ("bench_moefication.py", [], ["--rounds", "10"]),
 ]
 
 

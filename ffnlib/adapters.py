@@ -21,7 +21,6 @@ Adding a family: write one more ``FamilySpec`` in ``FAMILIES`` (see docs/adding-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -114,6 +113,10 @@ def find_family(model_type: str, class_name: str = "") -> FamilySpec:
 def _get(root: nn.Module, path: str) -> nn.Module:
     obj = root
     for part in path.split("."):
+        if not hasattr(obj, part):
+            children = ", ".join(name for name, _ in obj.named_children()) if isinstance(obj, nn.Module) else ""
+            raise AttributeError(f"no module {path!r}: {type(obj).__name__} has no {part!r}"
+                                 + (f" (it has {children})" if children else ""))
         obj = getattr(obj, part)
     return obj
 

@@ -63,11 +63,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .capture import capture
+from .capture import capture, forward_until_stop, stop_after
 from .corpus import load_corpus
 from .errors import CorpusError, ParameterError
 from .progress import tqdm
 from .reference import PAPER_LAYERS, paper_reference, relative_depth
+from .stats import N_BOOT, Estimate, bootstrap, share, spearman_with_depth
 from .storage import cache_dir, fingerprint, load_result, save_result
 
 ACTIVE_RULES = ("auto", "relative", "positive")
@@ -209,15 +210,17 @@ def batch_inputs(examples: pd.DataFrame, batch: np.ndarray, pad_id: int, device)
 
 
 # ---- the memories' own predictions ---------------------------------------------------------------------
-def memory_top_tokens(loaded, negative: bool, cache: str | Path | None = None,
-                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def memory_top_tokens(loaded, negative: bool, cache: str | Path | None = None, progress: bool = True,
+                      projections: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top token of every value (n_layers, d_ff), and of every negated value when ``negative``.
 
-    Uses ``ffnlib.values.value_top_tokens``. The result is cached (Parquet + manifest, keyed by the
+    Reuses a finished projection of every value in ``projections`` (notebook 02's, in the run's folder:
+    ``ffnlib.values.cached_projection_tops``) when there is one; otherwise uses
+    ``ffnlib.values.value_top_tokens``. The result is cached (Parquet + manifest, keyed by the
     model's weights) in ``cache`` or the user cache folder, since it costs a full vocabulary projection
     of every value (about a minute for SmolLM2 on 2 cores).
     """
-    from .values import value_top_tokens
+    from .values import cached_projection_tops, value_top_tokens
 
     adapter = loaded.adapter
     folder = Path(cache) if cache is not None else cache_dir() / "value-top-tokens"
@@ -225,6 +228,19 @@ def memory_top_tokens(loaded, negative: bool, cache: str | Path | None = None,
                "layers": adapter.n_layers, "d_ff": adapter.d_ff, "version": _VERSION}
     name = f"value-tops-{fingerprint(request)}"
     frame = load_result(folder, name, request)
+    projected = None
+    if frame is None and projections is not None:
+        projected = cached_projection_tops(loaded, projections, (1, -1) if negative else (1,))
+    if frame is None and projected is not None:
+        if progress:
+            print(f"[ffnlib] the values' top tokens come from the cached projection in {projections}")
+        wide = projected.pivot_table(index=["layer", "memory"], columns="sign", values="top_token").astype("int64")
+        wide = wide.reset_index().sort_values(["layer", "memory"])
+        frame = pd.DataFrame({"layer": wide["layer"].to_numpy(np.int32), "memory": wide["memory"].to_numpy(np.int32),
+                              "top_positive": wide[1].to_numpy(np.int64),
+                              "top_negative": wide[-1].to_numpy(np.int64) if negative
+                              else np.full(len(wide), -1, dtype=np.int64)})
+        save_result(folder, name, frame, request)
     if frame is None:
         columns = {"layer": [], "memory": [], "top_positive": [], "top_negative": []}
         for layer in tqdm(range(adapter.n_layers), desc="value top tokens", disable=not progress, leave=False):
@@ -253,14 +269,6 @@ def stop_word_flags(tokenizer, token_ids) -> np.ndarray:
 
 
 # ---- one batch ------------------------------------------------------------------------------------------
-class _StopForward(Exception):
-    """Raised after the last layer: the final norm and head run on the few rows we keep, not all tokens."""
-
-
-def _stop(module, args, output):
-    raise _StopForward
-
-
 @torch.no_grad()
 def project_tops(adapter, vectors: torch.Tensor, final_top: torch.Tensor | None = None,
                  max_elements: int = _PROJECTION_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -295,14 +303,9 @@ def analyse_batch(loaded, examples: pd.DataFrame, batch: np.ndarray, settings: d
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     ids, mask, last = batch_inputs(examples, batch, pad_id, loaded.device)
     rows = torch.arange(len(batch), device=loaded.device)
-    with capture(loaded, what=_CAPTURED) as acts:
-        handle = adapter.layer(last_layer).register_forward_hook(_stop)  # runs after capture's hook
-        try:
-            loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
+    # stop after the last block: the final norm and head run on the few rows we keep, not on all tokens
+    with capture(loaded, what=_CAPTURED) as acts, stop_after(loaded, last_layer):  # after capture's hook
+        forward_until_stop(loaded.model, input_ids=ids, attention_mask=mask, use_cache=False)
         pick = {name: torch.stack([getattr(acts, name)[layer][rows, last] for layer in range(n_layers)])
                 for name in _CAPTURED}  # (layers, batch, dim)
     coefficients = pick["coefficients"].float()
@@ -395,7 +398,7 @@ def resolve_examples(n_examples, scale) -> int:
     return scale.aggregation_examples if n_examples is None else check_examples(n_examples)
 
 
-def _check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens) -> dict:
+def check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens) -> dict:
     for name, value in (("active_threshold", active_threshold), ("norm_share", norm_share)):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
             raise ParameterError(f"{name} must be a number, got {value!r}.")
@@ -451,7 +454,7 @@ def analyse_aggregation(loaded, n_examples: int = 4000, seed: int = 0, active_th
     same request comes again). ``value_cache``: where the values' top tokens are cached (default: the
     user cache folder). See the module docstring for every definition.
     """
-    settings = _check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens)
+    settings = check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens)
     examples, manifest, name = aggregation_request(loaded, n_examples, seed, corpus, settings)
     adapter = loaded.adapter
     cached = load_cached_aggregation(out_dir, name, manifest, examples, progress)
@@ -460,7 +463,7 @@ def analyse_aggregation(loaded, n_examples: int = 4000, seed: int = 0, active_th
 
     top_positive, top_negative = memory_top_tokens(
         loaded, negative=adapter.gated or settings["active_rule"] == "relative", cache=value_cache,
-        progress=progress)
+        progress=progress, projections=out_dir)
     value_norms = torch.stack([adapter.written_values(layer).float().norm(dim=-1) for layer in range(adapter.n_layers)])
     batches = make_batches(examples["position"].to_numpy() + 1, settings["batch_tokens"])
     partial = Path(out_dir) / f"{name}.partial" if out_dir is not None else None
@@ -580,127 +583,62 @@ def paper_curves() -> pd.DataFrame:
                          "residual_is_final": np.asarray(ref["residual_matches_final"]["value"]) / 100})
 
 
-def _trend(values) -> float:
-    """Spearman correlation of a per-layer curve with depth (+1: rises steadily)."""
-    values = pd.Series(np.asarray(values, dtype=float))
-    return float(values.corr(pd.Series(np.arange(len(values), dtype=float)), method="spearman"))
+def section5_measures(result: "AggregationResult", n_boot: int = N_BOOT,
+                      seed: int = 0) -> tuple[dict[str, Estimate], dict[str, str]]:
+    """The measures of Section 5's findings (``ffnlib.findings``, notebook ``03_aggregation``), each with a
+    95% interval from a seeded bootstrap over the held-out examples (an example contributes all its layers),
+    and a line of detail per measure for the report."""
+    frame = result.frame.sort_values(["example", "layer"], kind="stable")
+    n_layers, d_ff = result.n_layers, result.d_ff
+    n_examples = len(frame) // n_layers
+    if n_examples == 0 or n_examples * n_layers != len(frame):
+        raise ParameterError(f"The result table has {len(frame)} rows, not {n_layers} per example.")
 
+    def grid(values) -> np.ndarray:  # (examples, layers)
+        return np.asarray(values, dtype=np.float64).reshape(n_examples, n_layers)
 
-VERDICTS = ("holds", "partly", "does not hold")
-
-
-def _share_verdict(share_ok: float) -> str:
-    """For a per-layer rule: holds in >= 85% of the layers, partly in >= 50% (as ``ffnlib.report``)."""
-    return "holds" if share_ok >= 0.85 else ("partly" if share_ok >= 0.5 else "does not hold")
-
-
-def _trend_verdict(curve) -> str:
-    """For "rises with depth": holds if Spearman > 0.5 and the last layer is above the first; partly if
-    Spearman > 0."""
-    rho = _trend(curve)
-    if rho > 0.5 and curve.iloc[-1] > curve.iloc[0]:
-        return "holds"
-    return "partly" if rho > 0 else "does not hold"
-
-
-def paper_comparison(summary: pd.DataFrame, *breakdowns: dict) -> pd.DataFrame:
-    """Each Section 5 finding: the paper's number, ours, and a verdict decided by a stated rule.
-
-    ``summary`` is :func:`layer_summary`'s table; each of ``breakdowns`` an :func:`agreement_breakdown`
-    dict (e.g. one against the layer output and one against the FFN output).
-    Our per-layer curves are compared with the paper's at the same relative depth (linear
-    interpolation of the paper's 16 points). Columns: ``figure`` (a key: fig7 ... fig11), ``finding``,
-    ``paper``, ``ours``, ``verdict`` (holds / partly / does not hold), ``rule`` and ``holds`` (bool).
-    """
-    ref = paper_reference("section5")
-    paper = paper_curves()
-    depth = summary["relative_depth"].to_numpy()
-    at_depth = lambda col: np.interp(depth, paper["relative_depth"], paper[col])  # noqa: E731
-    layer_of = lambda series, index: int(summary["layer"].iloc[int(index)])  # noqa: E731
-    rows = []
-
-    def add(figure, finding, paper_value, ours, verdict, rule):
-        rows.append({"figure": figure, "finding": finding, "paper": paper_value, "ours": ours, "verdict": verdict,
-                     "rule": rule, "holds": verdict == "holds"})
-
-    low, high = (v / 100 for v in ref["active_memories_share"]["value"])
-    share = summary["share_active"]
-    add("fig7", "10-50% of the memories are active per example", f"{low:.0%}-{high:.0%} (positive coefficient)",
-        f"{share.min():.0%}-{share.max():.0%} with the chosen rule; {summary['share_positive'].min():.0%}-"
-        f"{summary['share_positive'].max():.0%} with m>0; 90% of the sub-update sizes in "
-        f"{summary['share_norm'].min():.0%}-{summary['share_norm'].max():.0%} of the memories",
-        _share_verdict(((share >= low) & (share <= high)).mean()),
-        f"share of layers whose mean active share (chosen rule) is within {low:.0%}-{high:.0%}")
-    for figure, column, finding in (
-            ("fig8", "output", "the layer's prediction (layer output, authors' code) matches no active memory's"),
-            ("fig8", "ffn", "the layer's prediction (FFN output, paper's text) matches no active memory's")):
-        zero = summary[f"zero_agreement_{column}"]
-        add(figure, finding, f"mean {paper['zero_agreement'].mean():.0%}, range {paper['zero_agreement'].min():.0%}-"
-            f"{paper['zero_agreement'].max():.0%} of examples",
-            f"mean {zero.mean():.0%}, range {zero.min():.0%}-{zero.max():.0%} (lowest at layer "
-            f"{layer_of(zero, zero.argmin())}); mean |ours - paper| at equal depth "
-            f"{np.abs(zero - at_depth('zero_agreement')).mean():.0%}; with the paper's rule (m>0 active) mean "
-            f"{summary[f'zero_agreement_{column}_positive'].mean():.0%}",
-            _share_verdict((zero > 0.5).mean()), "share of layers with zero agreement above 50%")
-    names = {"output": "layer output", "ffn": "FFN output"}
-    for breakdown in breakdowns:
-        against = names.get(breakdown["against"], breakdown["against"])
-        stop, short = breakdown["stop_word_share"], breakdown["short_prefix_share"]
-        add("fig8", f"when a memory agrees with the {against}, the target is often a stop word",
-            f"{ref['agreeing_stop_words']['value']}%",
-            f"{stop:.0%} of {breakdown['agreeing_pairs']} agreeing (example, layer) pairs; base rate over all "
-            f"pairs {breakdown['stop_word_base_rate']:.0%}",
-            "holds" if stop > breakdown["stop_word_base_rate"] else "does not hold",
-            "the share is above its base rate over all (example, layer) pairs")
-        add("fig8", f"when a memory agrees with the {against}, the prefix is often short (< 5 tokens)",
-            f"{ref['agreeing_short_prefix']['value']}%",
-            f"{short:.0%} (base rate {breakdown['short_prefix_base_rate']:.0%})",
-            "holds" if short > breakdown["short_prefix_base_rate"] else "does not hold",
-            "the share is above its base rate over all pairs")
-    curve = summary["residual_is_final"]
-    add("fig9", "the residual's top token matches the final prediction more often with depth",
-        f"{paper['residual_is_final'].iloc[0]:.0%} (first layer) to {paper['residual_is_final'].iloc[-1]:.0%} (last)",
-        f"{curve.iloc[0]:.0%} (first layer) to {curve.iloc[-1]:.0%} (last); Spearman with depth {_trend(curve):+.2f}; "
-        f"mean |ours - paper| at equal depth {np.abs(curve - at_depth('residual_is_final')).mean():.0%}",
-        _trend_verdict(curve), "Spearman with depth > 0.5 and last layer above first (partly: Spearman > 0)")
-    confidence = summary["residual_prob_final"]
-    add("fig10", "the residual's probability of the final token rises with depth", "rises (qualitative)",
-        f"mean {confidence.iloc[0]:.2f} (first layer) to {confidence.iloc[-1]:.2f} (last); Spearman "
-        f"{_trend(confidence):+.2f}", _trend_verdict(confidence),
-        "Spearman with depth > 0.5 and last layer above first (partly: Spearman > 0)")
-    residual, ffn = summary["case_residual"], summary["case_ffn"]
-    add("fig11", "the output usually keeps the residual's prediction", "residual case dominates (qualitative)",
-        f"residual case {residual.mean():.0%} vs ffn case {ffn.mean():.0%} (mean over layers)",
-        _share_verdict((residual > ffn).mean()), "share of layers where the residual case beats the ffn case")
-    add("fig11", "the FFN rarely overrides the residual with its own top token", "rare (qualitative)",
-        f"ffn case mean {ffn.mean():.0%}; largest {ffn.max():.0%} at layer {layer_of(ffn, ffn.argmax())}",
-        _share_verdict((ffn < 0.2).mean()), "share of layers with the ffn case below 20%")
-    composition = summary["case_composition"]
-    add("fig11", "composition: the output is sometimes neither the residual's nor the FFN's token",
-        "happens (qualitative)", f"mean {composition.mean():.0%}; last layer {composition.iloc[-1]:.0%}",
-        "holds" if composition.mean() > 0.01 else "does not hold", "above 1% of examples on average")
-    return pd.DataFrame(rows)
-
-
-def verdict_text(comparison: pd.DataFrame) -> str:
-    """The comparison in plain sentences: what holds and what does not, with our numbers."""
-    lines = []
-    for row in comparison.itertuples(index=False):
-        lines.append(f"- [{row.verdict.upper()}] {row.finding}. Paper: {row.paper}. Ours: {row.ours}. "
-                     f"(Rule: {row.rule}.)")
-    counts = comparison["verdict"].value_counts()
-    lines.append(f"Of {len(comparison)} Section 5 findings: {counts.get('holds', 0)} hold, "
-                 f"{counts.get('partly', 0)} partly, {counts.get('does not hold', 0)} do not hold on this model.")
-    return "\n".join(lines)
-
-
-def findings(comparison: pd.DataFrame, figures: dict[str, str] | None = None) -> list[dict]:
-    """The comparison as the report's findings (``ffnlib.report``): section, finding, paper, ours, verdict,
-    figure (``figures`` maps the comparison's figure keys to paths relative to the run folder)."""
-    figures = figures or {}
-    return [{"section": f"5 ({row.figure.replace('fig', 'Fig. ')})", "finding": row.finding, "paper": row.paper,
-             "ours": row.ours, "verdict": row.verdict, "figure": figures.get(row.figure), "paper_figure": None}
-            for row in comparison.itertuples(index=False)]
+    unit = "examples"
+    out: dict[str, Estimate] = {}
+    details: dict[str, str] = {}
+    per_example = lambda values: grid(values).mean(1)  # noqa: E731
+    out["active_share"] = share(per_example(frame["n_active"] / d_ff), unit, n_boot, seed)
+    details["active_share"] = (f"with m>0: {(frame['n_positive'] / d_ff).mean():.0%}; 90% of the sub-update sizes in "
+                               f"{(frame['n_norm'] / d_ff).mean():.0%} of the memories")
+    for against in AGAINST:
+        zero = frame[f"agree_{against}"] == 0
+        out[f"zero_agreement_{against}"] = share(per_example(zero), unit, n_boot, seed)
+        by_layer = grid(zero).mean(0)
+        details[f"zero_agreement_{against}"] = (f"by layer {by_layer.min():.0%}-{by_layer.max():.0%} (lowest at layer "
+                                                f"{int(by_layer.argmin())}); with the paper's rule (m>0 active) "
+                                                f"{(frame[f'agree_{against}_positive'] == 0).mean():.0%}")
+        agree = grid(frame[f"agree_{against}"] > 0)
+        for name, flags in (("stop_words", grid(frame[f"{against}_top_stop"])),
+                            ("short_prefix", grid(frame["prefix_len"] < SHORT_PREFIX))):
+            columns = np.stack([(agree * flags).sum(1), agree.sum(1), flags.sum(1),
+                                np.full(n_examples, n_layers)], 1)
+            out[f"{name}_{against}"] = bootstrap(columns, lambda s: s[..., 0] / s[..., 1], unit, n_boot, seed)
+            out[f"{name}_{against}/baseline"] = bootstrap(columns, lambda s: s[..., 2] / s[..., 3], unit, n_boot,
+                                                          seed)
+            details[f"{name}_{against}"] = f"{int(agree.sum()):,} agreeing (example, layer) pairs of {agree.size:,}"
+    spearman = lambda s: spearman_with_depth(s)  # noqa: E731  (a curve's trend does not depend on its scale)
+    residual_final = grid(frame["residual_top"] == frame["final_top"])
+    out["residual_final_trend"] = bootstrap(residual_final, spearman, unit, n_boot, seed)
+    curve = residual_final.mean(0)
+    details["residual_final_trend"] = f"{curve[0]:.0%} (first layer) to {curve[-1]:.0%} (last)"
+    confidence = grid(frame["residual_prob_final"])
+    out["residual_prob_trend"] = bootstrap(confidence, spearman, unit, n_boot, seed)
+    curve = confidence.mean(0)
+    details["residual_prob_trend"] = f"mean {curve[0]:.2f} (first layer) to {curve[-1]:.2f} (last)"
+    case = {name: grid(frame["case"] == name) for name in CASES}
+    out["residual_dominates"] = share((case["residual"] - case["ffn"]).mean(1), unit, n_boot, seed)
+    details["residual_dominates"] = (f"residual case {case['residual'].mean():.0%} vs FFN case "
+                                     f"{case['ffn'].mean():.0%} (mean over layers)")
+    out["ffn_rarely_overrides"] = share(case["ffn"].mean(1), unit, n_boot, seed)
+    details["ffn_rarely_overrides"] = (f"largest {case['ffn'].mean(0).max():.0%} at layer "
+                                       f"{int(case['ffn'].mean(0).argmax())}")
+    out["composition"] = share(case["composition"].mean(1), unit, n_boot, seed)
+    details["composition"] = f"last layer {case['composition'][:, -1].mean():.0%}"
+    return out, details
 
 
 def curves(summary: pd.DataFrame) -> dict:

@@ -11,13 +11,19 @@ forward hooks that are always removed on exit (errors included). Only what was a
 - ``residual_before``: the residual the FFN is added to, i.e. ``residual_after - ffn_output``. For
   sequential blocks this is the residual after attention; for parallel blocks (GPT-J, NeoX) it is
   the input plus the attention output, which the model never materialises on its own.
+
+Every tensor comes per token, (batch, tokens, width), whatever shape the family's modules use: OPT runs
+its FFN on (batch·tokens, d). :func:`hook_coefficients` is the one place that owns that reshape for
+code that reads or edits the coefficients inside a forward pass (the miner, interventions, ...): it
+hands each hook the coefficients as (batch, tokens, d_ff) and writes an edit back in the module's own
+shape.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -43,6 +49,99 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class StopForward(Exception):
+    """Raised by a hook once the last layer needed has been read: the rest of the model is skipped."""
+
+
+def forward_until_stop(model, **inputs) -> None:
+    """Run ``model(**inputs)``, ending quietly where a hook raised :class:`StopForward`."""
+    try:
+        model(**inputs)
+    except StopForward:
+        pass
+
+
+@contextmanager
+def stop_after(model_or_adapter, layer: int) -> Iterator[None]:
+    """Stop every forward pass right after block ``layer`` (run it with :func:`forward_until_stop`)."""
+    adapter = _adapter_of(model_or_adapter)
+
+    def stop(module, args, output):
+        raise StopForward
+
+    handle = adapter.layer(layer).register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class TokenShapes:
+    """The (batch, tokens) of each hooked layer's input, recorded by a pre-hook on the block, so that
+    a tensor a family's module sees flattened (OPT: (batch·tokens, d)) can be given back per token."""
+
+    def __init__(self) -> None:
+        self.lead: dict[int, torch.Size] = {}
+
+    def register(self, adapter: Adapter, layer: int):
+        def record(mod, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor):
+                self.lead[layer] = hidden.shape[:-1]
+        return adapter.layer(layer).register_forward_pre_hook(record, with_kwargs=True)
+
+    def per_token(self, layer: int, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as (batch, tokens, width) (a view; unchanged when it already is)."""
+        lead = self.lead.get(layer)
+        if lead is not None and tensor.shape[:-1] != lead and tensor.shape[:-1].numel() == lead.numel():
+            return tensor.reshape(*lead, tensor.shape[-1])
+        return tensor
+
+
+def _adapter_of(model_or_adapter) -> Adapter:
+    adapter = getattr(model_or_adapter, "adapter", model_or_adapter)
+    if isinstance(adapter, nn.Module):  # a bare transformers model
+        adapter = get_adapter(adapter)
+    return adapter
+
+
+CoefficientHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+@contextmanager
+def hook_coefficients(model_or_adapter, layers: Iterable[int] | int | None,
+                      fn: CoefficientHook) -> Iterator[None]:
+    """Call ``fn(layer, m)`` inside every forward pass, with the coefficients ``m`` of each hooked layer
+    (all when ``None``) as (batch, tokens, d_ff), whatever shape the family's FFN uses.
+
+    If ``fn`` returns a tensor of that shape, it replaces the coefficients: the FFN's second linear then
+    reads it, given back in the module's own shape. An exception raised by ``fn`` (e.g. to stop the
+    forward pass once the last layer needed has been read) propagates. The hooks are removed on exit,
+    errors included.
+    """
+    adapter = _adapter_of(model_or_adapter)
+    shapes = TokenShapes()
+    handles = []
+
+    def make(layer: int):
+        def pre_hook(module, args):
+            m = args[0]
+            replaced = fn(layer, shapes.per_token(layer, m))
+            if replaced is None:
+                return None
+            return (replaced.reshape(m.shape), *args[1:])
+        return pre_hook
+
+    try:
+        for layer in adapter.check_layers(layers):
+            handles.append(shapes.register(adapter, layer))
+            handles.append(adapter.down(layer).register_forward_pre_hook(make(layer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextmanager
 def capture(model_or_adapter, layers: Iterable[int] | int | None = None,
             what: Iterable[str] = ("coefficients",)) -> Iterator[Activations]:
@@ -50,9 +149,7 @@ def capture(model_or_adapter, layers: Iterable[int] | int | None = None,
 
     Each forward pass overwrites the previous one's tensors.
     """
-    adapter: Adapter = getattr(model_or_adapter, "adapter", model_or_adapter)
-    if isinstance(adapter, nn.Module):  # a bare transformers model
-        adapter = get_adapter(adapter)
+    adapter = _adapter_of(model_or_adapter)
     what = (what,) if isinstance(what, str) else tuple(what)
     unknown = sorted(set(what) - set(WHAT))
     if unknown:
@@ -62,23 +159,14 @@ def capture(model_or_adapter, layers: Iterable[int] | int | None = None,
     need_out = "ffn_output" in what or "residual_before" in what
     need_after = "residual_after" in what or "residual_before" in what
     handles = []
-    lead_shapes: dict[int, torch.Size] = {}  # (batch, tokens) of each hooked layer's input
+    shapes = TokenShapes()
 
     def store(name: str, layer: int, tensor: torch.Tensor) -> None:
-        lead = lead_shapes.get(layer)
-        if lead is not None and tensor.shape[:-1] != lead and tensor.shape[:-1].numel() == lead.numel():
-            tensor = tensor.reshape(*lead, tensor.shape[-1])  # OPT runs its FFN on (batch * tokens, d)
-        getattr(acts, name)[layer] = tensor.detach()
-
-    def record_shape(mod, args, kwargs, layer):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(hidden, torch.Tensor):
-            lead_shapes[layer] = hidden.shape[:-1]
+        getattr(acts, name)[layer] = shapes.per_token(layer, tensor).detach()
 
     try:
         for layer in layer_list:
-            handles.append(adapter.layer(layer).register_forward_pre_hook(
-                lambda mod, args, kwargs, layer=layer: record_shape(mod, args, kwargs, layer), with_kwargs=True))
+            handles.append(shapes.register(adapter, layer))
             if "coefficients" in what:
                 handles.append(adapter.down(layer).register_forward_pre_hook(
                     lambda mod, args, layer=layer: store("coefficients", layer, args[0])))
@@ -133,9 +221,10 @@ def decomposition_check(loaded, text: str, layers: Iterable[int] | int | None = 
         bias = adapter.value_bias(layer)
         if bias is not None:
             memories = memories + bias
-        err = (memories - down_out[layer]).abs().max().item()
+        out = down_out[layer].reshape(memories.shape)  # OPT's FFN output is (batch * tokens, d)
+        err = (memories - out).abs().max().item()
         rows.append({"layer": layer, "max_abs_error": err,
-                     "relative_error": err / max(down_out[layer].abs().max().item(), 1e-30)})
+                     "relative_error": err / max(out.abs().max().item(), 1e-30)})
     frame = pd.DataFrame(rows)
     frame.attrs["logits_max_abs_error"] = (final_logits - logits).abs().max().item()
     return frame

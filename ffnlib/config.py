@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from .errors import ParameterError
 
 
@@ -21,6 +23,7 @@ class Scale:
     removal_keys: int  # keys per layer in the removal experiment (paper: 100)
     aggregation_examples: int  # held-out prefixes for Section 5 (paper: 4,000)
     checkpoint_every: int  # sentences between mining checkpoints
+    control_removal_keys: int  # keys per layer in the random-weights control's removal experiment
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -28,11 +31,11 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "ci": Scale("ci", mining_sentences=160, top_k=50, removal_keys=10, aggregation_examples=64,
-                checkpoint_every=64),
+                checkpoint_every=64, control_removal_keys=10),
     "default": Scale("default", mining_sentences=8000, top_k=50, removal_keys=100, aggregation_examples=4000,
-                     checkpoint_every=1000),
+                     checkpoint_every=1000, control_removal_keys=25),
     "full": Scale("full", mining_sentences=None, top_k=50, removal_keys=100, aggregation_examples=4000,
-                  checkpoint_every=2000),
+                  checkpoint_every=2000, control_removal_keys=100),
 }
 
 CORE_PARAMETERS = {"model": str, "scale": str, "seed": int, "results_dir": str, "device": str}
@@ -59,3 +62,13 @@ def check_parameters(params: dict, types: dict[str, type] | None = None) -> None
             raise ParameterError(f"Parameter {name}={value!r} has type {type(value).__name__}; it must be "
                                  f"{want.__name__} (e.g. papermill ... -p {name} <{want.__name__}>).")
     get_scale(params.get("scale", "default"))
+
+
+def check_int(name: str, value, low: int = 1) -> int:
+    """``value`` as an int, or a clear error when it is not an int or is below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ParameterError(f"{name} must be an int, got {value!r}.")
+    if value < low:
+        raise ParameterError(f"{name} must be a positive int, got {value}." if low == 1 else
+                             f"{name} must be >= {low}, got {value}.")
+    return int(value)

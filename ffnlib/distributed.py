@@ -5,8 +5,8 @@ The single-process analyses (:func:`ffnlib.keys.mine_trigger_examples`,
 into length-sorted batches. Here that plan is cut into **shards**, consecutive runs of its batches,
 and each shard is one Dask task that produces a partial result:
 
-- mining: a :class:`ffnlib.keys.TopKState` (the top-k candidates of the shard's sentences), merged
-  with :func:`ffnlib.keys.merge` (score, then sentence id, then position: a total order, so the top-k
+- mining: a :class:`ffnlib.mining.TopKState` (the top-k candidates of the shard's sentences), merged
+  with :func:`ffnlib.mining.merge` (score, then sentence id, then position: a total order, so the top-k
   of the union does not depend on the order in which shards finish);
 - aggregation: the shard's rows (one per example and layer), concatenated and sorted.
 
@@ -54,8 +54,11 @@ import torch
 
 from . import aggregation as _aggregation
 from . import keys as _keys
+from . import mining as _mining
+from .config import check_int
 from .errors import FFNLibError, ParameterError, ResultsError
-from .storage import ensure_dir, fingerprint, load_result, save_result, write_json
+from .progress import say as _say
+from .storage import ensure_dir, load_result, save_result
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +72,6 @@ _ADDRESS = re.compile(r"^[a-z][a-z0-9+]*://\S+$|^[\w.\-\[\]]+:\d+$")  # tcp://ho
 # =====================================================================================================
 # Connecting to a cluster
 # =====================================================================================================
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ParameterError(f"{name} must be a positive int, got {value!r}.")
-    return int(value)
-
-
 def _cluster_error(cluster) -> ParameterError:
     return ParameterError(
         f"cluster must be None (one process, no Dask), 'local' (a Dask LocalCluster on this machine), a "
@@ -131,7 +128,7 @@ def connect(cluster="local", n_workers: int = 2, connect_timeout: float = 30.0,
         raise ParameterError("cluster=None means no cluster: call the single-process function (or "
                              "ffnlib.distributed.mine / aggregate, which do so for None).")
     check_cluster(cluster)
-    n_workers = _positive_int("n_workers", n_workers)
+    n_workers = check_int("n_workers", n_workers)
     if cluster == "local":
         saved, local, client = _environ_snapshot(), None, None
         try:
@@ -211,7 +208,7 @@ def model_ref(loaded, device: str | None, torch_threads: int) -> ModelRef:
         except (RuntimeError, TypeError) as exc:
             raise ParameterError(f"Unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'.") from exc
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    return ModelRef(str(name), str(loaded.file_hash), device, dtype, _positive_int("torch_threads", torch_threads))
+    return ModelRef(str(name), str(loaded.file_hash), device, dtype, check_int("torch_threads", torch_threads))
 
 
 def _worker_device(device: str) -> str:
@@ -313,7 +310,7 @@ def _maybe_pause() -> None:
 def plan_shards(batch_tokens: Sequence[int], shard_tokens: int) -> list[tuple[int, int]]:
     """Cut a batch plan into shards: consecutive runs ``(first, end)`` of batches whose padded tokens add
     up to at most ``shard_tokens`` (a batch larger than that is a shard of its own)."""
-    shard_tokens = _positive_int("shard_tokens", shard_tokens)
+    shard_tokens = check_int("shard_tokens", shard_tokens)
     shards, first, total = [], 0, 0
     for index, cost in enumerate(batch_tokens):
         if index > first and total + int(cost) > shard_tokens:
@@ -331,12 +328,6 @@ def auto_shard_tokens(total_tokens: int) -> int:
     return int(min(MAX_SHARD_TOKENS, max(MIN_SHARD_TOKENS, math.ceil(total_tokens / TARGET_SHARDS))))
 
 
-def _say(message: str, progress: bool) -> None:
-    log.info(message)
-    if progress:
-        print(message)
-
-
 def _shard_frame(scores: np.ndarray, keys: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"score": scores.reshape(-1).astype(np.float32), "key": keys.reshape(-1).astype(np.int64)})
 
@@ -349,27 +340,17 @@ def _mine_shard(ref: ModelRef, spec: dict, token_ids: list, sentence_ids: np.nda
         loads = _COUNTS["loads"]
         loaded = worker_model(ref)
         load_seconds = time.perf_counter() - started if _COUNTS["loads"] > loads else 0.0
-        adapter, device, layers = loaded.adapter, loaded.device, spec["layers"]
-        state = _keys.TopKState.empty(layers, spec["signs"], adapter.d_ff, spec["k"], device=device)
-        miner = _keys._Miner(state, spec["per_sentence"], spec["n_bos"])
+        state = _mining.TopKState.empty(spec["layers"], spec["signs"], loaded.adapter.d_ff, spec["k"],
+                                        device=loaded.device)
         ids = torch.as_tensor(np.asarray(sentence_ids, dtype=np.int64))
-        handles = [adapter.down(layer).register_forward_pre_hook(miner.hook(layer, layer == layers[-1]))
-                   for layer in layers]
         tokens = padded = 0
-        try:
-            with torch.inference_mode():
-                for rows in batches:
-                    miner.batch = _keys._make_batch([token_ids[r] for r in rows], spec["pad_id"], device,
-                                                    spec["n_bos"])
-                    miner.sentence_ids = ids[rows].to(device)
-                    _keys._forward(loaded.model, miner.batch.ids)
-                    tokens += sum(len(token_ids[r]) for r in rows)
-                    padded += int(miner.batch.ids.numel())
-                    _maybe_pause()
-        finally:
-            for handle in handles:
-                handle.remove()
-        miner.flush()
+        with _mining.hooked(loaded, state, spec["per_sentence"]) as miner, torch.inference_mode():
+            for rows in batches:
+                batch = miner.mine(loaded.model, [token_ids[r] for r in rows], ids[rows], spec["pad_id"])
+                tokens += sum(len(token_ids[r]) for r in rows)
+                padded += int(batch.ids.numel())
+                _maybe_pause()
+            miner.flush()
     scores, keys = state.scores.cpu().numpy(), state.keys.cpu().numpy()
     if save is not None:
         save_result(save["folder"], save["name"], _shard_frame(scores, keys), save["manifest"])
@@ -472,29 +453,9 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
     """
     started = time.perf_counter()
     check_cluster(cluster)
-    adapter = loaded.adapter
-    if per_sentence not in _keys.PER_SENTENCE:
-        raise ParameterError(f"per_sentence must be one of {_keys.PER_SENTENCE}, got {per_sentence!r}.")
-    negative = adapter.gated if negative is None else negative
-    if not isinstance(negative, bool):
-        raise ParameterError(f"negative must be True, False or None, got {negative!r}.")
-    if isinstance(layers, (list, tuple)) and not layers:
-        raise ParameterError("layers is empty: give layer indices, or None for all layers.")
-    layer_list = adapter.check_layers(layers)
-    k = _keys._int("k", k)
-    batch_tokens = _keys._int("batch_tokens", batch_tokens)
-    _keys._int("checkpoint_every", checkpoint_every)
+    req = _keys.trigger_request(loaded, sentences, k, per_sentence, negative, layers, batch_tokens, checkpoint_every)
     ref = model_ref(loaded, device, torch_threads)
-    table = _keys.prepare_sentences(loaded, sentences)
-    if k > len(table):
-        raise ParameterError(f"k={k} is larger than the number of sentences ({len(table)}): each key can have at "
-                             f"most one trigger per sentence. Use k <= {len(table)} or more sentences.")
-    signs = [1, -1] if negative else [1]
-    request = {"analysis": "trigger_examples", "version": _keys.RESULT_VERSION, "model": loaded.name,
-               "file_hash": loaded.file_hash, "corpus": _keys.corpus_fingerprint(table), "sentences": len(table),
-               "k": k, "per_sentence": per_sentence, "negative": negative, "layers": layer_list,
-               "n_bos": len(loaded.bos)}
-    name = f"triggers-{fingerprint(request)}"
+    table, request, name, layer_list, signs = req.table, req.request, req.name, req.layers, req.signs
     folder = ensure_dir(out_dir) if out_dir is not None else None
     if folder is not None:
         cached = _keys.load_trigger_examples(folder, name, request)
@@ -504,15 +465,15 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
             return cached
 
     lengths = np.array([len(t) for t in table["token_ids"]])
-    batches = _keys.plan_batches(lengths, batch_tokens)
+    batches = _mining.plan_batches(lengths, req.batch_tokens)
     costs = [len(rows) * int(lengths[rows].max()) for rows in batches]
-    shard_tokens = auto_shard_tokens(sum(costs)) if shard_tokens is None else _positive_int("shard_tokens",
+    shard_tokens = auto_shard_tokens(sum(costs)) if shard_tokens is None else check_int("shard_tokens",
                                                                                              shard_tokens)
     shards = plan_shards(costs, shard_tokens)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    spec = {"layers": layer_list, "signs": signs, "k": k, "per_sentence": per_sentence, "n_bos": len(loaded.bos),
+    spec = {"layers": layer_list, "signs": signs, "k": req.k, "per_sentence": req.per_sentence,
             "pad_id": int(pad_id)}
-    shape = (len(signs), len(layer_list), adapter.d_ff, k)
+    shape = (len(signs), len(layer_list), loaded.adapter.d_ff, req.k)
     shard_folder = folder / f"{name}.shards" if folder is not None else None
 
     def shard_save(index: int) -> dict | None:
@@ -520,7 +481,7 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
             return None
         first, end = shards[index]
         return {"folder": str(shard_folder), "name": f"shard-{index:05d}-of-{len(shards):05d}",
-                "manifest": {**request, "batch_tokens": batch_tokens, "shard": index, "shards": len(shards),
+                "manifest": {**request, "batch_tokens": req.batch_tokens, "shard": index, "shards": len(shards),
                              "first_batch": first, "end_batch": end, "part": "top-k state"}}
 
     cached_states = {}
@@ -544,11 +505,11 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
         return (ref, spec, [token_ids[r] for r in rows], sentence_ids[rows],
                 [local[b] for b in batches[first:end]], shard_save(index))
 
-    merged: list[_keys.TopKState | None] = [None]
+    merged: list[_mining.TopKState | None] = [None]
 
     def on_result(index: int, result: dict) -> None:
-        part = _keys.TopKState(layer_list, signs, torch.tensor(result["scores"]), torch.tensor(result["keys"]))
-        merged[0] = part if merged[0] is None else _keys.merge(merged[0], part)
+        part = _mining.TopKState(layer_list, signs, torch.tensor(result["scores"]), torch.tensor(result["keys"]))
+        merged[0] = part if merged[0] is None else _mining.merge(merged[0], part)
 
     with connect(cluster, n_workers, connect_timeout, progress) if missing else contextlib.nullcontext() as client:
         computed = _run_shards(client, _mine_shard, shards, missing, build, cached_states, on_result,
@@ -563,13 +524,9 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
              "padding_share": padded / max(sum(costs), 1), "seconds": seconds,
              "tokens_per_second": total_tokens / max(seconds, 1e-9), "resumed_from": 0, "from_cache": False,
              "cluster": info}
-    triggers = _keys._state_frame(merged[0], table)
-    sentence_frame = table[["sentence_id", "text", "title", "topic", "token_ids"]].copy()
-    result = _keys.TriggerExamples(triggers, sentence_frame, request, stats)
+    result = _keys.trigger_examples_from_state(merged[0], table, request, stats)
     if folder is not None:
-        save_result(folder, name, triggers, request)
-        save_result(folder, f"{name}-sentences", _keys._sentences_for_parquet(sentence_frame), request)
-        write_json(folder / f"{name}.stats.json", stats)
+        _keys.save_trigger_examples(folder, name, result)
         if not keep_shards:
             shutil.rmtree(shard_folder, ignore_errors=True)
         _say(f"Saved the trigger examples to {folder / name}.parquet ({total_tokens} tokens in {len(shards)} shards, "
@@ -596,7 +553,7 @@ def analyse_aggregation_on_cluster(loaded, n_examples: int = 4000, seed: int = 0
     """
     started = time.perf_counter()
     check_cluster(cluster)
-    settings = _aggregation._check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens)
+    settings = _aggregation.check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens)
     ref = model_ref(loaded, device, torch_threads)
     examples, manifest, name = _aggregation.aggregation_request(loaded, n_examples, seed, corpus, settings)
     adapter = loaded.adapter
@@ -607,7 +564,7 @@ def analyse_aggregation_on_cluster(loaded, n_examples: int = 4000, seed: int = 0
     lengths = examples["position"].to_numpy() + 1
     batches = _aggregation.make_batches(lengths, settings["batch_tokens"])
     costs = [len(b) * int(lengths[b].max()) for b in batches]
-    shard_tokens = auto_shard_tokens(sum(costs)) if shard_tokens is None else _positive_int("shard_tokens",
+    shard_tokens = auto_shard_tokens(sum(costs)) if shard_tokens is None else check_int("shard_tokens",
                                                                                              shard_tokens)
     shards = plan_shards(costs, shard_tokens)
     shard_folder = Path(out_dir) / f"{name}.shards" if out_dir is not None else None
@@ -635,7 +592,7 @@ def analyse_aggregation_on_cluster(loaded, n_examples: int = 4000, seed: int = 0
     if missing:
         top_positive, top_negative = _aggregation.memory_top_tokens(
             loaded, negative=adapter.gated or settings["active_rule"] == "relative", cache=value_cache,
-            progress=progress)
+            progress=progress, projections=out_dir)
         value_norms = torch.stack([adapter.written_values(layer).float().norm(dim=-1) for layer in range(adapter.n_layers)])
         tables = {"top_positive": top_positive.cpu().numpy(),
                   "top_negative": None if top_negative is None else top_negative.cpu().numpy(),

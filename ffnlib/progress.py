@@ -7,7 +7,10 @@ streams their output to the console, so a long step shows a text bar there (a li
 
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger("ffnlib")
 
 
 def tqdm(*args, **kwargs):
@@ -20,3 +23,10 @@ def tqdm(*args, **kwargs):
     from tqdm.auto import tqdm as auto_bar
 
     return auto_bar(*args, **kwargs)
+
+
+def say(message: str, progress: bool = True) -> None:
+    """Log a message about a long step (a cached result reused, a resume), and print it when ``progress``."""
+    log.info(message)
+    if progress:
+        print(message)

@@ -2,8 +2,9 @@
 
 Each suite notebook saves a summary (``summaries/<notebook>.json``) with:
 
-- ``findings``: a list of ``{"section", "finding", "paper", "ours", "verdict", "figure", "paper_figure"}``,
-  where ``verdict`` is ``"holds"``, ``"partly"`` or ``"does not hold"`` and ``ours`` states measured numbers;
+- ``findings``: a list of ``{"section", "finding", "paper", "ours", "control", "verdict", "rule", "figure", ...}``
+  rows, judged by the findings registry (``ffnlib.findings.findings_rows``): ``ours`` and ``control`` state
+  measured numbers with their 95% intervals, ``verdict`` is one of ``ffnlib.findings.VERDICTS``;
 - ``curves``: per-layer series, ``{name: {"label": str, "values": [...], "paper": [...] or null}}``;
 - ``manifests``: the manifest of every cached result the numbers came from;
 - ``model``: ``loaded.describe()``.
@@ -25,19 +26,25 @@ from pathlib import Path
 from .errors import FFNLibError, ResultsError
 from .storage import atomic_write_bytes
 
-VERDICTS = ("holds", "partly", "does not hold", "not measured")  # "not measured": e.g. needs human annotation
+from .findings import ARCHITECTURAL, SIZE_SHARE, VERDICTS
+
 SECTION_OF = {"01": "Sec. 3", "02": "Sec. 4", "03": "Sec. 5"}  # notebook number -> paper section
+COLUMNS = ("section", "finding", "paper", "ours", "control", "verdict")
 
 
 @dataclass(frozen=True)
 class Finding:
+    """One row of the report (a summary's ``findings`` entry, judged by ``ffnlib.findings``)."""
+
     section: str
     finding: str
     paper: str
     ours: str
     verdict: str
+    control: str = ""
     figure: str | None = None  # our figure, relative to the run folder
     paper_figure: str | None = None  # the paper's numbers drawn by us, relative to the run folder
+    rule: str = ""
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -47,17 +54,14 @@ class Finding:
         return dict(self.__dict__)
 
 
-def verdict(share_ok: float, partly: float = 0.5) -> str:
-    """``holds`` when a claim holds in (nearly) all the places it is tested, ``partly`` when in many."""
-    return "holds" if share_ok >= 0.85 else ("partly" if share_ok >= partly else "does not hold")
-
-
 def normalise_verdict(text: str) -> str:
-    """Map a notebook's worded verdict ("holds: at chance level", "the direction holds, but ...") to one
-    of :data:`VERDICTS`."""
+    """Map a worded verdict ("holds: at chance level", "the direction holds, but ...") to one of
+    :data:`VERDICTS`."""
     text = text.strip().lower().lstrip("(")
     if text.startswith("no verdict"):
         return "not measured"
+    if text.startswith(ARCHITECTURAL.split(" (")[0]):
+        return ARCHITECTURAL
     if text.startswith(VERDICTS):
         return next(v for v in VERDICTS if text.startswith(v))
     if text.startswith(("differs", "not ", "no ")):
@@ -66,8 +70,9 @@ def normalise_verdict(text: str) -> str:
 
 
 def _findings(name: str, summary: dict) -> list[dict]:
-    """A summary's findings; a ``comparison`` table (finding, paper, ours, verdict) is read as findings."""
-    findings = list(summary.get("findings") or [])
+    """A summary's findings in the report's form; a ``comparison`` table (finding, paper, ours, verdict) of
+    an older summary is read as findings too."""
+    findings = [dict(f) for f in summary.get("findings") or []]
     seen = {f["finding"] for f in findings}
     for row in summary.get("comparison") or []:
         if row["finding"] in seen:
@@ -80,11 +85,16 @@ def _findings(name: str, summary: dict) -> list[dict]:
                          "paper": row["paper"], "ours": ours, "verdict": worded, "figure": row.get("figure"),
                          "paper_figure": row.get("paper_figure")})
     for f in findings:
-        f["verdict"] = normalise_verdict(f["verdict"])
+        f["verdict"] = normalise_verdict(str(f["verdict"]))
         for key in ("figure", "paper_figure"):  # a table's empty cell arrives as NaN
             f[key] = f.get(key) if isinstance(f.get(key), str) and f.get(key) else None
         section = str(f.get("section") or "")
         f["section"] = f"Sec. {section}" if section[:1].isdigit() else section  # "5 (Fig. 7)" -> "Sec. 5 (Fig. 7)"
+        if f.get("figure_ref") and f["figure_ref"] not in f["section"]:
+            f["section"] = f"{f['section']} ({f['figure_ref']})"
+        detail = f.get("ours_detail")
+        f["ours_cell"] = f"{f['ours']}; {detail}" if detail else str(f["ours"])
+        f["control_cell"] = str(f.get("control") or "—")
     return findings
 
 
@@ -109,31 +119,61 @@ def _model_line(summaries: dict[str, dict]) -> str:
     return "unknown model"
 
 
+def _control_line(summaries: dict[str, dict]) -> str:
+    names = sorted({f.get("control_name") for s in summaries.values() for f in s["findings"] if f.get("control_name")})
+    if not names:
+        return "none (verdicts against each finding's own baseline only)"
+    return (f"the same architecture with random weights (its own initialiser from its config, seeded; "
+            f"{', '.join(names)}), run on the same corpus with the same parameters")
+
+
+RULES_TEXT = f"""Each "ours" number carries a 95% interval: a seeded bootstrap (1,000 resamples) over the unit that was
+sampled (keys for Section 3, memories for Section 4, held-out examples for Section 5), or an exact binomial
+interval for a count out of 100. The control column is the same measure on the random-weights control.
+
+- **holds**: ours lies beyond the control in the paper's direction with non-overlapping 95% intervals (and beyond
+  its own baseline likewise, where it has one), and where the paper gives a number, the interval's conservative
+  end reaches {SIZE_SHARE:.0%} of the paper's size;
+- **partly**: the direction holds significantly, the size does not;
+- **holds without training too (architectural)**: ours shows the effect, but so does the control, and ours does
+  not beat it: the same architecture shows it untrained;
+- **does not hold**: the remaining cases; **not measured**: no number (e.g. it needs human annotation).
+
+Claimed ranges (e.g. 10-50% of memories active) hold when our interval lies within the range and the control's
+does not. Overlapping intervals never give "holds"."""
+
+
 def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
     run_dir = Path(run_dir)
-    lines = [f"# ffnlib report: the paper versus ours", "",
+    lines = ["# ffnlib report: the paper versus ours", "",
              f"- Model: {_model_line(summaries)}",
+             f"- Control: {_control_line(summaries)}",
              f"- Run folder: `{run_dir.parent.name}/{run_dir.name}` (model / scale)",
              "- Paper: Geva, Schuster, Berant & Levy, *Transformer Feed-Forward Layers Are Key-Value Memories*, "
              "EMNLP 2021 (16-layer ReLU LM on WikiText-103).",
              "- Our corpus is ~1% of WikiText-103 (embedded Wikipedia text); see each notebook for sizes.", ""]
     counts = {v: 0 for v in VERDICTS}
-    table = ["| section | finding | paper | ours | verdict |", "|---|---|---|---|---|"]
+    table = ["| section | finding | paper | ours [95% CI] | random-init control [95% CI] | verdict |",
+             "|---|---|---|---|---|---|"]
+    rules = []
     for name, summary in summaries.items():
         for f in summary.get("findings", []):
             counts[f["verdict"]] += 1
-            cells = [str(f[c]).replace("|", "\\|") for c in ("section", "finding", "paper", "ours")]
+            cells = [str(f[c]).replace("|", "\\|") for c in ("section", "finding", "paper", "ours_cell", "control_cell")]
             table.append("| " + " | ".join(cells) + f" | **{f['verdict']}** |")
-    lines += [f"Verdicts: {counts['holds']} hold, {counts['partly']} partly, {counts['does not hold']} do not hold, "
-              f"{counts['not measured']} not measured.",
-              "", *table, ""]
+            if f.get("rule"):
+                measure = f" Measure: {f['measure']}." if f.get("measure") else ""
+                rules.append(f"- **{f['finding']}** ({f['section']}).{measure} Rule: {f['rule']}.")
+    lines += [f"Verdicts: {counts['holds']} hold, {counts['partly']} partly, {counts[ARCHITECTURAL]} hold without "
+              f"training too (architectural), {counts['does not hold']} do not hold, {counts['not measured']} not "
+              "measured.", "", *table, ""]
     for name, summary in summaries.items():
         figures = [(f, f.get("figure"), f.get("paper_figure")) for f in summary.get("findings", []) if f.get("figure")]
         if not figures:
             continue
         lines += [f"## {name}", ""]
         for f, ours, paper in figures:
-            lines.append(f"**{f['finding']}** — {f['verdict']}: {f['ours']}")
+            lines.append(f"**{f['finding']}** — {f['verdict']}: {f['ours_cell']} (control: {f['control_cell']})")
             lines.append("")
             lines.append(f"![ours]({ours})" + (f" ![paper]({paper})" if paper else ""))
             lines.append("")
@@ -142,34 +182,47 @@ def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
             lines.append("<details><summary>Manifests of the results shown</summary>\n")
             lines.append("```json\n" + json.dumps(manifests, indent=1, sort_keys=True, default=str) + "\n```")
             lines.append("</details>\n")
+    lines += ["## How the findings are judged", "", RULES_TEXT, ""]
+    if rules:
+        lines += ["Per finding:", "", *rules, ""]
     return "\n".join(lines)
 
 
 def render_html(run_dir: str | Path, summaries: dict[str, dict]) -> str:
     esc = html.escape
-    rows, sections = [], []
+    rows, sections, rules = [], [], []
     for name, summary in summaries.items():
         for f in summary.get("findings", []):
+            css = "architectural" if f["verdict"] == ARCHITECTURAL else f["verdict"].replace(" ", "-")
             rows.append(f"<tr><td>{esc(f['section'])}</td><td>{esc(f['finding'])}</td><td>{esc(str(f['paper']))}</td>"
-                        f"<td>{esc(str(f['ours']))}</td><td class='v {f['verdict'].replace(' ', '-')}'>"
-                        f"{esc(f['verdict'])}</td></tr>")
+                        f"<td>{esc(f['ours_cell'])}</td><td>{esc(f['control_cell'])}</td>"
+                        f"<td class='v {css}'>{esc(f['verdict'])}</td></tr>")
+            if f.get("rule"):
+                rules.append(f"<li><b>{esc(f['finding'])}</b>: {esc(f.get('measure') or '')}. Rule: {esc(f['rule'])}."
+                             f"</li>")
             if f.get("figure"):
                 paper = (f"<figure><img src='{esc(f['paper_figure'])}'><figcaption>paper</figcaption></figure>"
                          if f.get("paper_figure") else "")
                 sections.append(f"<h3>{esc(f['section'])}: {esc(f['finding'])}</h3><p><b>{esc(f['verdict'])}</b>: "
-                                f"{esc(str(f['ours']))}</p><div class='pair'><figure><img src='{esc(f['figure'])}'>"
-                                f"<figcaption>ours</figcaption></figure>{paper}</div>")
+                                f"{esc(f['ours_cell'])} (control: {esc(f['control_cell'])})</p><div class='pair'>"
+                                f"<figure><img src='{esc(f['figure'])}'><figcaption>ours</figcaption></figure>{paper}"
+                                "</div>")
         if summary.get("manifests"):
             sections.append(f"<details><summary>{esc(name)}: manifests</summary><pre>"
                             f"{esc(json.dumps(summary['manifests'], indent=1, sort_keys=True, default=str))}</pre></details>")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}.holds{background:#d8f5d0}"
-             ".partly{background:#fff3c4}.does-not-hold{background:#f8d0d0}.not-measured{background:#eee}.pair{display:flex;gap:1em}"
-             ".pair img{max-width:560px}")
+             ".partly{background:#fff3c4}.does-not-hold{background:#f8d0d0}.not-measured{background:#eee}"
+             ".architectural{background:#dde7f8}.pair{display:flex;gap:1em}.pair img{max-width:560px}")
+    rules_html = "<h2>How the findings are judged</h2><pre style='white-space:pre-wrap'>" + esc(RULES_TEXT) + "</pre>"
+    if rules:
+        rules_html += "<ul>" + "".join(rules) + "</ul>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ffnlib report</title><style>{style}</style>"
             f"</head><body><h1>ffnlib report: the paper versus ours</h1><p>Model: {esc(_model_line(summaries))}</p>"
-            f"<table><tr><th>section</th><th>finding</th><th>paper</th><th>ours</th><th>verdict</th></tr>"
-            f"{''.join(rows)}</table>{''.join(sections)}</body></html>")
+            f"<p>Control: {esc(_control_line(summaries))}</p>"
+            f"<table><tr><th>section</th><th>finding</th><th>paper</th><th>ours [95% CI]</th>"
+            f"<th>random-init control [95% CI]</th><th>verdict</th></tr>"
+            f"{''.join(rows)}</table>{''.join(sections)}{rules_html}</body></html>")
 
 
 def write_report(run_dir: str | Path) -> list[Path]:

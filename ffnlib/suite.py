@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 # The explorer (05) is interactive and is not part of the batch run.
-SUITE = ("00_quickstart", "01_keys", "02_values", "03_aggregation", "04_compare_models", "09_ff_attention_maps")
+SUITE = ("00_quickstart", "01_keys", "02_values", "03_aggregation", "04_compare_models", "06_knowledge_neurons",
+         "07_moefication", "09_ff_attention_maps")
 
 
 def suite_notebooks(names=None) -> list[Path]:
@@ -67,11 +68,19 @@ def execute(notebook: Path, output: Path, params: dict, stream: bool = False) ->
 
 
 def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str = "results", seed: int = 0,
-              device: str = "cpu", notebooks=None, log=print, stream: bool = False) -> Path:
+              device: str = "cpu", notebooks=None, log=print, stream: bool = False,
+              control: str = "random-init") -> Path:
+    """Run the suite's notebooks in order, then write the report. ``control``: ``"random-init"`` (every
+    finding judged against the same architecture with random weights) or ``"none"``; passed to the notebooks
+    that take it."""
+    import papermill
+
     from .config import get_scale
+    from .controls import check_control
     from .notebook import _slug
 
     get_scale(scale)
+    check_control(control)
     results_dir = Path(results).resolve()
     out = results_dir / _slug(model) / scale / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +90,8 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
     for nb in suite_notebooks(notebooks):
         start = time.perf_counter()
         log(f"[ffnlib] running {nb.name} ({model}, scale={scale}) ...")
-        execute(nb, out / nb.name, params, stream=stream)
+        takes_control = "control" in papermill.inspect_notebook(str(nb))
+        execute(nb, out / nb.name, {**params, "control": control} if takes_control else params, stream=stream)
         log(f"[ffnlib] {nb.name} done in {time.perf_counter() - start:.0f} s -> {out / nb.name}")
     try:
         from .report import write_report
@@ -100,6 +110,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--notebooks", nargs="*", help=f"a subset of {', '.join(SUITE)}")
+    parser.add_argument("--control", default="random-init", choices=["random-init", "none"],
+                        help="judge every finding against the same architecture with random weights (default), "
+                             "or not")
     parser.add_argument("--quiet", action="store_true",
                         help="do not stream the notebooks' output (progress bars, messages) to the console")
     args = parser.parse_args(argv)
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         run_suite(args.model, args.scale, args.results, args.seed, args.device, args.notebooks,
-                  stream=not args.quiet)
+                  stream=not args.quiet, control=args.control)
     except FFNLibError as exc:
         print(f"ffnlib: {exc}", file=sys.stderr)
         return 2

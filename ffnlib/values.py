@@ -35,8 +35,9 @@ the token that follows the prefix of its key's top-1 trigger example (``next_tok
 **Confidence** (:func:`agreement_by_confidence`, :func:`confident_values`; Fig. 6, Table 2): agreement as a
 function of the value's maximal probability, and the most confident values.
 
-**Side by side** (:func:`compare_with_paper`): each finding of the section with our number and a verdict
-computed from it (one-sided tests), layers matched by relative depth.
+**The measures** (:func:`section4_measures`): each finding's number with its 95% interval (a seeded bootstrap
+over memories), layers matched by relative depth; ``ffnlib.findings`` judges them against the same measures
+on a random-weights control.
 
 The probabilities are those of ``head(g ⊙ v_i)``: the norm's 1/RMS scale is left out, as the paper's
 model (no final norm) had no such scale. Rankings and top tokens do not depend on it.
@@ -44,7 +45,6 @@ model (no final norm) had no such scale. Rankings and top tokens do not depend o
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +56,9 @@ import torch
 from .adapters import Adapter
 from .errors import ParameterError, ResultsError
 from .progress import tqdm
-from .reference import PAPER_LAYERS, paper_reference, relative_depth
-from .storage import fingerprint, load_result, save_result, sha256_bytes
+from .reference import PAPER_LAYERS, relative_depth
+from .stats import LEVEL, N_BOOT, Estimate, binomial, bootstrap, bootstrap_samples, share, shift
+from .storage import fingerprint, load_result, read_json, save_result, sha256_bytes
 
 KEYS = ["layer", "memory", "sign"]
 END_OF_SENTENCE = ("disagree", "exclude")
@@ -206,6 +207,30 @@ def project_values(model, layers=None, top_k: int = 10, signs=None, targets: pd.
         _save_parts(out_dir, name, request, (memories, tokens))
         shutil.rmtree(partial, ignore_errors=True)
     return ValueProjection(memories, tokens, request)
+
+
+def cached_projection_tops(loaded, folder, signs) -> pd.DataFrame | None:
+    """The top token of every value of ``loaded`` for ``signs``, read from a finished projection of all its
+    layers cached in ``folder`` (whatever its top_k and targets; checksums verified), or None. Lets
+    Section 5 reuse notebook 02's projection instead of projecting every value again."""
+    folder = Path(folder)
+    layers = list(range(loaded.adapter.n_layers))
+    for manifest in sorted(folder.glob("values-*.manifest.json")):
+        name = manifest.name[: -len(".manifest.json")]
+        if name.endswith(".tokens"):
+            continue
+        try:
+            request = read_json(manifest).get("request") or {}
+        except (OSError, ValueError):
+            continue
+        if (request.get("kind") != "value_projection" or request.get("version") != _VERSION
+                or request.get("model") != loaded.name or request.get("file_hash") != loaded.file_hash
+                or request.get("layers") != layers or not set(signs) <= set(request.get("signs", []))):
+            continue
+        memories = load_result(folder, name, request)
+        if memories is not None:
+            return memories[KEYS + ["top_token"]]
+    return None
 
 
 def _check_signs(signs, adapter: Adapter) -> tuple[int, ...]:
@@ -582,138 +607,114 @@ def confident_examples(confident: pd.DataFrame, triggers: pd.DataFrame, sentence
     return pd.DataFrame(out)
 
 
-# ---- side by side with the paper ----------------------------------------------------------------------
-def _p_greater(hits_a: int, n_a: int, hits_b: int, n_b: int) -> float:
-    """One-sided p-value that rate a > rate b (pooled two-proportion z-test; 1.0 when undefined)."""
-    if n_a == 0 or n_b == 0:
-        return 1.0
-    pooled = (hits_a + hits_b) / (n_a + n_b)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
-    if se == 0:
-        return 1.0
-    z = (hits_a / n_a - hits_b / n_b) / se
-    return 0.5 * math.erfc(z / math.sqrt(2))
+# ---- the measures of Section 4's findings (judged by ffnlib.findings) ----------------------------------
+def _two_groups(values: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Per-unit columns [value if in the first group, 1 if in the first group, value if in the second, 1 if in
+    the second]: their weighted sums give both groups' means in one bootstrap."""
+    values = np.asarray(values, dtype=np.float64)
+    first = np.asarray(first, dtype=bool)
+    return np.stack([values * first, first, values * ~first, ~first], 1).astype(np.float64)
 
 
-def _p_binomial_at_least(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exact."""
-    return float(sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+def _difference_of_means(s: np.ndarray) -> np.ndarray:
+    return s[..., 0] / s[..., 1] - s[..., 2] / s[..., 3]
 
 
-def _p_stochastically_smaller(a: np.ndarray, b: np.ndarray) -> float:
-    """One-sided p-value that values in ``b`` tend to be smaller than in ``a`` (Mann-Whitney U, normal
-    approximation, average ranks for ties; 1.0 when undefined)."""
-    n_a, n_b = len(a), len(b)
-    if n_a == 0 or n_b == 0:
-        return 1.0
-    ranks = pd.Series(np.concatenate([a, b])).rank().to_numpy()
-    u_b = ranks[n_a:].sum() - n_b * (n_b + 1) / 2
-    sd = math.sqrt(n_a * n_b * (n_a + n_b + 1) / 12)
-    z = (n_a * n_b / 2 - u_b) / sd
-    return 0.5 * math.erfc(z / math.sqrt(2))
+def _median_difference(a: np.ndarray, b: np.ndarray, unit: str, n_boot: int, seed: int) -> Estimate:
+    """median(a) - median(b), each group resampled on its own (a stratified bootstrap)."""
+    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    if len(a) == 0 or len(b) == 0:
+        return Estimate.missing(unit)
+
+    def medians(values: np.ndarray, stream: int) -> np.ndarray:
+        def of(weights):
+            cum = np.cumsum(weights, axis=1)
+            return values[np.argmax(cum >= cum[:, -1:] / 2, axis=1)]
+        return bootstrap_samples(of, len(values), n_boot, seed * 2 + stream)
+
+    samples = medians(a, 0) - medians(b, 1)
+    value = float(np.median(a) - np.median(b))
+    low, high = np.quantile(samples, [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2])
+    return Estimate(value, float(min(low, value)), float(max(high, value)), len(a) + len(b), unit, "bootstrap")
 
 
-def compare_with_paper(per_memory: pd.DataFrame, vocab_size: int, n_layers: int, sign: int = 1,
-                       n_confident: int = 100, bins: int = 10, alpha: float = 0.01) -> pd.DataFrame:
-    """The Section 4 findings side by side with ours, each with a verdict computed from our numbers.
-
-    Layers are matched by relative depth (the paper's layers 11-16 of 16 = relative depth above 10/16).
-    Rates are compared with one-sided two-proportion z-tests (binomial for the layer count of the confident
-    values) at level ``alpha``; "holds" means our numbers show the same direction, significantly.
-    Columns: finding, paper, ours, value (our headline number), verdict.
+def section4_measures(per_memory: pd.DataFrame, vocab_size: int, n_layers: int, sign: int = 1,
+                      n_confident: int = 100, bins: int = 10, n_boot: int = N_BOOT,
+                      seed: int = 0) -> tuple[dict[str, Estimate], dict[str, str]]:
+    """The measures of Section 4's findings (``ffnlib.findings``, notebook ``02_values``), each with a 95%
+    interval from a seeded bootstrap over memories (exact binomial intervals for the 100 most confident
+    values), and a line of detail per measure for the report. Layers are matched by relative depth: the
+    paper's layers 11-16 of 16 are our layers above relative depth 10/16.
     """
-    ref = paper_reference("section4")
-    paper_vocab = ref["vocab_size"]["value"]
-    g = per_memory[(per_memory["sign"] == sign)]
-    depth = relative_depth(g["layer"].to_numpy(), n_layers)
-    counted = g["counted"].to_numpy()
+    g = per_memory[per_memory["sign"] == sign]
+    counted = g[g["counted"]]
+    depth = relative_depth(counted["layer"].to_numpy(), n_layers)
     upper = depth > PAPER_UPPER_FROM
-    rows = []
+    agrees = counted["agrees"].to_numpy(np.float64)
+    base = counted["baseline_agrees"].to_numpy(np.float64)
+    unit = "memories"
+    out: dict[str, Estimate] = {}
+    details: dict[str, str] = {}
+    pct = lambda x: f"{100 * x:.2f}%"  # noqa: E731
 
-    def rate(mask, column="agrees"):
-        sel = mask & counted
-        return int(g.loc[sel, column].sum()), int(sel.sum())
+    lower_excess = (agrees - base)[~upper]
+    out["agreement_lower"] = share(lower_excess, unit, n_boot, seed)
+    details["agreement_lower"] = (f"lower layers {pct(agrees[~upper].mean() if (~upper).any() else np.nan)} of "
+                                  f"{int((~upper).sum()):,} memories, empirical baseline "
+                                  f"{pct(base[~upper].mean() if (~upper).any() else np.nan)}")
+    out["agreement_rise"] = bootstrap(_two_groups(agrees, upper), _difference_of_means, unit, n_boot, seed)
+    details["agreement_rise"] = (f"upper {pct(agrees[upper].mean() if upper.any() else np.nan)} of "
+                                 f"{int(upper.sum()):,} vs lower {pct(agrees[~upper].mean() if (~upper).any() else np.nan)}")
 
-    lo_hits, lo_n = rate(~upper)
-    lo_base, _ = rate(~upper, "baseline_agrees")
-    up_hits, up_n = rate(upper)
-    up_base, _ = rate(upper, "baseline_agrees")
-    pct = lambda h, n: 100 * h / n if n else float("nan")  # noqa: E731
-    by_layer = agreement_by_layer(g, vocab_size, n_layers)
-    peak = by_layer[by_layer["relative_depth"] > PAPER_UPPER_FROM].sort_values("agreement").tail(1)
-    peak_txt = (f"; best layer {int(peak['layer'].iloc[0])} at {100 * peak['agreement'].iloc[0]:.2f}%"
-                if len(peak) else "")
-    random_pct = 100 / vocab_size
-
-    above = _p_greater(lo_hits, lo_n, lo_base, lo_n) < alpha
-    rows.append({"finding": "Agreement in lower layers (relative depth <= 10/16)",
-                 "paper": "close to 0% (layers 1-10)",
-                 "ours": f"{pct(lo_hits, lo_n):.2f}% of {lo_n} memories (empirical baseline {pct(lo_base, lo_n):.2f}%)",
-                 "value": pct(lo_hits, lo_n),
-                 "verdict": "differs: above chance in lower layers" if above else "holds: at chance level"})
-    rises = up_hits / max(up_n, 1) > lo_hits / max(lo_n, 1) and _p_greater(up_hits, up_n, lo_hits, lo_n) < alpha
-    rows.append({"finding": "Agreement rises in the upper layers (Fig. 4)",
-                 "paper": f"rises to {ref['agreement_upper_peak']['value']}% in layers 11-16",
-                 "ours": f"upper {pct(up_hits, up_n):.2f}% of {up_n} vs lower {pct(lo_hits, lo_n):.2f}%{peak_txt}",
-                 "value": pct(up_hits, up_n),
-                 "verdict": "holds" if rises else "does not hold (no significant rise)"})
-    chance = _p_greater(up_hits, up_n, up_base, up_n) < alpha
-    rows.append({"finding": "Upper-layer agreement is far above chance",
-                 "paper": f"3.5% vs 1/|V| = {100 / paper_vocab:.5f}% (x{3.5 / (100 / paper_vocab):,.0f})",
-                 "ours": f"{pct(up_hits, up_n):.2f}% vs 1/|V| = {random_pct:.5f}% "
-                         f"(x{pct(up_hits, up_n) / random_pct:,.0f}) and vs the empirical baseline "
-                         f"{pct(up_base, up_n):.2f}%",
-                 "value": pct(up_hits, up_n) / random_pct,
-                 "verdict": "holds (also against the empirical baseline)" if chance
-                 else "only against 1/|V|: not above the empirical baseline"})
+    # the best upper layer, found in every resample
+    layers = counted["layer"].to_numpy()
+    upper_layers = sorted(set(layers[upper].tolist()))
+    if upper_layers:
+        onehot = (layers[:, None] == np.asarray(upper_layers)[None, :]).astype(np.float64)
+        columns = np.concatenate([onehot * agrees[:, None], onehot], 1)
+        k = len(upper_layers)
+        peak = lambda s: (s[..., :k] / s[..., k:]).max(-1)  # noqa: E731
+        out["agreement_upper_peak"] = bootstrap(columns, peak, unit, n_boot, seed)
+        rates = columns.sum(0)
+        best = int(np.argmax(rates[:k] / rates[k:]))
+        in_best = layers == upper_layers[best]
+        out["agreement_upper_peak/baseline"] = share(base[in_best], unit, n_boot, seed + 1)
+        details["agreement_upper_peak"] = (f"layer {upper_layers[best]} of {n_layers} ({int(in_best.sum()):,} "
+                                           f"memories); random baseline 1/|V| = {100 / vocab_size:.5f}%")
+    else:
+        out["agreement_upper_peak"] = Estimate.missing(unit)
 
     if "target_rank" in g.columns:
         ranked = g[g["has_trigger"] & (g["target_rank"] >= 0)]
         rdepth = relative_depth(ranked["layer"].to_numpy(), n_layers)
-        low = ranked.loc[rdepth <= 7 / PAPER_LAYERS, "target_rank"]
-        high = ranked.loc[rdepth > 13 / PAPER_LAYERS, "target_rank"]
-        lo_med, hi_med = (float(x.median()) if len(x) else float("nan") for x in (low, high))
-        falls = _p_stochastically_smaller(low.to_numpy(), high.to_numpy()) < alpha and hi_med < lo_med
-        verdict = "does not hold"
-        if falls:
-            verdict = ("holds" if hi_med / vocab_size < 0.25 else
-                       "the direction holds, but both medians stay near chance (|V|/2): far weaker than the paper")
-        rows.append({"finding": "Rank of the top trigger's next token falls in upper layers (Fig. 5)",
-                     "paper": f"median ~10-15K of {paper_vocab:,} (3.7-5.6%) in layers 1-7, ~0-2K (0-0.7%) in "
-                              "layers 14-16 (unverified reading)",
-                     "ours": f"median {lo_med:,.0f} ({100 * lo_med / vocab_size:.1f}% of {vocab_size:,}) in the first "
-                             f"7/16 of depth, {hi_med:,.0f} ({100 * hi_med / vocab_size:.1f}%) in the last 3/16",
-                     "value": hi_med / vocab_size, "verdict": verdict})
+        low = ranked.loc[rdepth <= 7 / PAPER_LAYERS, "target_rank"].to_numpy() / vocab_size
+        high = ranked.loc[rdepth > 13 / PAPER_LAYERS, "target_rank"].to_numpy() / vocab_size
+        out["target_rank_fall"] = _median_difference(low, high, unit, n_boot, seed)
+        if len(low) and len(high):
+            details["target_rank_fall"] = (f"median rank {np.median(low) * vocab_size:,.0f} ({pct(np.median(low))} of "
+                                           f"{vocab_size:,}) in the first 7/16 of depth, "
+                                           f"{np.median(high) * vocab_size:,.0f} ({pct(np.median(high))}) in the "
+                                           "last 3/16")
 
-    binned = agreement_by_confidence(g, bins=bins)
-    binned = binned[binned["memories"] > 0]
-    if len(binned) >= 2:
-        first, last = binned.iloc[0], binned.iloc[-1]
-        hf, nf = int(round(first["agreement"] * first["memories"])), int(first["memories"])
-        hl, nl = int(round(last["agreement"] * last["memories"])), int(last["memories"])
-        rows.append({"finding": "Agreement rises with the value's max probability (Fig. 6)",
-                     "paper": "yes: more confident values agree more often",
-                     "ours": f"most confident bin {pct(hl, nl):.2f}% vs least confident bin {pct(hf, nf):.2f}% "
-                             f"({len(binned)} equal-count bins)",
-                     "value": pct(hl, nl),
-                     "verdict": "holds" if _p_greater(hl, nl, hf, nf) < alpha else "does not hold"})
+    binned = counted.assign(_bin=pd.qcut(counted["max_prob"].rank(method="first"), bins, labels=False)
+                            if len(counted) >= bins else 0)
+    top_bin, bottom_bin = binned["_bin"] == binned["_bin"].max(), binned["_bin"] == binned["_bin"].min()
+    both = (top_bin | bottom_bin).to_numpy()
+    out["confidence_rise"] = bootstrap(_two_groups(agrees[both], top_bin.to_numpy()[both]), _difference_of_means,
+                                       unit, n_boot, seed)
+    details["confidence_rise"] = (f"most confident tenth {pct(agrees[top_bin.to_numpy()].mean())} vs least "
+                                  f"confident tenth {pct(agrees[bottom_bin.to_numpy()].mean())}")
 
     confident = confident_values(g, n=n_confident, sign=sign)
     summary = confident_summary(confident, n_layers)
-    share = len(summary["upper_layers"]) / n_layers
     n = summary["n"]
-    p_upper = _p_binomial_at_least(summary["in_upper_layers"], n, share)
-    rows.append({"finding": f"The {n} most confident values sit in upper layers",
-                 "paper": f"{ref['confident_in_upper_layers']['value']} of 100 in layers 11-16 (chance: 37.5)",
-                 "ours": f"{summary['in_upper_layers']} of {n} in layers {summary['upper_layers'][0]}-{n_layers - 1} "
-                         f"(chance: {share * n:.1f})" if summary["upper_layers"] else "no upper layers",
-                 "value": summary["in_upper_layers"],
-                 "verdict": "holds" if p_upper < alpha else "does not hold"})
-    w, wb = summary["with_agreeing_trigger"], summary["with_agreeing_trigger_baseline"]
-    rows.append({"finding": f"Confident values with an agreeing top-{int(g['n_triggers'].max() or 0)} trigger",
-                 "paper": f"{ref['confident_with_agreeing_trigger']['value']} of 100",
-                 "ours": f"{w} of {n} (with other keys' triggers: {wb})",
-                 "value": w,
-                 "verdict": "holds (above the baseline)" if _p_greater(w, n, wb, n) < alpha
-                 else "not above the baseline"})
-    return pd.DataFrame(rows)
+    chance = len(summary["upper_layers"]) / n_layers
+    out["confident_upper"] = shift(binomial(summary["in_upper_layers"], n, "values"), chance)
+    details["confident_upper"] = (f"{summary['in_upper_layers']} of {n} in layers {summary['upper_layers'][0]}-"
+                                  f"{n_layers - 1} (chance {chance * n:.1f})" if summary["upper_layers"] else
+                                  "no upper layers")
+    out["confident_agreeing"] = binomial(summary["with_agreeing_trigger"], n, "values")
+    out["confident_agreeing/baseline"] = binomial(summary["with_agreeing_trigger_baseline"], n, "values")
+    details["confident_agreeing"] = (f"{summary['with_agreeing_trigger']} of {n} (with other keys' triggers: "
+                                     f"{summary['with_agreeing_trigger_baseline']})")
+    return out, details

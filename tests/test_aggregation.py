@@ -320,12 +320,20 @@ def test_summary_breakdown_comparison_and_plots(tiny, tiny_result):
     assert breakdown["agreeing_pairs"] == len(agreeing)
     if len(agreeing):
         assert breakdown["short_prefix_share"] == pytest.approx((agreeing["prefix_len"] < 5).mean())
-    comparison = agg.paper_comparison(summary, result.breakdown(), result.breakdown("ffn"))
-    assert comparison["holds"].dtype == bool and len(comparison) >= 8
-    assert set(comparison["verdict"]) <= set(agg.VERDICTS)
-    assert "Section 5 findings" in agg.verdict_text(comparison)
-    found = agg.findings(comparison, {"fig9": "figures/x.png"})
-    assert len(found) == len(comparison) and {f["figure"] for f in found} == {None, "figures/x.png"}
+    measures, details = agg.section5_measures(result, seed=0)
+    assert measures["active_share"].value == pytest.approx((frame["n_active"] / tiny.adapter.d_ff).mean())
+    assert measures["zero_agreement_output"].value == pytest.approx(summary["zero_agreement_output"].mean())
+    assert measures["ffn_rarely_overrides"].value == pytest.approx(summary["case_ffn"].mean())
+    assert measures["stop_words_ffn/baseline"].value == pytest.approx(breakdown["stop_word_base_rate"])
+    if len(agreeing):
+        assert measures["short_prefix_ffn"].value == pytest.approx(breakdown["short_prefix_share"])
+    assert measures["residual_final_trend"].value == pytest.approx(
+        summary["residual_is_final"].corr(summary["layer"], method="spearman"))
+    assert all(e.n == len(result.examples) and e.unit == "examples" for e in measures.values())
+    from ffnlib.findings import findings_rows, of_notebook
+
+    rows = findings_rows("03_aggregation", measures, measures, details)
+    assert len(rows) == len(of_notebook("03_aggregation")) and not any(r["verdict"] == "holds" for r in rows)
     series = agg.curves(summary)
     assert all(len(c["values"]) == 3 for c in series.values())
     assert len(series["residual_is_final"]["paper"]) == 16
@@ -407,3 +415,19 @@ def test_other_bad_inputs(tiny_result, tiny):
     assert agg.resolve_examples(7, get_scale("ci")) == 7
     with pytest.raises(ParameterError):
         agg.resolve_examples(2.5, get_scale("ci"))
+
+
+def test_memory_top_tokens_reuse_notebook_02s_projection(tiny, tmp_path, capsys):
+    """Section 5 reads the values' top tokens from a finished projection in the run's folder instead of
+    projecting every value again; the tokens are the same."""
+    from ffnlib.values import project_values
+
+    project_values(tiny, top_k=3, out_dir=tmp_path / "run", progress=False)
+    reused = agg.memory_top_tokens(tiny, True, cache=tmp_path / "a", progress=True, projections=tmp_path / "run")
+    assert "from the cached projection" in capsys.readouterr().out
+    fresh = agg.memory_top_tokens(tiny, True, cache=tmp_path / "b", progress=False)
+    assert torch.equal(reused[0], fresh[0]) and torch.equal(reused[1], fresh[1])
+    # a projection of some layers only, or of another model, is not used
+    project_values(tiny, layers=[0], top_k=3, out_dir=tmp_path / "part", progress=False)
+    agg.memory_top_tokens(tiny, True, cache=tmp_path / "c", progress=True, projections=tmp_path / "part")
+    assert "from the cached projection" not in capsys.readouterr().out

@@ -28,7 +28,8 @@ from ffnlib import ParameterError
 from ffnlib.adapters import FAMILIES, Adapter
 from ffnlib.capture import capture
 from ffnlib.models import LoadedModel
-from test_adapters import CASES, CASE_IDS, VOCAB, _make_tokenizer, assert_rel_close
+from test_adapters import assert_rel_close
+from tiny_models import CASE_IDS, CASES, VOCAB, make_tokenizer
 
 TOL = 1e-4
 
@@ -432,7 +433,7 @@ def tiny_loaded():
     case = CASES[CASE_IDS.index("llama")]
     model = _tiny(case)
     model.requires_grad_(False)
-    return LoadedModel("tiny-llama", model, _make_tokenizer(), Adapter(model), "random init", "tiny-seed0", False, [1])
+    return LoadedModel("tiny-llama", model, make_tokenizer(), Adapter(model), "random init", "tiny-seed0", False, [1])
 
 
 def test_clear_errors(tiny_loaded):

@@ -44,7 +44,7 @@ def test_hooks_are_removed_even_on_error(smollm):
     before = _hooks(smollm.model)
     with pytest.raises(RuntimeError, match="boom"):
         with intervene(smollm, {(3, 5): 0.0, (4, 6): 2.0}):
-            assert _hooks(smollm.model) == before + 2
+            assert _hooks(smollm.model) == before + 4  # per edited layer: the edit and the token-shape recorder
             raise RuntimeError("boom")
     assert _hooks(smollm.model) == before
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from ffnlib import CorpusError, ParameterError  # noqa: E402
-from ffnlib import keys  # noqa: E402
+from ffnlib import keys, mining  # noqa: E402
 from ffnlib.adapters import get_adapter  # noqa: E402
 from ffnlib.capture import capture  # noqa: E402
 from ffnlib.corpus import load_corpus  # noqa: E402
@@ -72,7 +72,7 @@ def _mine(loaded, sentences, **kw):
 # ---- brute force --------------------------------------------------------------------------------------
 def brute_force(loaded, sentences, layers, k, per_sentence="max", signs=(1, -1)) -> pd.DataFrame:
     """Every coefficient of every sentence, one unbatched forward pass each; top-k by pandas sorting."""
-    table = keys.prepare_sentences(loaded, sentences)
+    table = mining.prepare_sentences(loaded, sentences)
     nb = len(loaded.bos)
     frames = []
     with torch.inference_mode(), capture(loaded, layers=layers, what=("coefficients",)) as acts:
@@ -124,10 +124,10 @@ def test_miner_equals_brute_force_on_a_tiny_model(tiny, smollm, sentences, per_s
     only for the candidates that enter (lazy), padded batches reduced run by run or through one copy, pools
     sorted rarely or after every candidate (spare slots 2k or 1)."""
     if lazy:
-        monkeypatch.setattr(keys, "DENSE_PAIRS_SHARE", 2.0)  # never all at once
+        monkeypatch.setattr(mining, "DENSE_PAIRS_SHARE", 2.0)  # never all at once
     if copy:
-        monkeypatch.setattr(keys, "MAX_GROUP_VIEWS", 0)
-    monkeypatch.setattr(keys, "SPARE_SLOTS", spare)
+        monkeypatch.setattr(mining, "MAX_GROUP_VIEWS", 0)
+    monkeypatch.setattr(mining, "SPARE_SLOTS", spare)
     loaded = dataclasses.replace(tiny, bos=[1]) if bos else tiny
     ex = _mine(loaded, sentences, per_sentence=per_sentence, negative=True)
     bf = brute_force(loaded, sentences, [0, 1, 2], 5, per_sentence)
@@ -169,7 +169,7 @@ def test_negative_side_only_for_gated_by_default(tiny, sentences):
 
 
 def test_layers_subset_and_real_smollm_matches_brute_force(smollm, wiki, monkeypatch):
-    monkeypatch.setattr(keys, "DENSE_PAIRS_SHARE", 0.5)  # all at once early, one by one later
+    monkeypatch.setattr(mining, "DENSE_PAIRS_SHARE", 0.5)  # all at once early, one by one later
     few = load_corpus(wiki, split="train", seed=1, max_sentences=16)
     ex = keys.mine_trigger_examples(smollm, few, k=4, layers=[0, 7, 14], batch_tokens=256, progress=False)
     assert sorted(ex.triggers["layer"].unique()) == [0, 7, 14]
@@ -181,11 +181,11 @@ def test_merge_of_shards_equals_the_whole(tiny, sentences):
     whole = _mine(tiny, sentences).state()
     a = _mine(tiny, sentences.iloc[:20]).state()
     b = _mine(tiny, sentences.iloc[20:]).state()
-    for merged in (keys.merge(a, b), keys.merge(b, a)):
+    for merged in (mining.merge(a, b), mining.merge(b, a)):
         assert torch.equal(merged.keys, whole.keys)
         torch.testing.assert_close(merged.scores, whole.scores, atol=1e-6, rtol=1e-5)
     with pytest.raises(ParameterError, match="different shapes"):
-        keys.merge(a, _mine(tiny, sentences, negative=False).state())
+        mining.merge(a, _mine(tiny, sentences, negative=False).state())
 
 
 def test_merge_is_exact_on_ties():
@@ -193,10 +193,10 @@ def test_merge_is_exact_on_ties():
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 3, (1, 1, 4, 30), generator=g).float()
     keys_ = torch.stack([torch.randperm(10_000, generator=g)[:30] for _ in range(4)]).view(1, 1, 4, 30)
-    full = keys._top_sorted(scores, keys_, 6)
-    a = keys.TopKState([0], [1], *keys._top_sorted(scores[..., :13], keys_[..., :13], 6))
-    b = keys.TopKState([0], [1], *keys._top_sorted(scores[..., 13:], keys_[..., 13:], 6))
-    merged = keys.merge(a, b)
+    full = mining._top_sorted(scores, keys_, 6)
+    a = mining.TopKState([0], [1], *mining._top_sorted(scores[..., :13], keys_[..., :13], 6))
+    b = mining.TopKState([0], [1], *mining._top_sorted(scores[..., 13:], keys_[..., 13:], 6))
+    merged = mining.merge(a, b)
     assert torch.equal(merged.scores, full[0]) and torch.equal(merged.keys, full[1])
     ref = pd.DataFrame({"s": scores.reshape(4, 30)[0], "k": keys_.reshape(4, 30)[0]}).sort_values(
         ["s", "k"], ascending=[False, True]).head(6)
@@ -207,13 +207,13 @@ def test_merge_is_exact_on_ties():
 def test_pool_of_unsorted_candidates_is_exact_on_ties(spare, monkeypatch):
     """Candidates appended to the spare slots, sorted only when they run out, in batches of any size and
     with many equal scores: the same top k as sorting everything at once (score, then key)."""
-    monkeypatch.setattr(keys, "SPARE_SLOTS", spare)
+    monkeypatch.setattr(mining, "SPARE_SLOTS", spare)
     g = torch.Generator().manual_seed(1)
     n, d_ff, k = 200, 5, 8
     scores = torch.randint(0, 6, (n, d_ff), generator=g).float()
     scores[:, 4] = 1.0  # one memory where every candidate ties
     cand_keys = torch.stack([torch.randperm(100_000, generator=g)[:n] for _ in range(d_ff)], 1)
-    miner = keys._Miner(keys.TopKState.empty([0], [1], d_ff, k), "max", 0)
+    miner = mining.Miner(mining.TopKState.empty([0], [1], d_ff, k), "max", 0)
     first = 0
     for size in [1, 3, 50, 2, 17, 9, 1, 40, 77]:  # batches smaller and larger than k and the spare slots
         part = slice(first, first + size)
@@ -221,16 +221,16 @@ def test_pool_of_unsorted_candidates_is_exact_on_ties(spare, monkeypatch):
         first += size
     assert first == n
     state = miner.flush()
-    want_scores, want_keys = keys._top_sorted(scores.T[None, None], cand_keys.T[None, None], k)
+    want_scores, want_keys = mining._top_sorted(scores.T[None, None], cand_keys.T[None, None], k)
     assert torch.equal(state.scores, want_scores) and torch.equal(state.keys, want_keys)
     assert (miner.fill == k).all() and torch.equal(miner.threshold, want_scores[..., -1])
 
 
 def test_plan_batches_by_length_and_budget():
     lengths = [5, 30, 6, 30, 29, 5, 100]
-    batches = keys.plan_batches(lengths, 64)  # at most 5% padding per batch
+    batches = mining.plan_batches(lengths, 64)  # at most 5% padding per batch
     assert [list(b) for b in batches] == [[6], [1, 3], [4], [2], [0, 5]]
-    assert [list(b) for b in keys.plan_batches(lengths, 64, max_padding=1.0)] == [[6], [1, 3], [4, 2], [0, 5]]
+    assert [list(b) for b in mining.plan_batches(lengths, 64, max_padding=1.0)] == [[6], [1, 3], [4, 2], [0, 5]]
     assert sorted(np.concatenate(batches).tolist()) == list(range(7))
 
 
@@ -313,7 +313,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import pandas as pd, torch
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    from ffnlib import keys
+    from ffnlib import keys, mining
     from ffnlib.models import load_model
     model_dir, corpus, out_dir, kill = sys.argv[1:5]
     mode, _, n = kill.partition(":")
@@ -322,7 +322,7 @@ KILL_SCRIPT = textwrap.dedent("""
     if mode == "batch":  # after a batch (and its checkpoint, if any)
         keys._after_batch = lambda batches, sentences: die() if batches == n else None
     elif mode in ("data", "meta"):  # during the n-th checkpoint of this run
-        real_bytes, real_json, count = keys.atomic_write_bytes, keys.write_json, [0]
+        real_bytes, real_json, count = mining.atomic_write_bytes, mining.write_json, [0]
         def write_bytes(path, data):
             count[0] += 1
             if mode == "data" and count[0] == n:  # half a temporary file written, never renamed
@@ -333,7 +333,7 @@ KILL_SCRIPT = textwrap.dedent("""
             if mode == "meta" and count[0] == n and str(path).endswith(".checkpoint.json"):
                 die()  # new data file written, the JSON still names the previous one
             real_json(path, obj)
-        keys.atomic_write_bytes, keys.write_json = write_bytes, write_json
+        mining.atomic_write_bytes, mining.write_json = write_bytes, write_json  # the checkpoint's writes
     loaded = load_model(model_dir)
     ex = keys.mine_trigger_examples(loaded, pd.read_parquet(corpus), k=5, batch_tokens=64, checkpoint_every=2,
                                     out_dir=out_dir, progress=False)
@@ -359,8 +359,8 @@ def test_sigkill_at_five_points_resumes_and_ends_identical(tiny, sentences, tmp_
 
     rc, _, log = run(tmp_path / "ref")
     assert rc == 0 and "DONE 0" in log, log
-    lengths = [len(t) for t in keys.prepare_sentences(tiny, sentences)["token_ids"]]
-    n = len(keys.plan_batches(lengths, 64))
+    lengths = [len(t) for t in mining.prepare_sentences(tiny, sentences)["token_ids"]]
+    n = len(mining.plan_batches(lengths, 64))
     assert n >= 16, n
     out = tmp_path / "killed"
     resumed = [0]
@@ -520,9 +520,35 @@ def test_layer_measures_and_trend():
     fake = pd.DataFrame({"relative_depth": np.arange(1, 11) / 10, "shallow_token": np.linspace(0.6, 0.1, 10),
                          "topic_concentration": np.linspace(0.3, 0.6, 10), "random_topic_concentration": 0.3})
     trend = keys.pattern_trend(fake)
-    assert trend["holds"] and trend["shallow_depth_correlation"] < 0 < trend["semantic_depth_correlation"]
+    assert trend["shallow_lower"] > trend["shallow_upper"] and trend["semantic_excess_upper"] > trend[
+        "semantic_excess_lower"]
+    assert trend["shallow_depth_correlation"] < 0 < trend["semantic_depth_correlation"]
     fake["topic_concentration"] = np.linspace(0.6, 0.3, 10)
-    assert not keys.pattern_trend(fake)["holds"]
+    assert keys.pattern_trend(fake)["semantic_depth_correlation"] < 0
+
+
+def test_section3_measures_on_constructed_keys():
+    """Removal rows and per-key patterns built by hand: each measure is the number it should be."""
+    n_layers = 4
+    rows = []
+    for layer in range(n_layers):
+        for memory in range(30):
+            last = -0.8 if layer < 2 else -0.4  # lower layers (depth <= 9/16: layers 0, 1) hurt more
+            for variant, change in (("last", last), ("first", -0.1), ("random", -0.2)):
+                rows.append({"layer": layer, "memory": memory, "rank": 0, "variant": variant,
+                             "relative_change": change})
+    removal = pd.DataFrame(rows)
+    patterns = pd.DataFrame({"layer": np.repeat(np.arange(n_layers), 30), "memory": np.tile(np.arange(30), n_layers),
+                             "shallow_token": np.repeat([0.6, 0.5, 0.2, 0.1], 30),
+                             "topic_concentration": np.repeat([0.3, np.nan, 0.5, 0.7], 30)})
+    ours, details = keys.section3_measures(removal, patterns, n_layers, seed=0)
+    assert ours["last_hurts_most"].value == pytest.approx((0.5 * -0.6 + 0.5 * -0.2))
+    assert ours["last_hurts_more_in_lower"].value == pytest.approx(-0.4)
+    assert ours["shallow_lower"].value == pytest.approx(0.55 - 0.15)
+    assert ours["semantic_upper"].value == pytest.approx(0.6 - 0.3)
+    assert all(e.low <= e.value <= e.high for e in ours.values())
+    assert ours["last_hurts_most"].unit == "keys" and ours["last_hurts_most"].n == 120
+    assert "last -60%" in details["last_hurts_most"]
 
 
 # ---- annotations -------------------------------------------------------------------------------------------
@@ -575,7 +601,7 @@ def test_annotation_widget_builds(smollm):
 
 # ---- bad inputs ---------------------------------------------------------------------------------------------
 def test_bad_inputs_raise_ffnlib_errors(tiny, sentences):
-    with pytest.raises(ParameterError, match="k must be >= 1"):
+    with pytest.raises(ParameterError, match="k must be a positive int"):
         _mine(tiny, sentences, k=0)
     with pytest.raises(ParameterError, match="larger than the number of sentences"):
         _mine(tiny, sentences, k=41)
@@ -651,8 +677,8 @@ def test_top_k_by_score_falls_back_to_the_exact_sort_only_where_scores_tie():
     scores[2, 10:] = float("-inf")  # empty slots below the top k + 1: no tie there, the fast path
     scores[3, :] = float("-inf")
     scores[3, 5] = 1.0  # one real candidate, then empty slots
-    fast = keys._top_sorted(scores, keys_, k)
-    exact = keys._sort_exact(scores, keys_, k)
+    fast = mining._top_sorted(scores, keys_, k)
+    exact = mining._sort_exact(scores, keys_, k)
     assert torch.equal(fast[0], exact[0]) and torch.equal(fast[1], exact[1])
     assert fast[1][0, k - 1] == min(keys_[0, top.indices[0, k]], keys_[0, top.indices[0, k - 1]])
     assert fast[1][1, 2] == min(keys_[1, top.indices[1, 2]], keys_[1, top.indices[1, 3]])
@@ -666,9 +692,9 @@ def test_trigger_table_finds_sentences_by_any_id():
     scores = torch.rand(1, 1, 2, 3, generator=g).sort(-1, descending=True).values
     sentence = torch.randint(0, 6, (1, 1, 2, 3), generator=g)
     position = torch.randint(0, 2, (1, 1, 2, 3), generator=g)
-    near = keys._state_frame(keys.TopKState([0], [1], scores, (torch.as_tensor(ids)[sentence] << 20) | position), table)
+    near = keys._state_frame(mining.TopKState([0], [1], scores, (torch.as_tensor(ids)[sentence] << 20) | position), table)
     far_ids = ids * (1 << 36)
-    far = keys._state_frame(keys.TopKState([0], [1], scores, (torch.as_tensor(far_ids)[sentence] << 20) | position),
+    far = keys._state_frame(mining.TopKState([0], [1], scores, (torch.as_tensor(far_ids)[sentence] << 20) | position),
                             table.assign(sentence_id=far_ids))
     assert (far["sentence_id"] == near["sentence_id"] * (1 << 36)).all()
     pd.testing.assert_frame_equal(far.drop(columns="sentence_id"), near.drop(columns="sentence_id"))

@@ -86,3 +86,46 @@ def test_the_suite_streams_what_the_notebooks_print_and_text_progress_bars(tmp_p
         execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb",
                 {"scale": "ci", "results_dir": str(tmp_path)}, stream=True)
     assert "largest relative error of sum_i m_i v_i" in caplog.text
+
+
+def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder(smollm, tmp_path):
+    """OPT is the family with the paper's own FFN form (plain, ReLU, with biases); its FFN runs on
+    (batch * tokens, d). The whole suite, as ``make run MODEL=<folder> SCALE=ci`` runs it, on a tiny random
+    OPT saved with save_pretrained. Its weights are random, so judged against its random-weights control
+    (another random initialisation) no finding may hold."""
+    import torch
+
+    from ffnlib.report import load_summaries
+    from ffnlib.suite import SUITE, run_suite
+    from tiny_models import CASE_IDS, CASES, build_config
+
+    case = CASES[CASE_IDS.index("opt")]
+    torch.manual_seed(11)  # not the control's seed (0): the control must be another random initialisation
+    folder = tmp_path / "tiny-opt"
+    case.model_cls(build_config(case, vocab=len(smollm.tokenizer), positions=512)).save_pretrained(folder)
+    smollm.tokenizer.save_pretrained(folder)
+    run_dir = run_suite(model=str(folder), scale="ci", results=str(tmp_path / "results"), log=lambda *a: None)
+    summaries = load_summaries(run_dir)
+    assert set(summaries) == set(SUITE)
+    model = summaries["03_aggregation"]["model"]  # loaded.describe()
+    assert (model["family"], model["gated"], model["layers"], model["d_ff"]) == ("opt", False, 2, case.d_ff)
+    report = (run_dir / "report.md").read_text()
+    assert "plain FFN" in report and "OPTForCausalLM" in report
+    # the suite's sanity check: a random model judged against its random-weights control holds nothing
+    verdicts = [f["verdict"] for s in summaries.values() for f in s["findings"]]
+    assert len(verdicts) >= 20 and "holds" not in verdicts, verdicts
+    assert all(f["control"] not in ("", "no control") for s in summaries.values() for f in s["findings"]
+               if f["verdict"] != "not measured")
+
+
+def test_the_control_parameter_reaches_the_notebooks_that_take_it(tmp_path):
+    import papermill
+
+    from ffnlib.suite import SUITE, run_suite, suite_notebooks
+
+    takes = {nb.stem for nb in suite_notebooks(SUITE) if "control" in papermill.inspect_notebook(str(nb))}
+    assert {"01_keys", "02_values", "03_aggregation"} <= takes
+    for nb in ("01_keys", "02_values", "03_aggregation"):
+        assert papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"))["control"]["default"] == '"random-init"'
+    with pytest.raises(ffnlib.ParameterError, match="control must be one of"):
+        run_suite(scale="ci", results=str(tmp_path), control="shuffled", log=lambda *a: None)

@@ -382,17 +382,21 @@ def _synthetic(rise: bool, n_layers: int = 16, d_ff: int = 400, seed: int = 0) -
     return value_agreement(memories, triggers)
 
 
-def test_comparison_with_the_paper_follows_the_numbers():
-    from ffnlib.values import _p_binomial_at_least, _p_greater, _p_stochastically_smaller, compare_with_paper
+def test_section4_measures_follow_the_numbers():
+    from ffnlib.findings import findings_rows
+    from ffnlib.values import section4_measures
 
-    holds = compare_with_paper(_synthetic(True), vocab_size=1000, n_layers=16).set_index("finding")["verdict"]
-    assert holds.str.startswith("holds").sum() == len(holds) - 1  # all but "lower layers at chance"
-    assert holds.iloc[0] == "holds: at chance level"
-    null = compare_with_paper(_synthetic(False), vocab_size=1000, n_layers=16).set_index("finding")["verdict"]
-    assert null.iloc[0].startswith("differs")  # 1% agreement against ~0.1% by chance (1000 tokens)
-    assert [v.startswith("does not hold") for v in null.iloc[[1, 3, 4, 5]]] == [True] * 4
-    assert _p_binomial_at_least(0, 10, 0.3) == pytest.approx(1.0)
-    assert _p_binomial_at_least(10, 10, 0.5) == pytest.approx(0.5**10)
-    assert _p_greater(50, 100, 10, 100) < 1e-6 < 0.99 < _p_greater(10, 100, 50, 100)
-    assert _p_stochastically_smaller(np.arange(100.0), np.arange(100.0) - 50) < 1e-6
-    assert _p_stochastically_smaller(np.arange(100.0), np.arange(100.0) + 50) > 0.99
+    rise, details = section4_measures(_synthetic(True), vocab_size=1000, n_layers=16)
+    null, _ = section4_measures(_synthetic(False, seed=1), vocab_size=1000, n_layers=16)
+    assert rise["agreement_rise"].low > 0.15 and null["agreement_rise"].low < 0 < null["agreement_rise"].high
+    from ffnlib.values import confident_summary, confident_values
+
+    in_upper = confident_summary(confident_values(_synthetic(True), n=100), 16)["in_upper_layers"]
+    assert in_upper > 90 and rise["confident_upper"].value == pytest.approx(in_upper / 100 - 6 / 16)  # vs chance
+    assert rise["target_rank_fall"].low > 0.05 and rise["agreement_upper_peak"].low > 0.15  # 20% at rank 0
+    assert all(e.low <= e.value <= e.high for e in list(rise.values()) + list(null.values()))
+    verdicts = {r["key"].split(".")[1]: r["verdict"] for r in findings_rows("02_values", rise, null, details)}
+    assert verdicts["agreement_rise"] == verdicts["confident_upper"] == verdicts["target_rank_fall"] == "holds"
+    assert verdicts["agreement_lower"] != "does not hold"  # 0.1% in lower layers, at chance in both
+    swapped = {r["key"].split(".")[1]: r["verdict"] for r in findings_rows("02_values", null, rise)}
+    assert swapped["agreement_rise"] == swapped["confident_upper"] == "does not hold"

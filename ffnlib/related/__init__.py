@@ -1,1 +1,1 @@
-"""Analyses from papers related to Geva et al. (2021), one module per paper."""
+"""Analyses of related papers, each in the key-value view of Geva et al. (one module per paper)."""

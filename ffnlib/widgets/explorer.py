@@ -2,9 +2,9 @@
 :class:`ffnlib.explorer.Explorer`.
 
 This module only wires widgets to the explorer's methods and renders with ``ffnlib.explorer.render_*``;
-every callback is a plain method (``show_memory``, ``search``, ``pick_result``, ``analyse``, ``open_contributor``,
-``show_contributions``, ``add_selected``, ``clear_edits``, ``apply``) that tests call directly or through
-``button.click()``.
+every callback is a plain method (``show_memory``, ``search``, ``pick_result``, ``analyse``, ``attribute``,
+``open_contributor``, ``show_contributions``, ``add_selected``, ``clear_edits``, ``apply``) that tests call directly
+or through ``button.click()``.
 Errors a user can cause (a bad layer, an unknown token, unreadable edits) are shown in the view, not raised.
 """
 
@@ -15,7 +15,8 @@ from contextlib import contextmanager
 import ipywidgets as w
 
 from ..errors import FFNLibError
-from ..explorer import (SEARCH_BY, Explorer, contributor_label, format_edits, render_contribution_maps,
+from ..explorer import (SEARCH_BY, Explorer, attribution_label, contributor_label, format_edits, render_attribution,
+                        render_contribution_maps,
                         render_error, render_intervention, render_memory_view, render_prompt_analysis,
                         render_search_results, search_label)
 
@@ -51,6 +52,9 @@ class ExplorerWidget:
         self.prompt = _classed(w.Text(value=prompt, description="prompt", layout=w.Layout(width="520px")),
                                "ffn-prompt-input")
         self.analyse_button = _classed(w.Button(description="Analyse", button_style="primary"), "ffn-prompt-run")
+        self.attribute_button = _classed(w.Button(description="Attribute", tooltip=(
+            "the memories with the largest integrated-gradients attribution for the prediction (a few seconds)")),
+            "ffn-attribute")
         self.contributors = _classed(w.Select(options=[], rows=6, description="memories",
                                               layout=w.Layout(width="620px")), "ffn-contributors")
         self.open_button = _classed(w.Button(description="Show in memory view", layout=w.Layout(width="170px")),
@@ -83,6 +87,7 @@ class ExplorerWidget:
         self.search_button.on_click(lambda _: self.search())
         self.results.observe(lambda change: self.pick_result(change["new"]), names="value")
         self.analyse_button.on_click(lambda _: self.analyse())
+        self.attribute_button.on_click(lambda _: self.attribute())
         self.open_button.on_click(lambda _: self.open_contributor())
         self.maps_button.on_click(lambda _: self.show_contributions())
         self.add_button.on_click(lambda _: self.add_selected())
@@ -93,8 +98,8 @@ class ExplorerWidget:
                              w.HBox([self.query, self.search_by, self.search_button]), self.results, self.memory_out])
         contributions = w.Accordion(children=[w.VBox([w.HBox([self.maps_layer, self.maps_button]), self.maps_out])])
         contributions.set_title(0, "contributions")
-        prompt_tab = w.VBox([w.HBox([self.prompt, self.analyse_button]), w.HBox([self.contributors, self.open_button]),
-                             self.prompt_out, contributions])
+        prompt_tab = w.VBox([w.HBox([self.prompt, self.analyse_button, self.attribute_button]),
+                             w.HBox([self.contributors, self.open_button]), self.prompt_out, contributions])
         edit_tab = w.VBox([self.edit_prompt, self.candidates, w.HBox([self.mode, self.value, self.add_button]),
                            w.HBox([self.edits, self.clear_button]), w.HBox([self.new_tokens, self.apply_button]),
                            self.edit_out])
@@ -162,6 +167,16 @@ class ExplorerWidget:
         with self._busy(self.maps_button, self.maps_out):
             view = self.explorer.contributions(self.prompt.value, int(self.maps_layer.value))
             self.maps_out.value = render_contribution_maps(view)
+
+    def attribute(self) -> None:
+        """The memories with the largest attribution for the prediction; they become the selectable memories."""
+        with self._busy(self.attribute_button, self.prompt_out):
+            attribution = self.explorer.attribute(self.prompt.value)
+            self.prompt_out.value = render_attribution(attribution)
+            options = [(attribution_label(r), (int(r.layer), int(r.memory))) for r in attribution.memories.itertuples()]
+            self.contributors.options = options
+            self.candidates.options = options
+            self.edit_prompt.value = attribution.prompt
 
     def open_contributor(self) -> None:
         if self.contributors.value:

@@ -1,0 +1,367 @@
+"""The findings registry: every finding the report judges, declared once, with its rule.
+
+A :class:`Finding` says what the paper claims and how we judge it: the paper's number (from
+``data/paper/``), the measure that computes ours (a function of the section's module, named by
+``measure``, returning an :class:`ffnlib.stats.Estimate` with its 95% interval), the direction or range
+the paper claims, the figure it is read from, and the size we ask for. The section modules compute
+measures; this module judges them; the report prints the verdicts and, in a section of their own, the rules.
+
+Every measure is computed twice: on the trained model ("ours") and on a **random-weights control**, the
+same architecture re-initialised by its own initialiser from its config, seeded (``ffnlib.controls``),
+run on the same corpus with the same parameters. A measure may come with a baseline of its own run (a base
+rate, an empirical baseline): its key with ``"/baseline"`` appended.
+
+Verdicts (:func:`judge`), for a claim that ours is greater (or less) than what the effect's absence gives:
+
+- **holds**: ours beats the control significantly in the paper's direction (the 95% intervals do not
+  overlap), beats its own baseline likewise where it has one, and, where the paper gives a number, the
+  interval's conservative end reaches ``SIZE_SHARE`` (half) of the paper's size, measured from ``null``;
+- **partly**: the direction holds significantly, the size does not;
+- **holds without training too (architectural)**: ours shows the effect (against its baseline, or beyond
+  ``null``) but does not beat the control, which shows it as well;
+- **does not hold**: the remaining cases; **not measured**: no number (e.g. it needs human annotation).
+
+For a claimed range (``direction="within"``: e.g. 10-50% of memories active) "shows the effect" means the
+interval lies inside the range; "holds" then needs the control's interval not to lie inside it.
+Later analyses (the related-work notebooks) add their findings to ``FINDINGS`` the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .stats import Estimate
+
+SIZE_SHARE = 0.5  # "holds" needs at least half the paper's size, where the paper gives a number
+VERDICTS = ("holds", "partly", "holds without training too (architectural)", "does not hold", "not measured")
+ARCHITECTURAL = VERDICTS[2]
+DIRECTIONS = ("greater", "less", "within")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One finding of the paper, and how we judge it (see the module docstring)."""
+
+    key: str  # "<notebook>.<measure key>", e.g. "02_values.agreement_upper_peak"
+    section: str  # "Sec. 4"
+    figure: str  # the paper's figure or table ("Fig. 4"), or "" for the text
+    claim: str  # the finding, in words
+    paper: str  # the paper's number or statement, in words (with its source: data/paper/)
+    direction: str  # "greater", "less" or "within"
+    paper_value: float | None = None  # on the measure's scale, where the paper gives a number
+    null: float | None = 0.0  # the measure's value without the effect (for the size, and "shows the effect")
+    within: tuple[float, float] | None = None  # the claimed range (direction "within")
+    baseline: bool = False  # the measure comes with a baseline of its own run ("<key>/baseline")
+    percent: bool = True  # display the measure x 100 with "%" (False: as a plain number)
+    unit_note: str = ""  # what the number is, e.g. "upper minus lower layers, percentage points"
+    our_figure: str | None = None  # our figure's stem under figures/, shown beside the finding
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"{self.key}: direction must be one of {DIRECTIONS}")
+        if (self.direction == "within") != (self.within is not None):
+            raise ValueError(f"{self.key}: a range claim needs `within`, and only it")
+
+    @property
+    def notebook(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def measure(self) -> str:
+        return self.key.split(".", 1)[1]
+
+    def rule(self) -> str:
+        """The verdict rule in words (printed by the report)."""
+        if self.direction != "within" and self.null is None and not self.baseline:
+            return "not judged: it needs human annotation, and there is no control for an annotator"
+        if self.direction == "within":
+            low, high = (self.fmt(v) for v in self.within)
+            return (f"holds if our interval lies within {low}..{high} and the control's does not; "
+                    f"architectural if both do")
+        word = "above" if self.direction == "greater" else "below"
+        parts = [f"holds if our interval lies {word} the control's"]
+        if self.baseline:
+            parts.append(f"and {word} our own baseline's")
+        if self.paper_value is not None:
+            reach = self.null + SIZE_SHARE * (self.paper_value - self.null)
+            parts.append(f"and reaches {self.fmt(reach)} ({SIZE_SHARE:.0%} of the paper's {self.fmt(self.paper_value)}"
+                         + (f" from {self.fmt(self.null)})" if self.null else ")"))
+        rule = " ".join(parts) + "; partly if only the direction holds"
+        reference = "its baseline" if self.baseline else f"{self.fmt(self.null)}" if self.null is not None else None
+        if reference is not None:
+            rule += f"; architectural if the control is {word} {reference} as well"
+        return rule
+
+    def fmt(self, value: float) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
+        return f"{100 * value:.2f}%" if self.percent else f"{value:+.2f}"
+
+    def text(self, estimate: Estimate | None) -> str:
+        if estimate is None or not estimate.measured:
+            return "not measured"
+        if self.percent:
+            return estimate.text(100, 2, "%")
+        return estimate.text(1, 2)
+
+
+def _sign(direction: str) -> int:
+    return 1 if direction == "greater" else -1
+
+
+def _beats(a: Estimate, b: Estimate, direction: str) -> bool:
+    """``a``'s interval lies entirely on the claimed side of ``b``'s."""
+    if not (a.measured and b.measured):
+        return False
+    return a.low > b.high if direction == "greater" else a.high < b.low
+
+
+def _beyond(a: Estimate, value: float, direction: str) -> bool:
+    return a.measured and (a.low > value if direction == "greater" else a.high < value)
+
+
+def _inside(a: Estimate, bounds: tuple[float, float]) -> bool:
+    return a.measured and bounds[0] <= a.low and a.high <= bounds[1]
+
+
+def _shows(finding: Finding, estimate: Estimate, baseline: Estimate | None) -> bool:
+    """Whether one run shows the claimed effect on its own (against its baseline, or beyond ``null``)."""
+    if finding.direction == "within":
+        return _inside(estimate, finding.within)
+    if finding.baseline:
+        return baseline is not None and _beats(estimate, baseline, finding.direction)
+    return finding.null is not None and _beyond(estimate, finding.null, finding.direction)
+
+
+def _reaches_size(finding: Finding, ours: Estimate) -> bool:
+    if finding.paper_value is None:
+        return True
+    null = finding.null or 0.0
+    bound = ours.low if finding.direction == "greater" else ours.high
+    sign = _sign(finding.direction)
+    return sign * (bound - null) >= SIZE_SHARE * sign * (finding.paper_value - null)
+
+
+def judge(finding: Finding, ours: Estimate | None, control: Estimate | None,
+          ours_baseline: Estimate | None = None, control_baseline: Estimate | None = None) -> str:
+    """The verdict of one finding (see the module docstring). Without a control (``None``) a finding is
+    judged against its baseline or ``null`` only, and cannot be called architectural."""
+    if ours is None or not ours.measured:
+        return "not measured"
+    if finding.direction != "within" and finding.null is None and not finding.baseline:
+        return "not measured"  # no rule applies (e.g. human annotations: no control to compare with)
+    if finding.baseline and (ours_baseline is None or not ours_baseline.measured):
+        return "not measured"  # the measure's own baseline could not be measured (e.g. no such facts)
+    shows = _shows(finding, ours, ours_baseline)
+    control_shows = control is not None and control.measured and _shows(finding, control, control_baseline)
+    if finding.direction == "within":
+        if shows:
+            return ARCHITECTURAL if control_shows else "holds"
+        overlaps = ours.high >= finding.within[0] and ours.low <= finding.within[1]
+        return "partly" if overlaps else "does not hold"
+    beats_control = control is None or _beats(ours, control, finding.direction)
+    if shows and beats_control:
+        return "holds" if _reaches_size(finding, ours) else "partly"
+    if shows and control_shows:
+        return ARCHITECTURAL
+    return "does not hold"
+
+
+# =====================================================================================================
+# The registry
+# =====================================================================================================
+FINDINGS: tuple[Finding, ...] = (
+    # ---- Section 3: keys capture input patterns (notebook 01) ----------------------------------------
+    Finding("01_keys.last_hurts_most", "Sec. 3", "Fig. 3", "Removing the last token of a trigger prefix lowers "
+            "the key's coefficient more than removing the first or a random token",
+            "in every layer: last -65..-70% (layer 1) to -20% (layer 16), first -10..-15%, random -15..-20% "
+            "(unverified reading of Fig. 3)", "less", percent=True,
+            unit_note="per key: change when removing the last token minus the smaller of the other two, "
+                      "percentage points of the coefficient", our_figure="01_removal"),
+    Finding("01_keys.last_hurts_more_in_lower", "Sec. 3", "Fig. 3", "... most of all in lower layers",
+            "about -65..-70% at layer 1 to -20% at layer 16 (unverified reading)", "less", percent=True,
+            unit_note="change when removing the last token, lower minus upper layers (depth 9/16 split)",
+            our_figure="01_removal"),
+    Finding("01_keys.shallow_lower", "Sec. 3", "Fig. 2", "Shallow patterns (a shared last token) in lower layers",
+            "mostly shallow in layers 1-9 of 16", "greater", percent=True,
+            unit_note="share of a key's top-25 prefixes ending in a token shared by >= 3 of them, lower minus "
+                      "upper layers", our_figure="01_patterns"),
+    Finding("01_keys.semantic_upper", "Sec. 3", "Fig. 2", "Semantic patterns (a shared topic) in upper layers",
+            "mostly semantic in layers 10-16 of 16", "greater", percent=True,
+            unit_note="topic concentration of a key's top-25 prefixes, upper minus lower layers",
+            our_figure="01_patterns"),
+    Finding("01_keys.keys_with_pattern", "Sec. 3", "", "Keys with a pattern (>= 3 prefixes)",
+            "100% of 160 annotated keys", "greater", null=None, percent=True,
+            unit_note="needs human annotation (ffnlib.widgets.annotation)"),
+    Finding("01_keys.patterns_per_key", "Sec. 3", "", "Patterns per key", "3.6", "greater", null=None,
+            percent=False, unit_note="needs human annotation"),
+    Finding("01_keys.prefixes_covered", "Sec. 3", "Fig. 2", "Prefixes covered by a pattern", "65-80%",
+            "greater", null=None, percent=True, unit_note="needs human annotation"),
+    # ---- Section 4: values represent distributions (notebook 02) -------------------------------------
+    Finding("02_values.agreement_lower", "Sec. 4", "Fig. 4", "Agreement in lower layers is close to zero",
+            "close to 0% in layers 1-10", "within", within=(-0.005, 0.005), percent=True,
+            unit_note="agreement in layers up to relative depth 10/16 minus its empirical baseline (claimed "
+                      "range: within 0.5 percentage points of it)", our_figure="02_agreement"),
+    Finding("02_values.agreement_rise", "Sec. 4", "Fig. 4", "Agreement rises in the upper layers",
+            "~0% in layers 1-10, rising up to 3.5% in layers 11-16", "greater", percent=True,
+            unit_note="agreement in upper minus lower layers (relative depth 10/16 split)",
+            our_figure="02_agreement"),
+    Finding("02_values.agreement_upper_peak", "Sec. 4", "Fig. 4", "Upper-layer agreement is far above chance "
+            "(the best upper layer)", "3.5% in the best upper layer; chance 1/|V| = 0.0004%", "greater",
+            paper_value=0.035, baseline=True, percent=True,
+            unit_note="agreement of the best upper layer; baseline: that layer's empirical baseline (each value "
+                      "paired with another key's top trigger)", our_figure="02_agreement"),
+    Finding("02_values.target_rank_fall", "Sec. 4", "Fig. 5", "The rank of the top trigger's next token falls in "
+            "upper layers", "median ~10-15K of 267,744 (3.7-5.6%) in layers 1-7, ~0-2K (0-0.7%) in layers 14-16 "
+            "(unverified reading)", "greater", paper_value=0.043, percent=True,
+            unit_note="median rank as a share of the vocabulary, first 7/16 minus last 3/16 of depth",
+            our_figure="02_target_ranks"),
+    Finding("02_values.confidence_rise", "Sec. 4", "Fig. 6", "Agreement rises with the value's max probability",
+            "more confident values agree more often", "greater", percent=True,
+            unit_note="agreement of the most minus the least confident tenth of the values",
+            our_figure="02_agreement_by_confidence"),
+    Finding("02_values.confident_upper", "Sec. 4", "Table 2", "The 100 most confident values sit in upper layers",
+            "97 of 100 in layers 11-16 (chance 37.5)", "greater", paper_value=0.975 - 0.375, percent=True,
+            unit_note="share of the 100 most confident values in the upper layers minus the upper layers' share "
+                      "of all layers", our_figure="02_confident_layers"),
+    Finding("02_values.confident_agreeing", "Sec. 4", "Table 2", "Confident values with an agreeing top-50 trigger",
+            "46 of 100", "greater", paper_value=0.46, baseline=True, percent=True,
+            unit_note="share of the 100 most confident values with an agreeing trigger; baseline: with other "
+                      "keys' triggers"),
+    # ---- Section 5: aggregating memories (notebook 03) -----------------------------------------------
+    Finding("03_aggregation.active_share", "Sec. 5", "Fig. 7", "10-50% of the memories are active per example",
+            "10%-50% (positive coefficient)", "within", within=(0.10, 0.50), percent=True,
+            unit_note="mean share of active memories (the chosen rule) over layers and examples",
+            our_figure="03_fig7_active_memories"),
+    Finding("03_aggregation.zero_agreement_output", "Sec. 5", "Fig. 8", "The layer's prediction (layer output, "
+            "authors' code) matches no active memory's", "mean 84% of examples (66%-96% by layer)", "greater",
+            paper_value=0.84, percent=True, unit_note="mean over layers of the share of examples with zero "
+                                                      "agreement", our_figure="03_fig8_zero_agreement"),
+    Finding("03_aggregation.zero_agreement_ffn", "Sec. 5", "Fig. 8", "The layer's prediction (FFN output, paper's "
+            "text) matches no active memory's", "mean 84% of examples (66%-96% by layer)", "greater",
+            paper_value=0.84, percent=True, unit_note="mean over layers of the share of examples with zero "
+                                                      "agreement", our_figure="03_fig8_zero_agreement"),
+    Finding("03_aggregation.stop_words_output", "Sec. 5", "Fig. 8", "When a memory agrees with the layer output, "
+            "the target is often a stop word", "60%", "greater", paper_value=0.60, baseline=True, percent=True,
+            unit_note="share of agreeing (example, layer) pairs; baseline: share over all pairs"),
+    Finding("03_aggregation.short_prefix_output", "Sec. 5", "Fig. 8", "When a memory agrees with the layer output, "
+            "the prefix is often short (< 5 tokens)", "43%", "greater", paper_value=0.43, baseline=True,
+            percent=True, unit_note="share of agreeing pairs; baseline: share over all pairs"),
+    Finding("03_aggregation.stop_words_ffn", "Sec. 5", "Fig. 8", "When a memory agrees with the FFN output, "
+            "the target is often a stop word", "60%", "greater", paper_value=0.60, baseline=True, percent=True,
+            unit_note="share of agreeing (example, layer) pairs; baseline: share over all pairs"),
+    Finding("03_aggregation.short_prefix_ffn", "Sec. 5", "Fig. 8", "When a memory agrees with the FFN output, "
+            "the prefix is often short (< 5 tokens)", "43%", "greater", paper_value=0.43, baseline=True,
+            percent=True, unit_note="share of agreeing pairs; baseline: share over all pairs"),
+    Finding("03_aggregation.residual_final_trend", "Sec. 5", "Fig. 9", "The residual's top token matches the final "
+            "prediction more often with depth", "2% (first layer) to 86% (last), monotonic: Spearman +1",
+            "greater", paper_value=1.0, percent=False,
+            unit_note="Spearman correlation of the per-layer share with depth", our_figure="03_fig9_residual_final"),
+    Finding("03_aggregation.residual_prob_trend", "Sec. 5", "Fig. 10", "The residual's probability of the final "
+            "token rises with depth", "rises (qualitative)", "greater", percent=False,
+            unit_note="Spearman correlation of the per-layer mean probability with depth",
+            our_figure="03_fig10_residual_confidence"),
+    Finding("03_aggregation.residual_dominates", "Sec. 5", "Fig. 11", "The output usually keeps the residual's "
+            "prediction", "the residual case dominates (qualitative)", "greater", percent=True,
+            unit_note="residual case minus FFN case, mean share over layers", our_figure="03_fig11_ffn_cases"),
+    Finding("03_aggregation.ffn_rarely_overrides", "Sec. 5", "Fig. 11", "The FFN rarely overrides the residual "
+            "with its own top token", "rare (qualitative)", "within", within=(0.0, 0.2), percent=True,
+            unit_note="FFN case, mean share over layers (claimed range: below 20%)", our_figure="03_fig11_ffn_cases"),
+    Finding("03_aggregation.composition", "Sec. 5", "Fig. 11", "Composition: the output is sometimes neither the "
+            "residual's nor the FFN's token", "happens (qualitative)", "greater", null=0.01, percent=True,
+            unit_note="composition case, mean share over layers (the effect: above 1%)",
+            our_figure="03_fig11_ffn_cases"),
+)
+
+UNVERIFIED = "(third-party reading, unverified)"
+KN_SECTION = "Knowledge neurons (Dai et al., 2022)"
+FINDINGS += (
+    # ---- Knowledge neurons, Dai et al. ACL 2022 (notebook 06); the paper's numbers: data/paper/knowledge_neurons.json.
+    # A random-weights model knows no facts, so each finding's own control is its baseline (random memories of the
+    # same layers, other relations, other facts with the same answer).
+    Finding("06_knowledge_neurons.neurons_per_fact", KN_SECTION, "", "A fact is expressed by a few neurons",
+            f"4.13 per fact, BERT-base {UNVERIFIED}", "within", within=(2.0, 5.0), percent=False,
+            unit_note="knowledge neurons per fact (claimed range: 2-5, the refining rule's target)",
+            our_figure="06_layers"),
+    Finding("06_knowledge_neurons.top_layers", KN_SECTION, "", "Knowledge neurons sit mostly in the top layers",
+            f"mostly in the top layers {UNVERIFIED}", "greater", baseline=True,
+            unit_note="per fact, the share of its neurons in the upper half of the depth; baseline: the upper half's "
+                      "share of the attributed layers", our_figure="06_layers"),
+    Finding("06_knowledge_neurons.suppress", KN_SECTION, "Fig. 3", "Suppressing a fact's neurons lowers the "
+            "answer's probability", f"-29.03% (random neurons -1.47%) {UNVERIFIED}", "less", paper_value=-0.2903,
+            baseline=True, unit_note="relative change of the answer's probability, mean over facts; baseline: as many "
+                                     "random memories of the same layers", our_figure="06_effects"),
+    Finding("06_knowledge_neurons.amplify", KN_SECTION, "Fig. 3", "Amplifying (doubling) a fact's neurons raises the "
+            "answer's probability", f"+31.17% (random neurons -1.27%) {UNVERIFIED}", "greater", paper_value=0.3117,
+            baseline=True, unit_note="relative change of the answer's probability; baseline: random same-layer memories",
+            our_figure="06_effects"),
+    Finding("06_knowledge_neurons.relation_specific", KN_SECTION, "", "Suppressing a relation's neurons hurts its own "
+            "facts more than other relations'", f"other relations change little {UNVERIFIED}", "less", baseline=True,
+            unit_note="relative change of the answer's probability of the relation's own facts; baseline: other "
+                      "relations' facts", our_figure="06_specificity"),
+    Finding("06_knowledge_neurons.fact_specific", KN_SECTION, "", "A fact's neurons are specific to the fact, not to "
+            "its answer word", "implied by the knowledge-neuron thesis; Niu et al. (ICLR 2024) argue they track word "
+            "patterns", "less", baseline=True,
+            unit_note="relative change of the fact's own answer probability; baseline: other facts with the same answer",
+            our_figure="06_specificity"),
+    Finding("06_knowledge_neurons.values_promote_answer", KN_SECTION, "", "Knowledge neurons are memories whose values "
+            "promote the answer", "new: not tested by Dai et al. (the key-value view of Geva et al.)", "greater",
+            baseline=True, unit_note="share of the neurons whose value ranks the answer in its top 10; baseline: random "
+                                     "memories of the same layers", our_figure="06_values"),
+    Finding("06_knowledge_neurons.keys_about_subject", KN_SECTION, "", "Knowledge neurons' keys fire on text about the "
+            "subject", "new: not tested by Dai et al. (the trigger examples of Geva et al.)", "greater", baseline=True,
+            unit_note="share of the neurons with a top trigger example naming the subject; baseline: random "
+                      "memories of the same layers", our_figure="06_values"),
+    Finding("06_knowledge_neurons.layer_agreement", KN_SECTION, "", "Knowledge neurons sit where values agree with "
+            "their keys' triggers (Section 4)", "new: Dai et al.'s top layers vs Geva et al.'s agreement by layer",
+            "greater", percent=False, unit_note="Spearman correlation, over the attributed layers, of the share of "
+                                                "knowledge neurons with Section 4's agreement", our_figure="06_layers"),
+    Finding("06_knowledge_neurons.update", KN_SECTION, "Table 5", "Editing the neurons' values updates the fact",
+            f"success 34.4% (random neurons 0.0%) {UNVERIFIED}", "greater", paper_value=0.344, baseline=True,
+            unit_note="share of facts whose prediction becomes the new answer; baseline: random same-layer memories",
+            our_figure="06_editing"),
+    Finding("06_knowledge_neurons.erase", KN_SECTION, "Table 6", "Erasing a relation's top-20 neurons raises its "
+            "perplexity", f"+106.6% and +128.2% (P19, P106); other relations +1.1..+10.1% {UNVERIFIED}", "greater",
+            paper_value=1.066, baseline=True, unit_note="relative change of the answer perplexity of the erased "
+                                                        "relation's facts; baseline: 20 random same-layer memories",
+            our_figure="06_editing"),
+)
+
+_BY_KEY = {f.key: f for f in FINDINGS}
+
+
+def finding(key: str) -> Finding:
+    return _BY_KEY[key]
+
+
+def of_notebook(notebook: str) -> list[Finding]:
+    return [f for f in FINDINGS if f.notebook == notebook]
+
+
+def findings_rows(notebook: str, ours: dict[str, Estimate], control: dict[str, Estimate] | None,
+                  details: dict[str, str] | None = None, control_name: str = "",
+                  control_note: str = "no control") -> list[dict]:
+    """The summary rows (``summaries/<notebook>.json`` ``findings``) of one notebook's findings: each
+    judged from the measures of the trained model (``ours``) and of the control (``None``: none; the control
+    column then says ``control_note``)."""
+    rows = []
+    details = details or {}
+    for f in of_notebook(notebook):
+        mine = ours.get(f.measure)
+        theirs = None if control is None else control.get(f.measure)
+        base = ours.get(f"{f.measure}/baseline")
+        control_base = None if control is None else control.get(f"{f.measure}/baseline")
+        verdict = judge(f, mine, theirs, base, control_base)
+        rows.append({
+            "key": f.key, "section": f.section, "figure_ref": f.figure, "finding": f.claim, "paper": f.paper,
+            "ours": f.text(mine) + (f" (baseline {f.text(base)})" if base is not None else ""),
+            "ours_detail": details.get(f.measure, ""),
+            "control": control_note if control is None else (
+                f.text(theirs) + (f" (baseline {f.text(control_base)})" if control_base is not None else "")),
+            "control_name": control_name, "verdict": verdict, "rule": f.rule(), "measure": f.unit_note,
+            "figure": f"figures/{f.our_figure}.png" if f.our_figure else None, "paper_figure": None,
+            "estimate": None if mine is None else mine.as_dict(),
+            "control_estimate": None if theirs is None else theirs.as_dict(),
+        })
+    return rows

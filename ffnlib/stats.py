@@ -1,0 +1,188 @@
+"""Estimates with 95% intervals: every "ours" number in a report carries one.
+
+- :class:`Estimate`: a number, its interval, how many units it rests on and what those units are.
+- :func:`bootstrap`: a seeded bootstrap over the sampled unit (sentences or keys for Section 3, memories for
+  Section 4, held-out examples for Section 5). Each unit contributes a row of per-unit numbers; every
+  resample is drawn as multinomial counts of the units, and ``statistic`` maps the count-weighted sums to
+  the number, so a resample costs one matrix product whatever the statistic (a share, a difference of
+  shares, a per-layer curve's trend). Percentile interval; the same seed gives the same interval.
+- :func:`binomial`: the exact (Clopper-Pearson) interval of a share, where one fits (e.g. 97 of the 100 most
+  confident values in the upper layers).
+- :func:`spearman_with_depth`: the trend of a per-layer curve, rows of curves at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from .errors import ParameterError
+
+LEVEL = 0.95  # every interval in the reports
+N_BOOT = 1000  # bootstrap resamples
+MAX_BOOT_CELLS = 20_000_000  # resamples x units drawn at once (bounded memory)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """``value`` with its 95% interval [``low``, ``high``], from ``n`` ``unit`` (e.g. 4,000 "examples")."""
+
+    value: float
+    low: float
+    high: float
+    n: int = 0
+    unit: str = ""
+    method: str = ""  # "bootstrap" or "exact binomial"
+
+    def __post_init__(self):
+        if not (math.isnan(self.value) or math.isnan(self.low) or self.low <= self.value + 1e-9 * (1 + abs(self.value))):
+            raise ParameterError(f"An estimate's interval must contain its value: {self.low} > {self.value}.")
+
+    @property
+    def measured(self) -> bool:
+        return not math.isnan(self.value)
+
+    def text(self, scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
+        """``value [low, high]`` scaled (e.g. ``scale=100, suffix="%"``)."""
+        if not self.measured:
+            return "n/a"
+        fmt = f"{{:.{digits}f}}"
+        return (f"{fmt.format(self.value * scale)}{suffix} [{fmt.format(self.low * scale)}, "
+                f"{fmt.format(self.high * scale)}]")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Estimate | None":
+        return None if data is None else cls(**{k: data[k] for k in ("value", "low", "high", "n", "unit", "method")
+                                                if k in data})
+
+    @classmethod
+    def missing(cls, unit: str = "") -> "Estimate":
+        nan = float("nan")
+        return cls(nan, nan, nan, 0, unit, "")
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ParameterError(f"seed must be a non-negative int, got {seed!r}.")
+    return int(seed)
+
+
+def bootstrap_samples(sums: Callable[[np.ndarray], np.ndarray], n_units: int, n_boot: int = N_BOOT,
+                      seed: int = 0) -> np.ndarray:
+    """``sums(weights)`` for ``n_boot`` seeded resamples of ``n_units`` units, stacked: ``weights`` is an
+    (n, n_units) array of multinomial counts (each row sums to ``n_units``)."""
+    rng = np.random.default_rng([_check_seed(seed), 0xB007])
+    rows = max(1, MAX_BOOT_CELLS // max(n_units, 1))
+    parts, done = [], 0
+    while done < n_boot:
+        take = min(rows, n_boot - done)
+        weights = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=take).astype(np.float64)
+        parts.append(np.asarray(sums(weights), dtype=np.float64))
+        done += take
+    return np.concatenate(parts)
+
+
+def bootstrap(per_unit: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray], unit: str,
+              n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
+    """The estimate of ``statistic(sums)`` with a percentile bootstrap interval over units.
+
+    ``per_unit`` is (n_units, k): what each unit contributes (counts, indicators, values; NaN-free).
+    ``statistic`` maps (..., k) weighted sums to numbers (...,): e.g. ``lambda s: s[..., 0] / s[..., 1]``
+    for a share. The point value is the statistic of the plain sums.
+    """
+    per_unit = np.asarray(per_unit, dtype=np.float64)
+    if per_unit.ndim == 1:
+        per_unit = per_unit[:, None]
+    n = per_unit.shape[0]
+    if n == 0:
+        return Estimate.missing(unit)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = float(statistic(per_unit.sum(0)[None, :])[0])
+        samples = bootstrap_samples(lambda w: statistic(w @ per_unit), n, n_boot, seed)
+    samples = samples[np.isfinite(samples)]
+    if not math.isfinite(value) or len(samples) == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), n, unit, "bootstrap")
+    alpha = (1 - LEVEL) / 2
+    low, high = np.quantile(samples, [alpha, 1 - alpha])
+    return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, "bootstrap")
+
+
+def resampled(rows: np.ndarray, statistic: Callable[[np.ndarray], float], unit: str, n_boot: int = N_BOOT,
+              seed: int = 0) -> Estimate:
+    """The estimate of ``statistic(rows)`` with a percentile bootstrap interval from resampling the rows
+    (one unit each) with replacement: for statistics that are not functions of sums (e.g. a rank correlation
+    over a few dozen layers). Seeded like :func:`bootstrap`."""
+    rows = np.asarray(rows)
+    n = len(rows)
+    if n == 0:
+        return Estimate.missing(unit)
+    rng = np.random.default_rng([_check_seed(seed), 0xB007])
+    value = float(statistic(rows))
+    samples = np.array([statistic(rows[rng.integers(0, n, n)]) for _ in range(n_boot)], dtype=np.float64)
+    samples = samples[np.isfinite(samples)]
+    if not math.isfinite(value) or len(samples) == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), n, unit, "bootstrap")
+    alpha = (1 - LEVEL) / 2
+    low, high = np.quantile(samples, [alpha, 1 - alpha])
+    return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, "bootstrap")
+
+
+def share(indicator, unit: str, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
+    """The mean of a 0/1 (or any) per-unit number, with a bootstrap interval."""
+    x = np.asarray(indicator, dtype=np.float64)
+    return bootstrap(np.stack([x, np.ones_like(x)], 1), lambda s: s[..., 0] / s[..., 1], unit, n_boot, seed)
+
+
+def binomial(successes: int, trials: int, unit: str = "") -> Estimate:
+    """The share ``successes / trials`` with its exact (Clopper-Pearson) 95% interval."""
+    from scipy.stats import beta
+
+    if trials <= 0:
+        return Estimate.missing(unit)
+    alpha = 1 - LEVEL
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    return Estimate(successes / trials, low, high, int(trials), unit, "exact binomial")
+
+
+def shift(estimate: Estimate, by: float) -> Estimate:
+    """The estimate minus a constant (e.g. a share minus its chance level)."""
+    return Estimate(estimate.value - by, estimate.low - by, estimate.high - by, estimate.n, estimate.unit,
+                    estimate.method)
+
+
+def spearman_with_depth(curves: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each curve (..., n_layers) with the layer index (average ranks for ties;
+    0 for a flat curve)."""
+    curves = np.asarray(curves, dtype=np.float64)
+    n = curves.shape[-1]
+    order = curves.argsort(-1, kind="stable")
+    ranks = np.empty_like(curves)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(n, dtype=np.float64), curves.shape).copy(), -1)
+    # average the ranks of ties
+    sorted_vals = np.take_along_axis(curves, order, -1)
+    flat_vals, flat_ranks = sorted_vals.reshape(-1, n), ranks.reshape(-1, n)
+    flat_order = order.reshape(-1, n)
+    for row in np.flatnonzero((np.diff(flat_vals, axis=-1) == 0).any(-1)):
+        vals = flat_vals[row]
+        start = 0
+        while start < n:
+            end = start
+            while end + 1 < n and vals[end + 1] == vals[start]:
+                end += 1
+            if end > start:
+                flat_ranks[row, flat_order[row, start:end + 1]] = (start + end) / 2
+            start = end + 1
+    ranks = flat_ranks.reshape(curves.shape)
+    depth = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    centred = ranks - ranks.mean(-1, keepdims=True)
+    denom = np.sqrt((centred ** 2).sum(-1) * (depth ** 2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (centred * depth).sum(-1) / denom
+    return np.where(denom > 0, rho, 0.0)
