@@ -54,6 +54,7 @@ class Finding:
     within: tuple[float, float] | None = None  # the claimed range (direction "within")
     baseline: bool = False  # the measure comes with a baseline of its own run ("<key>/baseline")
     percent: bool = True  # display the measure x 100 with "%" (False: as a plain number)
+    digits: int = 2  # decimals shown (of the percentage, or of the plain number)
     unit_note: str = ""  # what the number is, e.g. "upper minus lower layers, percentage points"
     our_figure: str | None = None  # our figure's stem under figures/, shown beside the finding
 
@@ -96,14 +97,14 @@ class Finding:
     def fmt(self, value: float) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "n/a"
-        return f"{100 * value:.2f}%" if self.percent else f"{value:+.2f}"
+        return f"{100 * value:.{self.digits}f}%" if self.percent else f"{value:+.{self.digits}f}"
 
     def text(self, estimate: Estimate | None) -> str:
         if estimate is None or not estimate.measured:
             return "not measured"
         if self.percent:
-            return estimate.text(100, 2, "%")
-        return estimate.text(1, 2)
+            return estimate.text(100, self.digits, "%")
+        return estimate.text(1, self.digits)
 
 
 def _sign(direction: str) -> int:
@@ -326,6 +327,43 @@ FINDINGS += (
             paper_value=1.066, baseline=True, unit_note="relative change of the answer perplexity of the erased "
                                                         "relation's facts; baseline: 20 random same-layer memories",
             our_figure="06_editing"),
+)
+
+KOBAYASHI_SECTION = "FF blocks through attention maps (Kobayashi et al., 2024)"
+_KOBAYASHI_UNVERIFIED = "(third-party summaries of the paper; no number could be verified)"
+FINDINGS += (
+    # ---- Kobayashi, Kuribayashi, Yokoi & Inui, ICLR 2024 (notebook 09). The paper's numbers could not be retrieved
+    # (shared research note related-relu-kobayashi.md), so no size is asked for. Each finding's control is a baseline
+    # of the same run: the class's base rate among all candidate pairs, the FFN's own change of the map, or the same
+    # correlation with the FFN's change shuffled within each query row. No random-weights control is run.
+    Finding("09_ff_attention_maps.amplified_subword", KOBAYASHI_SECTION, "", "The FFN amplifies pairs of sub-word "
+            "pieces of one word", f"FF amplifies sub-word pairs that form one word {_KOBAYASHI_UNVERIFIED}", "greater",
+            baseline=True, unit_note="share of sub-word pairs among the top-k FF-amplified pairs of each sentence and "
+                                     "layer (BOS/first position and self-pairs excluded); baseline: their share among "
+                                     "all candidate pairs", our_figure="09_amplified_classes"),
+    Finding("09_ff_attention_maps.amplified_capitalised_span", KOBAYASHI_SECTION, "", "The FFN amplifies pairs of "
+            "tokens of one named entity (a capitalised span)", f"FF amplifies tokens of one named entity or multi-word "
+            f"expression {_KOBAYASHI_UNVERIFIED}", "greater", baseline=True,
+            unit_note="share of pairs within one run of capitalised words among the top-k FF-amplified pairs; "
+                      "baseline: their share among all candidate pairs", our_figure="09_amplified_classes"),
+    Finding("09_ff_attention_maps.amplified_frequent_bigram", KOBAYASHI_SECTION, "", "The FFN amplifies frequent "
+            "collocations (multi-word expressions)", f"FF amplifies tokens of one multi-word expression, e.g. adjacent "
+            f"nouns {_KOBAYASHI_UNVERIFIED}", "greater", baseline=True,
+            unit_note="share of adjacent pairs forming a frequent, collocated corpus bigram (PMI) among the top-k "
+                      "FF-amplified pairs; baseline: their share among all candidate pairs",
+            our_figure="09_amplified_classes"),
+    Finding("09_ff_attention_maps.cancel_block", KOBAYASHI_SECTION, "", "RES and the norms undo FF's "
+            "contextualisation change", f"FF's change of the map is largely undone by the following RES and LN "
+            f"{_KOBAYASHI_UNVERIFIED}", "less", baseline=True, percent=False, digits=4,
+            unit_note="1 − Spearman ρ between the map the FFN reads and the layer's last map (after RES and the next "
+                      "norm), mean over layers and sentences; baseline: the same between the FFN's input and output "
+                      "maps (FF's own change)", our_figure="09_cancellation"),
+    Finding("09_ff_attention_maps.cancel_pairwise", KOBAYASHI_SECTION, "", "RES and the norms push back on FF's "
+            "change pair by pair", f"FF and its surroundings cancel each other's effect {_KOBAYASHI_UNVERIFIED}",
+            "less", baseline=True, percent=False,
+            unit_note="Pearson correlation, over the map entries j < i, of FF's change with the change RES and the "
+                      "norms make after it, mean over layers and sentences; baseline: the same with FF's change "
+                      "shuffled within each query row", our_figure="09_cancellation"),
 )
 
 _BY_KEY = {f.key: f for f in FINDINGS}

@@ -27,7 +27,10 @@ import ffnlib.related.contextualization as ctx
 from ffnlib import ParameterError
 from ffnlib.adapters import FAMILIES, Adapter
 from ffnlib.capture import capture
+from ffnlib.findings import (ARCHITECTURAL, KOBAYASHI_SECTION, VERDICTS, finding, findings_rows, judge,
+                             of_notebook)
 from ffnlib.models import LoadedModel
+from ffnlib.stats import Estimate
 from test_adapters import assert_rel_close
 from tiny_models import CASE_IDS, CASES, VOCAB, make_tokenizer
 
@@ -373,12 +376,21 @@ def test_amplified_classes_find_the_amplified_class_against_its_base_rate():
     assert cancel.loc[-1, "change_block"] == pytest.approx(0.0, abs=1e-12) and cancel.loc[-1, "change_ff"] > 0
     assert cancel.loc[-1, "pair_correlation"] == pytest.approx(-1.0)
     assert cancel.loc[-1, "pair_correlation_high"] < cancel.loc[-1, "control_correlation_low"]
-    found = ctx.findings(ctx.amplified_classes(result, bigrams, top_k=1, n_boot=100), ctx.cancellation(result, n_boot=100),
-                         top_k=1, figures={"cancellation": "figures/x.png"})
-    assert [f["verdict"] for f in found][:2] == ["holds", "does not hold"]
-    assert [f["verdict"] for f in found][-2:] == ["holds", "holds"] and found[-1]["figure"] == "figures/x.png"
-    assert {"section", "finding", "paper", "ours", "verdict", "figure", "rule", "paper_value", "value", "low", "high",
-            "control_value", "control_low", "control_high"} <= set(found[0])
+    # the findings' measures, judged by the registry: the subword class and both cancellation findings hold
+    ours, details = ctx.measures(ctx.amplified_classes(result, bigrams, top_k=1, n_boot=100),
+                                 ctx.cancellation(result, n_boot=100), top_k=1)
+    assert ours["amplified_subword"].value == pytest.approx(1.0) and ours["amplified_subword"].n == n_sent
+    assert ours["amplified_subword/baseline"].value == pytest.approx(1 / 28)
+    assert ours["cancel_block"].value == pytest.approx(0.0, abs=1e-12) and ours["cancel_block/baseline"].value > 0
+    rows = {r["key"].split(".")[1]: r for r in findings_rows("09_ff_attention_maps", ours, None, details)}
+    assert rows["amplified_subword"]["verdict"] == "holds"
+    # present in every sentence (base rate 1/28) but never amplified: below its base rate
+    assert rows["amplified_capitalised_span"]["verdict"] == rows["amplified_frequent_bigram"]["verdict"] == \
+        "does not hold"
+    assert rows["cancel_block"]["verdict"] == rows["cancel_pairwise"]["verdict"] == "holds"
+    assert rows["cancel_block"]["ours_detail"].startswith("100% [100%, 100%] of FF's change undone")
+    assert rows["amplified_subword"]["ours_detail"].startswith("24 of the top-1 pairs of 12 sentences")
+    assert rows["amplified_subword"]["figure"] == "figures/09_amplified_classes.png"
 
 
 def test_cancellation_is_zero_when_nothing_after_the_ffn_changes_the_map():
@@ -399,11 +411,53 @@ def test_cancellation_is_zero_when_nothing_after_the_ffn_changes_the_map():
     assert cancel.loc[-1, "cancellation_res"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_verdict_rule():
-    assert ctx.verdict(0.3, 0.4, 0.1, 0.2, 0.1, 0.3) == "holds"
-    assert ctx.verdict(0.15, 0.4, 0.1, 0.2, 0.01, 0.3) == "partly"
-    assert ctx.verdict(0.0, 0.4, 0.1, 0.2, -0.1, 0.3) == "does not hold"
-    assert ctx.verdict(0.0, 0.05, 0.1, 0.2, -0.2, -0.1, direction=-1) == "holds"
+def est(value: float, half_width: float) -> Estimate:
+    return Estimate(value, value - half_width, value + half_width, 100, "sentences", "test")
+
+
+def test_findings_are_judged_against_their_baselines_by_the_registry():
+    """Constructed numbers through ``ffnlib.findings.judge``: clearly beyond the baseline holds, overlapping does not;
+    the paper gives no number, so there is no size to reach and no "partly"."""
+    found = of_notebook("09_ff_attention_maps")
+    assert len(found) == 5 and all(f.baseline and f.paper_value is None for f in found)
+    assert {f.section for f in found} == {KOBAYASHI_SECTION}
+    subword = finding("09_ff_attention_maps.amplified_subword")
+    assert judge(subword, est(0.30, 0.05), None, est(0.05, 0.01)) == "holds"
+    assert judge(subword, est(0.08, 0.05), None, est(0.05, 0.01)) == "does not hold"  # overlapping intervals
+    assert judge(subword, est(0.01, 0.005), None, est(0.05, 0.01)) == "does not hold"  # the other direction
+    assert judge(subword, Estimate.missing(), None, Estimate.missing()) == "not measured"
+    block = finding("09_ff_attention_maps.cancel_block")  # the block changes the map less than FF alone
+    assert judge(block, est(0.004, 0.001), None, est(0.010, 0.001)) == "holds"
+    assert judge(block, est(0.009, 0.002), None, est(0.010, 0.001)) == "does not hold"
+    assert judge(block, est(0.012, 0.001), None, est(0.010, 0.001)) == "does not hold"
+    assert block.text(est(0.0071, 0.0004)) == "0.0071 [0.0067, 0.0075]"  # small numbers keep their digits
+    pairwise = finding("09_ff_attention_maps.cancel_pairwise")
+    assert judge(pairwise, est(-0.51, 0.02), None, est(-0.36, 0.03)) == "holds"
+    assert judge(pairwise, est(-0.40, 0.05), None, est(-0.36, 0.03)) == "does not hold"
+    # a random-weights control showing the same would make it architectural (none is run for notebook 09)
+    assert judge(subword, est(0.30, 0.05), est(0.31, 0.05), est(0.05, 0.01), est(0.05, 0.01)) == ARCHITECTURAL
+
+
+def test_every_finding_is_measured_on_a_real_result(tiny_loaded):
+    texts = ["w4 w5 w6 w7 w8", "w9 w4 w5 w10", "w4 w5 w11 w12 w13 w14", "w15 w4 w5 w16"]
+    result = ctx.sentence_maps(tiny_loaded, texts, progress=False)
+    bigrams = ctx.corpus_bigrams(tiny_loaded, texts, min_count=2, min_pmi=0.0)
+    assert set(zip(bigrams["first"], bigrams["second"])) == {(4, 5)}  # "w4 w5", four times
+    classes = ctx.amplified_classes(result, bigrams, top_k=2, n_boot=50)
+    cancel = ctx.cancellation(result, n_boot=50)
+    ours, details = ctx.measures(classes, cancel, top_k=2, seed=0)
+    for f in of_notebook("09_ff_attention_maps"):
+        assert f.measure in ours and f"{f.measure}/baseline" in ours, f.key
+    assert all(e.n == len(texts) for e in ours.values() if e.measured)
+    # the word-level tokenizer has no sub-word pieces and no capitalised words: nothing to compare, not measured
+    assert not ours["amplified_subword"].measured and not ours["amplified_capitalised_span"].measured
+    assert ours["amplified_frequent_bigram/baseline"].measured and ours["cancel_pairwise"].measured
+    rows = findings_rows("09_ff_attention_maps", ours, None, details, control_note="none")
+    verdicts = {r["key"].split(".")[1]: r["verdict"] for r in rows}
+    assert verdicts["amplified_subword"] == verdicts["amplified_capitalised_span"] == "not measured"
+    assert set(verdicts.values()) <= set(VERDICTS) and all(r["rule"] and r["control"] == "none" for r in rows)
+    with pytest.raises(ParameterError, match="top_k"):
+        ctx.measures(classes, cancel, top_k=0)
 
 
 def test_token_table_words_and_capitalised_spans_from_the_tokenizer_offsets(smollm):

@@ -58,7 +58,8 @@ an attention sink) and self-pairs are excluded from that ranking. Cancellation (
 the FFN's change survives RES and the norms: the change of the whole block against the FFN's own change (the
 paper's comparison), and the correlation of the later components' change with the FFN's change over map entries,
 against a control in which the FFN's change is shuffled within each row. 95% intervals are seeded bootstraps over
-sentences.
+sentences. :func:`measures` turns these frames into the estimates of the paper's findings, which the findings
+registry (``ffnlib.findings``, notebook ``09_ff_attention_maps``) judges, each against its baseline.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ from ..adapters import Adapter, get_adapter
 from ..capture import capture
 from ..errors import CorpusError, ParameterError, UnsupportedModelError
 from ..progress import tqdm
+from ..stats import Estimate
 from ..storage import fingerprint, load_result, save_result
 
 _VERSION = 1
@@ -1249,8 +1251,9 @@ def amplified_classes(result: MapsResult, bigrams: pd.DataFrame | None = None, t
     sentence weighs the same); ``base_rate``: its share among all candidate pairs (the control; each sentence
     weighs the same); ``matched_rate``: the base rate at the top pairs' distances ``i − j`` (a stricter control:
     amplified pairs are often adjacent, and so are sub-word pieces). 95% intervals by a seeded bootstrap over
-    sentences, and the interval of the paired difference ``top_share − base_rate``. ``by_layer``: one row per
-    (layer, class). ``layers``: the layers whose top pairs count (default all).
+    sentences, and the interval of the paired difference ``top_share − base_rate``; ``n_top_pairs``,
+    ``n_candidates`` and ``n_sentences`` count what they rest on. ``by_layer``: one row per (layer, class).
+    ``layers``: the layers whose top pairs count (default all).
     """
     n_boot = _check_positive_int("n_boot", n_boot)
     top = amplified_pairs(result, bigrams, top_k, exclude_first, normalise)
@@ -1281,6 +1284,7 @@ def amplified_classes(result: MapsResult, bigrams: pd.DataFrame | None = None, t
             row["enrichment"] = row["top_share"] / row["base_rate"] if row["base_rate"] > 0 else float("nan")
             row["n_top_pairs"] = int(hits[:, :, c].sum())
             row["n_candidates"] = int(cand[:, :, c].sum())
+            row["n_sentences"] = n_sent
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -1377,7 +1381,7 @@ def cancellation(result: MapsResult, normalise: str = "row", correlate: str = "m
         def ratio(num, idx):
             return 1 - np.nansum(values[num][idx], axis=-1) / np.nansum(values["change_ff"][idx], axis=-1)
 
-        row = {"layer": layer}
+        row = {"layer": layer, "n_sentences": int(np.isfinite(values["change_ff"]).sum())}
         with np.errstate(invalid="ignore", divide="ignore"):
             for c in columns:
                 row[c] = float(np.nanmean(values[c]))
@@ -1394,91 +1398,75 @@ def cancellation(result: MapsResult, normalise: str = "row", correlate: str = "m
 
 
 # ---- findings ----------------------------------------------------------------------------------------------------
-PAPER_CLAIMS = {
-    "amplify": "FF amplifies specific compositions: sub-word pairs that form one word and tokens of one named "
-               "entity or multi-word expression (e.g. adjacent nouns); clearer in early and middle layers. No "
-               "per-class number was verified.",
-    "cancel": "FF's contextualisation change is largely undone by the following RES and LN (the components "
-              "cancel each other). No number was verified.",
-}
-RULE = ("holds: ours beats the control with non-overlapping 95% intervals (seeded bootstrap over sentences) in the "
-        "paper's direction (the paper gives no number to reach); partly: only the paired difference's 95% interval "
-        "excludes 0 in that direction; does not hold: otherwise")
+# The findings and their verdict rules are declared in ``ffnlib.findings`` (notebook ``09_ff_attention_maps``); this
+# module only measures them. Each finding's control is a baseline of the same run, so no random-weights control is run.
+MEASURE_OF_CLASS = {"subword": "amplified_subword", "capitalised span": "amplified_capitalised_span",
+                    "frequent bigram": "amplified_frequent_bigram"}
 
 
-def verdict(low: float, high: float, control_low: float, control_high: float, difference_low: float,
-            difference_high: float, direction: int = 1) -> str:
-    """The brief's rule (see :data:`RULE`); ``direction`` +1: ours should be above the control."""
-    if direction > 0 and low > control_high or direction < 0 and high < control_low:
-        return "holds"
-    if direction > 0 and difference_low > 0 or direction < 0 and difference_high < 0:
-        return "partly"
-    return "does not hold"
+def _estimate(value: float, low: float, high: float, n: int) -> Estimate:
+    """A bootstrap estimate over ``n`` sentences; missing where the value is not a number."""
+    if not np.isfinite(value) or not (np.isfinite(low) and np.isfinite(high)):
+        return Estimate.missing("sentences")
+    return Estimate(float(value), float(min(low, value)), float(max(high, value)), int(n), "sentences", "bootstrap")
 
 
-def _times(ratio: float) -> str:
-    return f"{ratio:.1f}x" if np.isfinite(ratio) else "no base rate to compare"
+def measures(classes: pd.DataFrame, cancel: pd.DataFrame, top_k: int, seed: int = 0
+             ) -> tuple[dict[str, Estimate], dict[str, str]]:
+    """The measures of the notebook's findings (``ffnlib.findings``, notebook ``09_ff_attention_maps``), each with
+    its 95% interval (the seeded bootstrap over sentences of :func:`amplified_classes` and :func:`cancellation`,
+    run with ``seed``), and its control, a baseline of the same run, under ``"<key>/baseline"``:
 
+    - ``amplified_subword``, ``amplified_capitalised_span``, ``amplified_frequent_bigram``: the class's share among
+      the top-``top_k`` FF-amplified pairs of every sentence and layer; baseline: its share among all candidate
+      pairs (its base rate). Not measured where the sample has no candidate pair of the class.
+    - ``cancel_block``: ``1 − ρ`` between the map the FFN reads and the layer's last map (after RES and the next
+      norm), mean over layers and sentences; baseline: ``1 − ρ`` between the FFN's input and output maps (FF's own
+      change).
+    - ``cancel_pairwise``: the correlation over map entries ``j < i`` of FF's change with the change RES and the
+      norms make after it; baseline: the same with FF's change shuffled within each query row.
 
-def findings(classes: pd.DataFrame, cancel: pd.DataFrame, top_k: int, figures: dict[str, str] | None = None
-             ) -> list[dict]:
-    """The paper's two findings, measured: one row per amplified class (sub-word, capitalised span, frequent
-    bigram) against its base rate, and two for cancellation (all layers pooled): the block's change against FF's
-    own change (the paper's comparison), and the pair-by-pair correlation against its shuffled control."""
-    figures = figures or {}
-    out = []
-    for name in CLASSES[:3]:
-        row = classes[classes["pair_class"] == name].iloc[0]
-        v = verdict(row.top_low, row.top_high, row.base_low, row.base_high, row.difference_low,
-                    row.difference_high)
-        out.append({
-            "section": "Kobayashi 2024", "finding": f"FF-amplified pairs are enriched in {name} pairs",
-            "paper": PAPER_CLAIMS["amplify"],
-            "ours": (f"{row.top_share:.1%} [{row.top_low:.1%}, {row.top_high:.1%}] of the top-{top_k} FF-amplified "
-                     f"pairs per sentence and layer are {name} pairs, against a base rate of {row.base_rate:.1%} "
-                     f"[{row.base_low:.1%}, {row.base_high:.1%}] among all pairs ({_times(row.enrichment)}); at the top "
-                     f"pairs' distances the base rate is {row.matched_rate:.1%} [{row.matched_low:.1%}, "
-                     f"{row.matched_high:.1%}]. BOS/first position and self-pairs excluded."),
-            "verdict": v, "figure": figures.get("classes"), "rule": RULE, "paper_value": None,
-            "value": row.top_share, "low": row.top_low, "high": row.top_high, "control_value": row.base_rate,
-            "control_low": row.base_low, "control_high": row.base_high})
-    pooled = cancel[cancel["layer"] == -1].iloc[0]
-    per_layer = cancel[cancel["layer"] >= 0]
-    undone = int((per_layer["change_block_high"] < per_layer["change_ff_low"]).sum())
-    opposed = int((per_layer["pair_correlation_high"] < per_layer["control_correlation_low"]).sum())
-    v = verdict(pooled.change_block_low, pooled.change_block_high, pooled.change_ff_low, pooled.change_ff_high,
-                pooled.block_minus_ff_low, pooled.block_minus_ff_high, direction=-1)
-    out.append({
-        "section": "Kobayashi 2024", "finding": "RES and the norms undo FF's contextualisation change",
-        "paper": PAPER_CLAIMS["cancel"],
-        "ours": (f"1 − Spearman ρ from the FFN's input map: {pooled.change_ff:.4f} [{pooled.change_ff_low:.4f}, "
-                 f"{pooled.change_ff_high:.4f}] after the FFN, {pooled.change_block:.4f} [{pooled.change_block_low:.4f}, "
-                 f"{pooled.change_block_high:.4f}] at the end of the layer (mean over layers and sentences): "
-                 f"{pooled.cancellation:.0%} [{pooled.cancellation_low:.0%}, {pooled.cancellation_high:.0%}] of FF's "
-                 f"change is undone ({pooled.cancellation_res:.0%} by RES alone); the end of the layer is nearer the "
-                 f"FFN's input than the FFN's output is in {undone} of {len(per_layer)} layers. Control: FF's own "
-                 f"change."),
-        "verdict": v, "figure": figures.get("cancellation"), "rule": RULE, "paper_value": None,
-        "value": pooled.change_block, "low": pooled.change_block_low, "high": pooled.change_block_high,
-        "control_value": pooled.change_ff, "control_low": pooled.change_ff_low, "control_high": pooled.change_ff_high})
-    v = verdict(pooled.pair_correlation_low, pooled.pair_correlation_high, pooled.control_correlation_low,
-                pooled.control_correlation_high, pooled.correlation_difference_low,
-                pooled.correlation_difference_high, direction=-1)
-    out.append({
-        "section": "Kobayashi 2024", "finding": "RES and the norms push back on FF's change pair by pair",
-        "paper": PAPER_CLAIMS["cancel"],
-        "ours": (f"the correlation over map entries (self pairs excluded) of FF's change with the change RES and the "
-                 f"norms make after it is "
-                 f"{pooled.pair_correlation:+.2f} [{pooled.pair_correlation_low:+.2f}, "
-                 f"{pooled.pair_correlation_high:+.2f}] (mean over layers and sentences), against "
-                 f"{pooled.control_correlation:+.2f} [{pooled.control_correlation_low:+.2f}, "
-                 f"{pooled.control_correlation_high:+.2f}] with FF's change shuffled within each query row; below the "
-                 f"control in {opposed} of {len(per_layer)} layers."),
-        "verdict": v, "figure": figures.get("cancellation"), "rule": RULE, "paper_value": None,
-        "value": pooled.pair_correlation, "low": pooled.pair_correlation_low, "high": pooled.pair_correlation_high,
-        "control_value": pooled.control_correlation, "control_low": pooled.control_correlation_low,
-        "control_high": pooled.control_correlation_high})
-    return out
+    ``classes``: :func:`amplified_classes` (pooled over layers); ``cancel``: :func:`cancellation` (its row
+    ``layer = -1`` pools the layers)."""
+    top_k = _check_positive_int("top_k", top_k)
+    out: dict[str, Estimate] = {}
+    details: dict[str, str] = {}
+    for name, key in MEASURE_OF_CLASS.items():
+        rows = classes[classes["pair_class"] == name]
+        if not len(rows):
+            continue
+        row = rows.iloc[0]
+        n = int(row.get("n_sentences", 0))
+        if row.n_candidates == 0:  # no such pair in the sample: nothing to compare
+            out[key], out[f"{key}/baseline"] = Estimate.missing("sentences"), Estimate.missing("sentences")
+            details[key] = f"no {name} pair among the sample's candidate pairs"
+            continue
+        out[key] = _estimate(row.top_share, row.top_low, row.top_high, n)
+        out[f"{key}/baseline"] = _estimate(row.base_rate, row.base_low, row.base_high, n)
+        enrichment = f"{row.enrichment:.1f}x the base rate" if np.isfinite(row.enrichment) else "no base rate"
+        details[key] = (f"{int(row.n_top_pairs)} of the top-{top_k} pairs of {n} sentences x all layers ({enrichment}); "
+                        f"at the top pairs' distances the base rate is {row.matched_rate:.1%} [{row.matched_low:.1%}, "
+                        f"{row.matched_high:.1%}]; BOS/first position and self-pairs excluded; bootstrap seed {seed}")
+    pooled_rows = cancel[cancel["layer"] == -1]
+    if len(pooled_rows):
+        pooled = pooled_rows.iloc[0]
+        per_layer = cancel[cancel["layer"] >= 0]
+        n = int(pooled.get("n_sentences", 0))
+        out["cancel_block"] = _estimate(pooled.change_block, pooled.change_block_low, pooled.change_block_high, n)
+        out["cancel_block/baseline"] = _estimate(pooled.change_ff, pooled.change_ff_low, pooled.change_ff_high, n)
+        undone = int((per_layer["change_block_high"] < per_layer["change_ff_low"]).sum())
+        details["cancel_block"] = (
+            f"{pooled.cancellation:.0%} [{pooled.cancellation_low:.0%}, {pooled.cancellation_high:.0%}] of FF's change "
+            f"undone ({pooled.cancellation_res:.0%} by RES alone); the layer's output map is nearer the FFN's input "
+            f"than FF's output is in {undone} of {len(per_layer)} layers; bootstrap seed {seed}")
+        out["cancel_pairwise"] = _estimate(pooled.pair_correlation, pooled.pair_correlation_low,
+                                           pooled.pair_correlation_high, n)
+        out["cancel_pairwise/baseline"] = _estimate(pooled.control_correlation, pooled.control_correlation_low,
+                                                    pooled.control_correlation_high, n)
+        opposed = int((per_layer["pair_correlation_high"] < per_layer["control_correlation_low"]).sum())
+        details["cancel_pairwise"] = (f"below the shuffled control in {opposed} of {len(per_layer)} layers; self "
+                                      f"entries excluded; bootstrap seed {seed}")
+    return out, details
 
 
 def map_arrays(decomposition: Decomposition, sentence: int = 0, stages: Sequence[str] = MAIN_STAGES,
