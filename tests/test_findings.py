@@ -83,6 +83,21 @@ def test_without_a_control_the_baseline_decides_and_nothing_is_architectural():
     assert judge(GREATER, est(0.0, 0.005), None) == "does not hold"
 
 
+def test_a_stated_reach_replaces_half_the_papers_size():
+    """A claim that little is lost: the size asked is stated (at most twice the paper's loss), in either direction."""
+    cost = Finding("t.cost", "x", "", "c", "p", "less", baseline=True, reach=0.04, reach_note="twice 2%",
+                   controlled=False)
+    random_memories = est(19.0, 0.5)
+    assert judge(cost, est(0.03, 0.005), None, random_memories) == "holds"
+    assert judge(cost, est(0.05, 0.005), None, random_memories) == "partly"  # below random memories, too costly
+    assert judge(cost, est(0.038, 0.005), None, random_memories) == "partly"  # its upper end passes 4%
+    kept = dataclasses.replace(cost, direction="greater", reach=0.90)
+    assert judge(kept, est(0.95, 0.01), None, est(0.8, 0.01)) == "holds"
+    assert judge(kept, est(0.905, 0.01), None, est(0.8, 0.01)) == "partly"
+    assert "at most 4.00% (twice 2%)" in cost.rule() and "control" not in cost.rule()
+    assert "architectural" not in cost.rule()  # judged against its own baseline only
+
+
 # ---- the registry ---------------------------------------------------------------------------------------
 def test_registry_is_declared_once_with_rules_in_words():
     keys = [f.key for f in FINDINGS]

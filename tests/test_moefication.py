@@ -24,6 +24,7 @@ from ffnlib import FFNLibError, ParameterError  # noqa: E402
 from ffnlib.adapters import get_adapter  # noqa: E402
 from ffnlib.capture import capture  # noqa: E402
 from ffnlib.models import LoadedModel  # noqa: E402
+from ffnlib.findings import findings_rows  # noqa: E402
 from ffnlib.related import moefication as moe  # noqa: E402
 
 VOCAB, D_MODEL, D_FF, EXPERT = 48, 16, 32, 4  # 8 experts of 4 memories
@@ -404,6 +405,10 @@ def test_evaluation_resumes_after_an_interruption_with_identical_results(llama, 
     for a, b in zip(moe.SPARSITY_TOPS, moe.SPARSITY_TOPS[1:]):
         assert (sparsity[f"top_{a:g}"] <= sparsity[f"top_{b:g}"] + 1e-9).all()
     assert (sparsity["top_0.5"] >= 0.5 - 1e-6).all()  # the top half of memories carries at least half the mass
+    ours, _ = moe.measures(quality, full, None, n_boot=100)
+    pooled = full.sparsity["concentrated"].sum() / full.sparsity["tokens"].sum()
+    assert ours["sparse_activation"].value == pytest.approx(pooled)  # pooled over sentences and layers
+    assert ours["sparse_activation"].low <= pooled <= ours["sparse_activation"].high
 
 
 # ---- the key-value view and the verdicts ------------------------------------------------------------------------
@@ -427,34 +432,55 @@ def test_expert_coherence_sees_planted_groups():
     assert coherence.loc[("trigger_topic", "kmeans"), "share"] == 1.0
     assert coherence.loc[("value_tokens", "kmeans"), "share"] == 1.0
     assert coherence.loc[("trigger_topic", "random"), "share"] < 0.5
-    found = moe.findings(pd.DataFrame(columns=["method", "share"]), None, coherence.reset_index())
-    assert [(f["finding"], f["verdict"]) for f in found] == [
-        ("An expert's memories share trigger topics (kmeans experts)", "holds"),
-        ("An expert's memories share value tokens (kmeans experts)", "holds")]
+    ours, _ = moe.measures(pd.DataFrame(columns=["method", "share"]), None, coherence.reset_index())
+    verdicts = {r["key"].split(".")[1]: r["verdict"] for r in findings_rows("07_moefication", ours, None)}
+    assert verdicts["trigger_topics_kmeans"] == verdicts["value_tokens_kmeans"] == "holds"
+    assert verdicts["trigger_topics_coactivation"] == "not measured"  # no co-activation split here
+    assert verdicts["keep_95"] == "not measured"
 
 
 def _quality_row(method, share, split, router, agreement, low, high, ratio=1.0):
-    return {"method": method, "share": share, "split": split, "router": router, "agreement": agreement,
-            "agreement_low": low, "agreement_high": high, "perplexity_ratio": ratio, "perplexity_ratio_low": ratio,
-            "perplexity_ratio_high": ratio, "ffn_share": share}
+    config = moe.Config(method, split, router, share).name
+    return {"config": config, "method": method, "share": share, "split": split, "router": router,
+            "agreement": agreement, "agreement_low": low, "agreement_high": high, "perplexity_ratio": ratio,
+            "perplexity_ratio_low": ratio, "perplexity_ratio_high": ratio, "ffn_share": share}
+
+
+def _evaluation(agree: dict[str, np.ndarray], concentrated: float) -> moe.Evaluation:
+    """Held-out sentences of 10 tokens: per configuration, the tokens agreeing with the dense model."""
+    n = len(next(iter(agree.values())))
+    rows = [{"config": c, "sentence_id": i, "tokens": 10, "nll": 1.0, "agree": float(a)}
+            for c, values in {"dense": np.full(n, 10), **agree}.items() for i, a in enumerate(values)]
+    sparsity = pd.DataFrame({"sentence_id": np.arange(n), "layer": 0, "tokens": 10,
+                             "concentrated": concentrated * 10, "top_0.03": 5.0})
+    return moe.Evaluation(pd.DataFrame(rows), pd.DataFrame(), sparsity, {})
 
 
 def test_verdicts_follow_the_stated_rules():
     rows = [_quality_row("experts", 0.2, "kmeans", "mlp", 0.95, 0.94, 0.96),
-            _quality_row("experts", 0.2, "random", "mlp", 0.80, 0.78, 0.82),  # gap 15 points: holds
-            _quality_row("experts", 0.2, "coactivation", "mlp", 0.805, 0.79, 0.83),  # overlaps random: no
+            _quality_row("experts", 0.2, "random", "mlp", 0.80, 0.78, 0.82),
+            _quality_row("experts", 0.2, "coactivation", "mlp", 0.805, 0.79, 0.83),
             _quality_row("experts", 0.2, "coactivation", "similarity", 0.70, 0.69, 0.71),
             _quality_row("experts", 0.5, "random", "random", 0.3, 0.28, 0.32, ratio=20.0),
             _quality_row("cats", 0.5, "", "", 0.9, 0.88, 0.92, ratio=1.03),
             _quality_row("teal", 0.5, "", "", 0.9, 0.88, 0.92, ratio=1.5)]
-    found = {f["finding"]: f for f in moe.findings(pd.DataFrame(rows))}
-    assert found["Parameter clustering beats random experts (MLP router)"]["verdict"] == "holds"
-    assert found["Co-activation experts beat random experts (MLP router)"]["verdict"] == "does not hold"
-    assert found["A trained MLP router beats similarity routing (co-activation experts)"]["verdict"] == "holds"
-    assert found["10-30% of the FFN keeps over 95% of the performance"]["verdict"] == "holds"
-    cats = next(f for f in found.values() if f["finding"].startswith("CATS"))
-    teal = next(f for f in found.values() if f["finding"].startswith("TEAL"))
-    assert cats["verdict"] == "holds" and teal["verdict"] == "partly"  # TEAL x1.5 > twice the paper's loss
-    for f in found.values():
-        assert set(f) >= {"section", "finding", "paper", "ours", "verdict", "figure", "rule", "paper_value", "value",
-                          "low", "high", "control_value", "control_low", "control_high"}
+    quality = pd.DataFrame(rows)
+    quality.attrs["sentences"] = 40
+    random_mlp = np.full(40, 7)
+    coactivation_mlp = random_mlp + np.tile([1, -1], 20)  # no better than random experts, paired
+    similarity = coactivation_mlp - (np.arange(40) % 5 == 0)  # 2 points below the MLP router: significant, small
+    evaluation = _evaluation({"experts-kmeans-mlp-0.2": np.full(40, 9), "experts-random-mlp-0.2": random_mlp,
+                              "experts-coactivation-mlp-0.2": coactivation_mlp,
+                              "experts-coactivation-similarity-0.2": similarity}, concentrated=0.3)
+    ours, details = moe.measures(quality, evaluation, n_boot=500)
+    assert ours["kmeans_beats_random"].value == pytest.approx(0.2)  # paired: every sentence gains 2 of 10 tokens
+    assert ours["mlp_beats_similarity"].value == pytest.approx(0.02)
+    verdicts = {r["key"].split(".")[1]: r["verdict"] for r in findings_rows("07_moefication", ours, None, details)}
+    assert verdicts["kmeans_beats_random"] == "holds"  # +20 points, at least half the paper's +3.4
+    assert verdicts["coactivation_beats_random"] == "does not hold"  # the paired interval straddles 0
+    assert verdicts["mlp_beats_similarity"] == "partly"  # significant, below half the paper's +7.4 points
+    assert verdicts["keep_95"] == "holds"  # k-means + MLP at 20%: [94%, 96%] >= 90%, above random experts
+    assert verdicts["cats"] == "holds"  # +3% perplexity <= +4%, below random memories' x20
+    assert verdicts["teal"] == "partly"  # +50% > twice TEAL's +13.6%, but far below random memories
+    assert verdicts["sparse_activation"] == "partly"  # 30% of the pairs concentrated: above 0, below half of 80%
+    assert ours["cats"].value == pytest.approx(0.03) and ours["cats/baseline"].value == pytest.approx(19.0)

@@ -52,7 +52,8 @@ model; per layer: memories kept and the share of ``Σ|m_i|·||v_i||`` kept); :fu
 perplexity and agreement with seeded bootstrap 95% intervals over sentences; :func:`sparsity_table` the
 share of the ``|m_i|·||v_i||`` mass carried by the top k% of memories; :func:`expert_coherence` the
 key-value view (do an expert's memories share trigger topics or value tokens, against random experts);
-:func:`findings` the verdicts. :class:`ExpertFFN` is the expert-sparse FFN forward (it gathers only the
+:func:`measures` the numbers the findings registry
+(``ffnlib.findings``) judges. :class:`ExpertFFN` is the expert-sparse FFN forward (it gathers only the
 selected experts' rows of gate, up and down). Splits, thresholds, routers and every evaluated
 configuration are cached with manifests and resume after an interruption.
 
@@ -80,6 +81,7 @@ from ..capture import capture
 from ..errors import FFNLibError, ParameterError, UnsupportedModelError
 from ..mining import corpus_fingerprint, plan_batches, prepare_sentences
 from ..progress import tqdm
+from ..stats import Estimate, bootstrap
 from ..storage import ensure_dir, fingerprint, load_result, save_result
 
 SPLITS = ("random", "kmeans", "coactivation")
@@ -1497,167 +1499,114 @@ def _row(quality: pd.DataFrame, method: str, share: float, split: str = "", rout
     return None if q.empty else q.iloc[0]
 
 
-def _finding(section, finding, paper, ours, verdict, figure, rule, paper_value, value, low, high,
-             control_value=None, control_low=None, control_high=None) -> dict:
-    clean = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)  # noqa: E731
-    return {"section": section, "finding": finding, "paper": paper, "ours": ours, "verdict": verdict,
-            "figure": figure, "rule": rule, "paper_value": clean(paper_value), "value": clean(value),
-            "low": clean(low), "high": clean(high), "control_value": clean(control_value),
-            "control_low": clean(control_low), "control_high": clean(control_high)}
+def _quality_estimate(row: pd.Series, column: str, sentences: int, minus: float = 0.0) -> Estimate:
+    """A quality table's number and its bootstrap interval (over held-out sentences) as an Estimate."""
+    return Estimate(float(row[column]) - minus, float(row[f"{column}_low"]) - minus,
+                    float(row[f"{column}_high"]) - minus, sentences, "sentences", "bootstrap")
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+def _paired_gap(boot: dict, ours: str, control: str, sentences: int) -> Estimate:
+    """Agreement of configuration ``ours`` minus ``control``, paired: the same bootstrap resamples of sentences."""
+    point = boot[ours]["point_agreement"] - boot[control]["point_agreement"]
+    gaps = boot[ours]["agreement"] - boot[control]["agreement"]
+    low, high = _ci(gaps)
+    return Estimate(point, min(low, point), max(high, point), sentences, "sentences", "bootstrap (paired)")
 
 
-def findings(quality: pd.DataFrame, sparsity: pd.DataFrame | None = None, coherence: pd.DataFrame | None = None,
-             figures: dict[str, str] | None = None) -> list[dict]:
-    """The findings of notebook 07, each with the paper's number, ours with a 95% interval, the control, a
-    verdict and the rule that decided it (see the brief's rules: "holds" needs non-overlapping intervals in
-    the paper's direction and at least half the paper's size; for a claim that little is lost, at most twice
-    the paper's loss)."""
-    figures = figures or {}
-    out = []
-    shares = sorted(s for s in quality.loc[quality["method"] == "experts", "share"].unique())
-    section = "MoEfication (Zhang et al. 2022)"
+COMPARISONS = {  # measure key: (configuration, its control) at the share nearest 20%; Table 2's settings
+    "kmeans_beats_random": (("kmeans", "mlp"), ("random", "mlp"), "kmeans+mlp", "random+mlp"),
+    "coactivation_beats_random": (("coactivation", "mlp"), ("random", "mlp"), "coactivation+mlp", "random+mlp"),
+    "mlp_beats_similarity": (("coactivation", "mlp"), ("coactivation", "similarity"), "coactivation+mlp",
+                             "coactivation+similarity"),
+}
 
-    # 1. sparsity of the memories
-    if sparsity is not None and len(sparsity):
-        tok = sparsity["tokens"].to_numpy(np.float64)
-        value = float((sparsity["concentrated"] * tok).sum() / tok.sum())
-        low = float((sparsity["concentrated_low"] * tok).sum() / tok.sum())
-        high = float((sparsity["concentrated_high"] * tok).sum() / tok.sum())
-        top3 = float((sparsity["top_0.03"] * tok).sum() / tok.sum())
-        top3_low = float((sparsity["top_0.03_low"] * tok).sum() / tok.sum())  # a lower bound of the mean
-        paper = PAPER["sparse_inputs"]["value"]
-        ok = low >= paper / 2
-        verdict = "holds" if ok else ("partly" if top3_low > 0.03 else "does not hold")
-        out.append(_finding(
-            section, "Few memories carry each output (activation sparsity)",
-            "80% of inputs activate less than 3% of the neurons (ReLU T5-XLarge) [3p]",
-            f"{_pct(value)} of (token, layer) pairs have >= 90% of the |m|·||v|| mass in their top 3% of memories "
-            f"[{_pct(low)}, {_pct(high)}]; the top 3% carry {_pct(top3)} of the mass on average (random 3%: 3%)",
-            verdict, figures.get("sparsity"),
-            "holds: share of pairs with >= 90% of the mass in the top 3% >= 40% (half the paper's 80%), lower bound; "
-            "partly: only the direction, the top 3% carry significantly more than a random 3% (3%); else does not hold",
-            paper, value, low, high, 0.0, 0.0, 0.0))
 
-    # 2. 10-30% keeps 95%
-    realistic = [(s, r) for s in ("kmeans", "coactivation") for r in ("mlp", "similarity")]
+def measures(quality: pd.DataFrame, evaluation: Evaluation | None = None, coherence: pd.DataFrame | None = None,
+             n_boot: int = 1000, seed: int = 0) -> tuple[dict[str, Estimate], dict[str, str]]:
+    """The measures of notebook 07's findings (``ffnlib.findings``, notebook ``07_moefication``), each with a
+    95% interval, and each measure's own control under ``"<key>/baseline"``: random experts with the same
+    router, random memories at the same share, or random experts' pairs of memories. These findings compare
+    methods on the trained model; a random-weights model has nothing to keep, so the baselines are their
+    controls.
+
+    ``quality``: :func:`quality_table`; ``evaluation``: :func:`evaluate`'s result (the per-sentence sparsity
+    and the paired bootstrap of the Table 2 comparisons); ``coherence``: :func:`expert_coherence`. Missing
+    parts are skipped (their findings are "not measured").
+    """
+    out: dict[str, Estimate] = {}
+    details: dict[str, str] = {}
+    sentences = int(quality.attrs.get("sentences", 0))
+    shares = sorted(float(s) for s in quality.loc[quality["method"] == "experts", "share"].unique())
+
+    # Activation sparsity: the share of (token, layer) pairs whose top 3% of memories carry >= 90% of the mass
+    if evaluation is not None and len(evaluation.sparsity):
+        per_sentence = evaluation.sparsity.groupby("sentence_id")[["concentrated", "tokens"]].sum()
+        out["sparse_activation"] = bootstrap(per_sentence.to_numpy(np.float64), lambda t: t[..., 0] / t[..., 1],
+                                             "sentences", n_boot, seed)
+        top3 = evaluation.sparsity["top_0.03"].sum() / evaluation.sparsity["tokens"].sum()
+        details["sparse_activation"] = (f"{int(per_sentence['tokens'].sum()):,} (token, layer) pairs of "
+                                        f"{len(per_sentence)} held-out sentences; on average the top 3% carry "
+                                        f"{top3:.1%} of the mass (a random 3%: 3%)")
+
+    # 10-30% of the FFN keeps over 95%: the best realistic configuration at <= 30%, against random experts
     best = None
     for share in [s for s in shares if s <= 0.30 + 1e-9]:
-        for split, router in realistic:
-            row = _row(quality, "experts", share, split, router)
-            if row is not None and (best is None or row["agreement_low"] > best[0]["agreement_low"]):
-                best = (row, share, split, router)
+        for split in ("kmeans", "coactivation"):
+            for router in ("mlp", "similarity"):
+                row = _row(quality, "experts", share, split, router)
+                if row is not None and (best is None or row["agreement_low"] > best[0]["agreement_low"]):
+                    best = (row, share, split, router)
     if best is not None:
         row, share, split, router = best
+        out["keep_95"] = _quality_estimate(row, "agreement", sentences)
         control = _row(quality, "experts", share, "random", router)
-        beats = control is not None and row["agreement_low"] > control["agreement_high"]
-        enough = row["agreement_low"] >= 1 - 2 * (1 - PAPER["keep_95"]["value"])
-        verdict = "holds" if beats and enough else ("partly" if beats else "does not hold")
-        out.append(_finding(
-            section, "10-30% of the FFN keeps over 95% of the performance",
-            "over 95% of the performance kept with 10-30% of the FFN (ReLU T5, trained MLP router)",
-            f"best at <= 30%: {split} experts + {router} router at {share:.0%} keep {_pct(row['agreement'])} top-1 "
-            f"agreement with the dense model [{_pct(row['agreement_low'])}, {_pct(row['agreement_high'])}], "
-            f"perplexity x{row['perplexity_ratio']:.2f}; random experts, same router: "
-            f"{_pct(None if control is None else control['agreement'])}",
-            verdict, figures.get("quality"),
-            "holds: agreement lower bound >= 90% (at most twice the paper's 5% loss) and above random experts with "
-            "the same router (non-overlapping intervals); partly: only above random experts",
-            PAPER["keep_95"]["value"], row["agreement"], row["agreement_low"], row["agreement_high"],
-            None if control is None else control["agreement"], None if control is None else control["agreement_low"],
-            None if control is None else control["agreement_high"]))
+        if control is not None:
+            out["keep_95/baseline"] = _quality_estimate(control, "agreement", sentences)
+        details["keep_95"] = (f"the best of k-means / co-activation experts with the MLP or similarity router at "
+                              f"<= 30% (chosen by the interval's lower end: {split} + {router} at {share:.0%}, "
+                              f"perplexity x{row['perplexity_ratio']:.2f}); baseline: random experts, same router")
 
-    # 3-5. Table 2 comparisons at 20% (or the nearest share)
-    if shares:
+    # Table 2's comparisons, at the share nearest 20%: paired differences of agreement
+    boot = bootstrap_metrics(evaluation, n_boot, seed) if evaluation is not None and shares else None
+    if boot is not None:
         at = min(shares, key=lambda s: abs(s - 0.2))
-        comparisons = [
-            ("Parameter clustering beats random experts (MLP router)", ("kmeans", "mlp"), ("random", "mlp"),
-             table2_retained("kmeans+mlp") - table2_retained("random+mlp"),
-             "clustering + MLP keeps 98.1% vs random + MLP 94.7% of the dense scores at 20% (Table 2, T5-Large) [3p]"),
-            ("Co-activation experts beat random experts (MLP router)", ("coactivation", "mlp"), ("random", "mlp"),
-             table2_retained("coactivation+mlp") - table2_retained("random+mlp"),
-             "co-activation + MLP keeps 98.0% vs random + MLP 94.7% at 20% (Table 2) [3p]"),
-            ("A trained MLP router beats similarity routing (co-activation experts)", ("coactivation", "mlp"),
-             ("coactivation", "similarity"),
-             table2_retained("coactivation+mlp") - table2_retained("coactivation+similarity"),
-             "MLP 98.0% vs similarity 90.6% of the dense scores at 20% (Table 2) [3p]"),
-        ]
-        for title, ours_key, control_key, paper_gap, paper_text in comparisons:
-            row, control = _row(quality, "experts", at, *ours_key), _row(quality, "experts", at, *control_key)
-            if row is None or control is None:
+        for key, (ours, theirs, paper_ours, paper_theirs) in COMPARISONS.items():
+            a, b = _row(quality, "experts", at, *ours), _row(quality, "experts", at, *theirs)
+            if a is None or b is None:
                 continue
-            gap = row["agreement"] - control["agreement"]
-            separated = row["agreement_low"] > control["agreement_high"]
-            verdict = "holds" if separated and gap >= paper_gap / 2 else ("partly" if separated else "does not hold")
-            out.append(_finding(
-                section, title, paper_text,
-                f"at {at:.0%}: {'+'.join(ours_key)} {_pct(row['agreement'])} [{_pct(row['agreement_low'])}, "
-                f"{_pct(row['agreement_high'])}] vs {'+'.join(control_key)} {_pct(control['agreement'])} "
-                f"[{_pct(control['agreement_low'])}, {_pct(control['agreement_high'])}] top-1 agreement "
-                f"(gap {100 * gap:+.1f} points; paper {100 * paper_gap:+.1f} points of retained score)",
-                verdict, figures.get("quality"),
-                "holds: non-overlapping intervals in the paper's direction and a gap >= half the paper's; partly: "
-                "only the direction, significantly; else does not hold",
-                paper_gap, row["agreement"], row["agreement_low"], row["agreement_high"], control["agreement"],
-                control["agreement_low"], control["agreement_high"]))
+            out[key] = _paired_gap(boot, a["config"], b["config"], sentences)
+            details[key] = (f"at {at:.0%}: {'+'.join(ours)} {a['agreement']:.1%} vs {'+'.join(theirs)} "
+                            f"{b['agreement']:.1%} top-1 agreement with the dense model; the paper's gap "
+                            f"{100 * (table2_retained(paper_ours) - table2_retained(paper_theirs)):+.1f} points is "
+                            "of retained task score")
 
-    # 6-7. CATS and TEAL against random memories at the same share
-    for method, share, limit, title, paper_text in (
-            ("cats", PAPER["cats"]["keep"], 1 + 2 * PAPER["cats"]["value"],
-             "CATS: thresholding act(gate·x) keeps the model at 50% of the memories",
-             "within 1-2% of the base model at 50% MLP sparsity (Llama2-7B, Mistral-7B; task accuracy)"),
-            ("teal", PAPER["teal"]["share"], 1 + 2 * (PAPER["teal"]["ppl"][0.5] - 1),
-             "TEAL: thresholding the FFN's inputs costs little perplexity at 50%",
-             "Llama-3-8B WikiText perplexity 5.87 -> 6.67 (x1.14) at 50% model-wide sparsity [3p-table]")):
-        row = _row(quality, method, share)
-        control = _row(quality, "experts", share, "random", "random")
+    # CATS and TEAL at 50% of the memories: perplexity cost, against random memories at the same share
+    for method in ("cats", "teal"):
+        share = PAPER[method]["keep" if method == "cats" else "share"]
+        row, control = _row(quality, method, share), _row(quality, "experts", share, "random", "random")
         if row is None:
             continue
-        beats = control is not None and row["perplexity_ratio_high"] < control["perplexity_ratio_low"]
-        enough = row["perplexity_ratio_high"] <= limit
-        verdict = "holds" if beats and enough else ("partly" if beats else "does not hold")
-        out.append(_finding(
-            section, title, paper_text,
-            f"{method.upper()} at {share:.0%} ({_pct(row['ffn_share'])} of the FFN weights read): perplexity "
-            f"x{row['perplexity_ratio']:.3f} [{row['perplexity_ratio_low']:.3f}, {row['perplexity_ratio_high']:.3f}], "
-            f"agreement {_pct(row['agreement'])}; random memories at {share:.0%}: "
-            + ("n/a" if control is None
-               else f"x{control['perplexity_ratio']:.3f}, agreement {_pct(control['agreement'])}"),
-            verdict, figures.get("quality"),
-            f"holds: perplexity ratio upper bound <= {limit:.3f} (at most twice the paper's loss) and below random "
-            "memories at the same share (non-overlapping intervals); partly: only below random memories",
-            limit, row["perplexity_ratio"], row["perplexity_ratio_low"], row["perplexity_ratio_high"],
-            None if control is None else control["perplexity_ratio"],
-            None if control is None else control["perplexity_ratio_low"],
-            None if control is None else control["perplexity_ratio_high"]))
+        out[method] = _quality_estimate(row, "perplexity_ratio", sentences, minus=1.0)
+        if control is not None:
+            out[f"{method}/baseline"] = _quality_estimate(control, "perplexity_ratio", sentences, minus=1.0)
+        details[method] = (f"{method.upper()} at {share:.0%} reads {row['ffn_share']:.0%} of the FFN weights; "
+                           f"agreement {row['agreement']:.1%}; baseline: random memories at {share:.0%}")
 
-    # 8. the key-value view
+    # The key-value view: an expert's memories share trigger topics / value tokens, against random experts
     if coherence is not None and len(coherence):
-        for view, title in (("trigger_topic", "An expert's memories share trigger topics"),
-                            ("value_tokens", "An expert's memories share value tokens")):
+        for view, name in (("trigger_topic", "trigger_topics"), ("value_tokens", "value_tokens")):
             part = coherence[coherence["view"] == view].set_index("split")
-            if "random" not in part.index:
-                continue
-            control = part.loc["random"]
-            for split in [s for s in part.index if s != "random"]:
-                row = part.loc[split]
-                if pd.isna(row["share"]) or pd.isna(control["share"]):
+            for split in ("kmeans", "coactivation"):
+                if split not in part.index or pd.isna(part.loc[split, "share"]):
                     continue
-                separated = row["share_low"] > control["share_high"]
-                out.append(_finding(
-                    section, f"{title} ({split} experts)",
-                    "not measured by the paper (it reads experts as functional groups)",
-                    f"{_pct(row['share'])} of the pairs of memories of one expert [{_pct(row['share_low'])}, "
-                    f"{_pct(row['share_high'])}] vs random experts {_pct(control['share'])} "
-                    f"[{_pct(control['share_low'])}, {_pct(control['share_high'])}] ({int(row['experts'])} experts)",
-                    "holds" if separated else "does not hold", figures.get("coherence"),
-                    "holds: above random experts with non-overlapping intervals (no paper number to reach)",
-                    None, row["share"], row["share_low"], row["share_high"], control["share"], control["share_low"],
-                    control["share_high"]))
-    return out
+                for which, key in ((split, f"{name}_{split}"), ("random", f"{name}_{split}/baseline")):
+                    if which in part.index and not pd.isna(part.loc[which, "share"]):
+                        r = part.loc[which]
+                        out[key] = Estimate(float(r["share"]), float(r["share_low"]), float(r["share_high"]),
+                                            int(r["experts"]), "experts", "bootstrap")
+                details[f"{name}_{split}"] = (f"share of the pairs of memories of one expert; "
+                                              f"{int(part.loc[split, 'experts'])} experts")
+    return out, details
 
 
 # =====================================================================================================
