@@ -401,11 +401,12 @@ FINDINGS += _uncontrolled((
 
 KOBAYASHI_SECTION = "FF blocks through attention maps (Kobayashi et al., 2024)"
 _KOBAYASHI_UNVERIFIED = "(third-party summaries of the paper; no number could be verified)"
-FINDINGS += (
+FINDINGS += _uncontrolled((
     # ---- Kobayashi, Kuribayashi, Yokoi & Inui, ICLR 2024 (notebook 09). The paper's numbers could not be retrieved
     # (shared research note related-relu-kobayashi.md), so no size is asked for. Each finding's control is a baseline
     # of the same run: the class's base rate among all candidate pairs, the FFN's own change of the map, or the same
-    # correlation with the FFN's change shuffled within each query row. No random-weights control is run.
+    # correlation with the FFN's change shuffled within each query row. No random-weights control is run: they
+    # are judged against their own baselines only.
     Finding("09_ff_attention_maps.amplified_subword", KOBAYASHI_SECTION, "", "The FFN amplifies pairs of sub-word "
             "pieces of one word", f"FF amplifies sub-word pairs that form one word {_KOBAYASHI_UNVERIFIED}", "greater",
             baseline=True, unit_note="share of sub-word pairs among the top-k FF-amplified pairs of each sentence and "
@@ -434,7 +435,7 @@ FINDINGS += (
             unit_note="Pearson correlation, over the map entries j < i, of FF's change with the change RES and the "
                       "norms make after it, mean over layers and sentences; baseline: the same with FF's change "
                       "shuffled within each query row", our_figure="09_cancellation"),
-)
+))
 
 _BY_KEY = {f.key: f for f in FINDINGS}
 

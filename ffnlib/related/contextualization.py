@@ -1457,8 +1457,8 @@ def measures(classes: pd.DataFrame, cancel: pd.DataFrame, top_k: int, seed: int 
         undone = int((per_layer["change_block_high"] < per_layer["change_ff_low"]).sum())
         details["cancel_block"] = (
             f"{pooled.cancellation:.0%} [{pooled.cancellation_low:.0%}, {pooled.cancellation_high:.0%}] of FF's change "
-            f"undone ({pooled.cancellation_res:.0%} by RES alone); the layer's output map is nearer the FFN's input "
-            f"than FF's output is in {undone} of {len(per_layer)} layers; bootstrap seed {seed}")
+            f"undone ({pooled.cancellation_res:.0%} by RES alone); the block's change is below FF's own (95% "
+            f"intervals apart) in {undone} of {len(per_layer)} layers; bootstrap seed {seed}")
         out["cancel_pairwise"] = _estimate(pooled.pair_correlation, pooled.pair_correlation_low,
                                            pooled.pair_correlation_high, n)
         out["cancel_pairwise/baseline"] = _estimate(pooled.control_correlation, pooled.control_correlation_low,
