@@ -61,8 +61,9 @@ class Finding:
     # that little is lost (e.g. "over 95% of the performance kept"), at most twice the paper's loss.
     reach: float | None = None
     reach_note: str = ""  # why ``reach`` is what it is, in words (printed by the report)
-    # Judged against the random-weights control (Sections 3-5). False where a random-weights model has nothing to
-    # measure (it knows no facts, keeps nothing): the finding's own baseline, or ``null``, is its control.
+    # Judged against the random-weights control (Sections 3-5, notebook 09). False where a random-weights model has
+    # nothing to measure (it knows no facts, keeps nothing; notebooks 06 and 07): the finding's own baseline, or
+    # ``null``, is its control.
     controlled: bool = True
 
     def __post_init__(self):
@@ -401,12 +402,14 @@ FINDINGS += _uncontrolled((
 
 KOBAYASHI_SECTION = "FF blocks through attention maps (Kobayashi et al., 2024)"
 _KOBAYASHI_UNVERIFIED = "(third-party summaries of the paper; no number could be verified)"
-FINDINGS += _uncontrolled((
+FINDINGS += (
     # ---- Kobayashi, Kuribayashi, Yokoi & Inui, ICLR 2024 (notebook 09). The paper's numbers could not be retrieved
-    # (shared research note related-relu-kobayashi.md), so no size is asked for. Each finding's control is a baseline
-    # of the same run: the class's base rate among all candidate pairs, the FFN's own change of the map, or the same
-    # correlation with the FFN's change shuffled within each query row. No random-weights control is run: they
-    # are judged against their own baselines only.
+    # (shared research note related-relu-kobayashi.md), so no size is asked for. Each measure has a baseline of the
+    # same run (the class's base rate among all candidate pairs, the FFN's own change of the map, the same correlation
+    # with the FFN's change shuffled within each query row) AND is judged against the random-weights control (the
+    # same measures on the same architecture with random weights, on the first ``control_sentences`` sentences):
+    # cancellation shows in random models too, so without the control its "holds" would not say that training put it
+    # there.
     Finding("09_ff_attention_maps.amplified_subword", KOBAYASHI_SECTION, "", "The FFN amplifies pairs of sub-word "
             "pieces of one word", f"FF amplifies sub-word pairs that form one word {_KOBAYASHI_UNVERIFIED}", "greater",
             baseline=True, unit_note="share of sub-word pairs among the top-k FF-amplified pairs of each sentence and "
@@ -435,7 +438,7 @@ FINDINGS += _uncontrolled((
             unit_note="Pearson correlation, over the map entries j < i, of FF's change with the change RES and the "
                       "norms make after it, mean over layers and sentences; baseline: the same with FF's change "
                       "shuffled within each query row", our_figure="09_cancellation"),
-))
+)
 
 _BY_KEY = {f.key: f for f in FINDINGS}
 

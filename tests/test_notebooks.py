@@ -124,8 +124,8 @@ def test_the_control_parameter_reaches_the_notebooks_that_take_it(tmp_path):
     from ffnlib.suite import SUITE, run_suite, suite_notebooks
 
     takes = {nb.stem for nb in suite_notebooks(SUITE) if "control" in papermill.inspect_notebook(str(nb))}
-    assert {"01_keys", "02_values", "03_aggregation"} <= takes
-    for nb in ("01_keys", "02_values", "03_aggregation"):
+    assert {"01_keys", "02_values", "03_aggregation", "09_ff_attention_maps"} <= takes
+    for nb in ("01_keys", "02_values", "03_aggregation", "09_ff_attention_maps"):
         assert papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"))["control"]["default"] == '"random-init"'
     with pytest.raises(ffnlib.ParameterError, match="control must be one of"):
         run_suite(scale="ci", results=str(tmp_path), control="shuffled", log=lambda *a: None)

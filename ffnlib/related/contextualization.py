@@ -59,7 +59,9 @@ the FFN's change survives RES and the norms: the change of the whole block again
 paper's comparison), and the correlation of the later components' change with the FFN's change over map entries,
 against a control in which the FFN's change is shuffled within each row. 95% intervals are seeded bootstraps over
 sentences. :func:`measures` turns these frames into the estimates of the paper's findings, which the findings
-registry (``ffnlib.findings``, notebook ``09_ff_attention_maps``) judges, each against its baseline.
+registry (``ffnlib.findings``, notebook ``09_ff_attention_maps``) judges, each against its baseline and against
+the same measures of a random-weights control (the notebook decomposes the first ``control_sentences`` sentences
+with the same architecture, randomly initialised: ``ffnlib.controls``).
 """
 
 from __future__ import annotations
@@ -1399,7 +1401,9 @@ def cancellation(result: MapsResult, normalise: str = "row", correlate: str = "m
 
 # ---- findings ----------------------------------------------------------------------------------------------------
 # The findings and their verdict rules are declared in ``ffnlib.findings`` (notebook ``09_ff_attention_maps``); this
-# module only measures them. Each finding's control is a baseline of the same run, so no random-weights control is run.
+# module only measures them. Each measure comes with a baseline of the same run; the notebook computes the same
+# measures on a random-weights control too (the same functions on the control model's maps), and the registry judges
+# ours against both.
 MEASURE_OF_CLASS = {"subword": "amplified_subword", "capitalised span": "amplified_capitalised_span",
                     "frequent bigram": "amplified_frequent_bigram"}
 
@@ -1489,21 +1493,30 @@ def map_arrays(decomposition: Decomposition, sentence: int = 0, stages: Sequence
 
 
 # ---- notebook sizes ----------------------------------------------------------------------------------------------
-SCALE_SIZES = {  # scale -> held-out sentences decomposed, their largest token count, training sentences for bigrams
-    "ci": {"n_sentences": 4, "max_tokens": 20, "bigram_sentences": 2000},
-    "default": {"n_sentences": 300, "max_tokens": 40, "bigram_sentences": 20000},
-    "full": {"n_sentences": 1000, "max_tokens": 40, "bigram_sentences": 40000},
+SCALE_SIZES = {  # scale -> held-out sentences decomposed, their largest token count, training sentences for bigrams,
+    # and how many of the sentences (the first ones) the random-weights control decomposes
+    "ci": {"n_sentences": 4, "max_tokens": 20, "bigram_sentences": 2000, "control_sentences": 4},
+    "default": {"n_sentences": 300, "max_tokens": 40, "bigram_sentences": 20000, "control_sentences": 150},
+    "full": {"n_sentences": 1000, "max_tokens": 40, "bigram_sentences": 40000, "control_sentences": 300},
 }
 
 
 def notebook_sizes(scale: str, n_sentences: int | None = None, max_tokens: int | None = None,
-                   bigram_sentences: int | None = None) -> dict:
-    """The notebook's sizes: its parameters where given, else those of the scale (:data:`SCALE_SIZES`)."""
+                   bigram_sentences: int | None = None, control_sentences: int | None = None) -> dict:
+    """The notebook's sizes: its parameters where given, else those of the scale (:data:`SCALE_SIZES`).
+    ``control_sentences``: how many of the sentences (the first ones) the random-weights control decomposes; the
+    scale's value is capped at ``n_sentences``, a value given larger than ``n_sentences`` is an error."""
     if scale not in SCALE_SIZES:
         raise ParameterError(f"Unknown scale {scale!r}: choose one of {list(SCALE_SIZES)}.")
-    given = {"n_sentences": n_sentences, "max_tokens": max_tokens, "bigram_sentences": bigram_sentences}
-    return {name: _check_positive_int(name, value if value is not None else SCALE_SIZES[scale][name])
-            for name, value in given.items()}
+    given = {"n_sentences": n_sentences, "max_tokens": max_tokens, "bigram_sentences": bigram_sentences,
+             "control_sentences": control_sentences}
+    sizes = {name: _check_positive_int(name, value if value is not None else SCALE_SIZES[scale][name])
+             for name, value in given.items()}
+    if control_sentences is not None and sizes["control_sentences"] > sizes["n_sentences"]:
+        raise ParameterError(f"control_sentences={control_sentences} is more than n_sentences={sizes['n_sentences']}: "
+                             "the control decomposes the first control_sentences of the same sentences.")
+    sizes["control_sentences"] = min(sizes["control_sentences"], sizes["n_sentences"])
+    return sizes
 
 
 def curves(change: pd.DataFrame, cancel: pd.DataFrame) -> dict:
