@@ -11,8 +11,8 @@ Key-Value Memories", on real pretrained models. Layers, bottom up:
 
 __version__ = "0.1.0"
 
-from .errors import (CorpusError, FFNLibError, ModelNotFoundError, NotebookError,  # noqa: E402
+from .errors import (CorpusError, FFNLibError, ModelNotFoundError, NotebookError, NothingToAnalyse,  # noqa: E402
                      ParameterError, ResultsError, UnsupportedModelError)
 
 __all__ = ["FFNLibError", "ModelNotFoundError", "UnsupportedModelError", "CorpusError",
-           "ParameterError", "ResultsError", "NotebookError", "__version__"]
+           "ParameterError", "ResultsError", "NotebookError", "NothingToAnalyse", "__version__"]

@@ -34,3 +34,12 @@ class ResultsError(FFNLibError):
 
 class NotebookError(FFNLibError):
     """A notebook of the suite stopped with an error (the executed notebook shows where)."""
+
+
+class NothingToAnalyse(FFNLibError):
+    """The model gives a notebook nothing to analyse (e.g. it knows none of the facts): its findings are not
+    measured. The suite records the reason and goes on with the next notebook."""
+
+
+class NotebookSkipped(NotebookError):
+    """A notebook of the suite stopped because the model gives it nothing to analyse (:class:`NothingToAnalyse`)."""

@@ -78,6 +78,15 @@ class Run:
         write_json(path, summary)
         return path
 
+    def nothing_to_analyse(self, name: str, reason: str, findings: list[dict]) -> None:
+        """Stop the notebook: the model gives it nothing to analyse. Saves a summary with the reason and the
+        findings (all "not measured"), then raises :class:`NothingToAnalyse`; the suite goes on."""
+        from .errors import NothingToAnalyse
+
+        findings = [{**f, "figure": None} for f in findings]  # no figure was drawn
+        self.save_summary(name, {"model": self.loaded.describe(), "skipped": reason, "findings": findings})
+        raise NothingToAnalyse(reason)
+
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if name.endswith(".gguf") else name).strip("_")

@@ -167,6 +167,9 @@ def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
     lines += [f"Verdicts: {counts['holds']} hold, {counts['partly']} partly, {counts[ARCHITECTURAL]} hold without "
               f"training too (architectural), {counts['does not hold']} do not hold, {counts['not measured']} not "
               "measured.", "", *table, ""]
+    skipped = [f"- `{name}` stopped with nothing to analyse: {summary['skipped']}; its findings are not measured."
+               for name, summary in summaries.items() if summary.get("skipped")]
+    lines += [*skipped, ""] if skipped else []
     for name, summary in summaries.items():
         figures = [(f, f.get("figure"), f.get("paper_figure")) for f in summary.get("findings", []) if f.get("figure")]
         if not figures:

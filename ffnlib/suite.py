@@ -45,7 +45,7 @@ def execute(notebook: Path, output: Path, params: dict, stream: bool = False) ->
     import papermill
     from nbclient.exceptions import DeadKernelError
 
-    from .errors import NotebookError
+    from .errors import NotebookError, NotebookSkipped
 
     check_notebook_parameters(notebook, params)
     # papermill saves the notebook cell by cell; it is renamed into place when the run ends (with or
@@ -59,6 +59,8 @@ def execute(notebook: Path, output: Path, params: dict, stream: bool = False) ->
                             f"notebook is {output}. Finished steps are cached: run the same command again to "
                             "resume (with a smaller scale if memory ran out).") from exc
     except papermill.PapermillExecutionError as exc:
+        if exc.ename == "NothingToAnalyse":
+            raise NotebookSkipped(f"{notebook.name}: {exc.evalue}") from exc
         raise NotebookError(f"{notebook.name} stopped in cell {exc.exec_count} with {exc.ename}: {exc.evalue}\n"
                             f"The executed notebook, with the error, is {output}. Finished steps are cached: "
                             "fix the cause and run the same command again to resume.") from exc
@@ -77,6 +79,7 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
 
     from .config import get_scale
     from .controls import check_control
+    from .errors import NotebookSkipped
     from .notebook import _slug
 
     get_scale(scale)
@@ -91,7 +94,11 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
         start = time.perf_counter()
         log(f"[ffnlib] running {nb.name} ({model}, scale={scale}) ...")
         takes_control = "control" in papermill.inspect_notebook(str(nb))
-        execute(nb, out / nb.name, {**params, "control": control} if takes_control else params, stream=stream)
+        try:
+            execute(nb, out / nb.name, {**params, "control": control} if takes_control else params, stream=stream)
+        except NotebookSkipped as exc:  # the model gives it nothing to analyse; its findings are not measured
+            log(f"[ffnlib] {nb.name} stopped, nothing to analyse ({exc}); going on -> {out / nb.name}")
+            continue
         log(f"[ffnlib] {nb.name} done in {time.perf_counter() - start:.0f} s -> {out / nb.name}")
     try:
         from .report import write_report

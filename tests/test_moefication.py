@@ -300,6 +300,10 @@ def test_an_expert_size_that_does_not_divide_d_ff_is_a_clear_error(llama):
         with pytest.raises(ParameterError, match="expert_size"):
             moe.check_expert_size(D_FF, bad)
     assert moe.check_expert_size(1536, 32) == 48 and moe.check_expert_size(2048, 32) == 64
+    # the default: the authors' 32 where it divides, else the nearest divisor (a model of any width runs)
+    assert moe.default_expert_size(1536) == 32 and moe.default_expert_size(2048) == 32
+    assert moe.default_expert_size(88) == 22 and moe.default_expert_size(32) == 16
+    assert moe.check_expert_size(88, moe.default_expert_size(88)) == 4
 
 
 @pytest.mark.parametrize("share", [0, -0.1, 1.5, float("nan"), True, "0.5", None])

@@ -38,6 +38,25 @@ def test_notebook_runs_at_ci_scale(name, results, tmp_path):
         or name.startswith("05"), "each suite notebook saves the numbers it reports"
 
 
+def test_a_notebook_with_nothing_to_analyse_is_skipped_not_failed(tmp_path):
+    """``Run.nothing_to_analyse`` raises NothingToAnalyse in the kernel; ``execute`` turns it into
+    NotebookSkipped (which the suite logs and passes over), any other error into NotebookError."""
+    from ffnlib.errors import NotebookSkipped
+
+    for raised, expected in (("ffnlib.NothingToAnalyse('no fact is known')", NotebookSkipped),
+                             ("ValueError('broken')", ffnlib.NotebookError)):
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                "language": "python"}})
+        nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                    nbformat.v4.new_code_cell(f"import ffnlib\nraise {raised}")]
+        path = tmp_path / "stops.ipynb"
+        nbformat.write(nb, path)
+        with pytest.raises(expected) as info:
+            execute(path, tmp_path / "out.ipynb", {"x": 2})
+        assert (type(info.value) is NotebookSkipped) == (expected is NotebookSkipped)
+    assert "no fact is known" in str(NotebookSkipped("stops.ipynb: no fact is known"))
+
+
 def test_unknown_parameter_is_refused(tmp_path):
     with pytest.raises(ffnlib.ParameterError, match="no parameter"):
         execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb", {"scael": "ci"})
@@ -111,6 +130,9 @@ def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder(smollm, tmp_path
     assert (model["family"], model["gated"], model["layers"], model["d_ff"]) == ("opt", False, 2, case.d_ff)
     report = (run_dir / "report.md").read_text()
     assert "plain FFN" in report and "OPTForCausalLM" in report
+    if summaries["06_knowledge_neurons"].get("skipped"):  # a random model knows no facts: 06 stops, the suite goes on
+        assert "`06_knowledge_neurons` stopped with nothing to analyse" in report
+        assert {f["verdict"] for f in summaries["06_knowledge_neurons"]["findings"]} == {"not measured"}
     # the suite's sanity check: a random model judged against its random-weights control holds nothing
     verdicts = [f["verdict"] for s in summaries.values() for f in s["findings"]]
     assert len(verdicts) >= 20 and "holds" not in verdicts, verdicts

@@ -160,6 +160,17 @@ def spread_layers(n_layers: int, n: int | None) -> list[int]:
 # =====================================================================================================
 # Checks
 # =====================================================================================================
+def default_expert_size(d_ff: int, preferred: int = 32) -> int:
+    """The authors' 32 memories per expert where it divides ``d_ff``, else the divisor of ``d_ff`` nearest to it
+    (the smaller on a tie) that leaves at least two experts: a model of any width gets equal-size experts."""
+    if d_ff % preferred == 0 and d_ff > preferred:
+        return preferred
+    divisors = [d for d in range(1, d_ff // 2 + 1) if d_ff % d == 0]
+    if not divisors:
+        raise ParameterError(f"A layer of {d_ff} memories cannot be split into equal experts.")
+    return min(divisors, key=lambda d: (abs(d - preferred), d))
+
+
 def check_expert_size(d_ff: int, expert_size) -> int:
     """The number of experts, ``d_ff / expert_size``; a clear error when it does not divide."""
     if isinstance(expert_size, bool) or not isinstance(expert_size, (int, np.integer)) or expert_size < 1:
