@@ -13,6 +13,7 @@ SCALE ?= default
 DEVICE ?= cpu
 RESULTS ?= results
 CONTROL ?= random-init
+TEST_WORKERS ?= 2
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: setup run test bench publish clean-cache
@@ -31,7 +32,7 @@ run: setup
 	$(PY) -m ffnlib.suite --model $(MODEL) --scale $(SCALE) --device $(DEVICE) --results $(RESULTS) --control $(CONTROL)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 publish: setup
 	$(PY) -m ffnlib.report $(RESULTS)/$(MODEL)/$(SCALE) --publish docs/reports/$(MODEL)-$(SCALE)

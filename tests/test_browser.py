@@ -28,6 +28,9 @@ from pathlib import Path
 
 import pytest
 
+# one pytest-xdist worker runs both files: test_browser reuses the notebooks' ci-scale results folder
+pytestmark = pytest.mark.xdist_group("ci-results")
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

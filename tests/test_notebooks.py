@@ -8,6 +8,9 @@ import pytest
 import ffnlib
 from ffnlib.suite import NOTEBOOK_DIR, execute
 
+# one pytest-xdist worker runs both files: test_browser reuses the notebooks' ci-scale results folder
+pytestmark = pytest.mark.xdist_group("ci-results")
+
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
 
 
