@@ -136,8 +136,12 @@ def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder(smollm, tmp_path
     if summaries["06_knowledge_neurons"].get("skipped"):  # a random model knows no facts: 06 stops, the suite goes on
         assert "`06_knowledge_neurons` stopped with nothing to analyse" in report
         assert {f["verdict"] for f in summaries["06_knowledge_neurons"]["findings"]} == {"not measured"}
-    # the suite's sanity check: a random model judged against its random-weights control holds nothing
-    verdicts = [f["verdict"] for s in summaries.values() for f in s["findings"]]
+    # the suite's sanity check: a random model judged against its random-weights control holds nothing. The
+    # findings judged against their own baselines only (06, 07: method comparisons within one model) may hold
+    # on a random model too (k-means experts beat random ones there as well), so they are not part of it.
+    from ffnlib.findings import finding
+
+    verdicts = [f["verdict"] for s in summaries.values() for f in s["findings"] if finding(f["key"]).controlled]
     assert len(verdicts) >= 20 and "holds" not in verdicts, verdicts
     assert all(f["control"] not in ("", "no control") for s in summaries.values() for f in s["findings"]
                if f["verdict"] != "not measured")
