@@ -249,7 +249,7 @@ def _use_the_explorer(page, lab, tmp_path, expected, errors):
     # run the whole notebook from the menu, as a user would
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
-    page.get_by_text(re.compile(r"^atlas: ")).wait_for(state="attached", timeout=240_000)  # the last cell ran
+    page.get_by_text(re.compile(r"^atlas: ")).wait_for(state="attached", timeout=480_000)  # the last cell ran (4 min under load)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
     phase("notebook run (Run All Cells)")
     assert page.locator(".jp-OutputArea-output", has_text="Loaded cached trigger examples").count() == 1
