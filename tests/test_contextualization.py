@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import transformers as tf
 from transformers.activations import ACT2FN
 
 import ffnlib.related.contextualization as ctx
