@@ -140,7 +140,12 @@ interval for a count out of 100. The control column is the same measure on the r
 - **does not hold**: the remaining cases; **not measured**: no number (e.g. it needs human annotation).
 
 Claimed ranges (e.g. 10-50% of memories active) hold when our interval lies within the range and the control's
-does not. Overlapping intervals never give "holds"."""
+does not. Overlapping intervals never give "holds".
+
+The related-work findings (notebooks 06, 07) compare memories, experts or methods within the trained model: each is
+judged against its own baseline only (random memories of the same layers, random experts, random memories at the
+same share), and the control column says so. Where the paper claims that little is lost (e.g. over 95% of the
+performance kept), the size asked is stated in the finding's rule: at most twice the paper's loss."""
 
 
 def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
