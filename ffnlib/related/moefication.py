@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from abc import ABC, abstractmethod
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -956,14 +957,18 @@ def default_configs(shares: Sequence[float], splits: Sequence[str] = SPLITS,
     return out
 
 
-class _Rule:
+class _Rule(ABC):
+    """How one method sparsifies a layer: which FFN inputs it keeps (``inputs``; None: all) and which memories
+    (``mask`` of the coefficients ``m``, given the input ``x`` and, where ``needs_gate``, the gate's output ``z``)."""
+
     needs_gate = False
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    @abstractmethod
     def mask(self, x: torch.Tensor, m: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor | None:
-        raise NotImplementedError
+        """True at the memories kept (None: all)."""
 
 
 class _ExpertRule(_Rule):
