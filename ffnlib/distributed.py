@@ -307,13 +307,15 @@ def _maybe_pause() -> None:
 # =====================================================================================================
 # Shards
 # =====================================================================================================
-def plan_shards(batch_tokens: Sequence[int], shard_tokens: int) -> list[tuple[int, int]]:
+def plan_shards(batch_tokens: Sequence[int], shard_tokens: int, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:
     """Cut a batch plan into shards: consecutive runs ``(first, end)`` of batches whose padded tokens add
-    up to at most ``shard_tokens`` (a batch larger than that is a shard of its own)."""
+    up to at most ``shard_tokens`` (a batch larger than that is a shard of its own). A shard also ends at
+    every batch index in ``cuts`` (the ends of the corpus prefixes that mining snapshots)."""
     shard_tokens = check_int("shard_tokens", shard_tokens)
+    cuts = set(int(c) for c in cuts)
     shards, first, total = [], 0, 0
     for index, cost in enumerate(batch_tokens):
-        if index > first and total + int(cost) > shard_tokens:
+        if index > first and (total + int(cost) > shard_tokens or index in cuts):
             shards.append((first, index))
             first, total = index, 0
         total += int(cost)
@@ -441,8 +443,8 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
                                      checkpoint_every: int = 1000, out_dir=None, progress: bool = True, *,
                                      cluster="local", n_workers: int = 2, torch_threads: int = 1,
                                      device: str | None = None, shard_tokens: int | None = None,
-                                     keep_shards: bool = False,
-                                     connect_timeout: float = 30.0) -> _keys.TriggerExamples:
+                                     keep_shards: bool = False, connect_timeout: float = 30.0,
+                                     snapshot_floor="auto") -> _keys.TriggerExamples:
     """:func:`ffnlib.keys.mine_trigger_examples` on a Dask cluster: same parameters, same result.
 
     The batch plan is cut into shards of about ``shard_tokens`` padded tokens (default
@@ -450,10 +452,15 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
     ``checkpoint_every`` is accepted for the same signature; shards are the checkpoints here. The
     result's ``stats["cluster"]`` says how the run went (shards, which were computed, per-shard
     seconds). See the module docstring for ``cluster``, ``device``, ``torch_threads``, ``out_dir``.
+
+    Snapshots (``snapshot_floor``): a shard never spans the end of a snapshot's corpus prefix, and the
+    shards are merged in plan order, so every snapshot falls on a shard boundary and equals the
+    single-process snapshot (and a run on that prefix), bit for bit.
     """
     started = time.perf_counter()
     check_cluster(cluster)
-    req = _keys.trigger_request(loaded, sentences, k, per_sentence, negative, layers, batch_tokens, checkpoint_every)
+    req = _keys.trigger_request(loaded, sentences, k, per_sentence, negative, layers, batch_tokens, checkpoint_every,
+                                snapshot_floor)
     ref = model_ref(loaded, device, torch_threads)
     table, request, name, layer_list, signs = req.table, req.request, req.name, req.layers, req.signs
     folder = ensure_dir(out_dir) if out_dir is not None else None
@@ -465,11 +472,14 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
             return cached
 
     lengths = np.array([len(t) for t in table["token_ids"]])
-    batches = _mining.plan_batches(lengths, req.batch_tokens)
+    sizes = _mining.doubling_sizes(len(table), request["snapshot_floor"])
+    batches, ends = _mining.plan_prefix_batches(lengths, req.batch_tokens, sizes)
     costs = [len(rows) * int(lengths[rows].max()) for rows in batches]
     shard_tokens = auto_shard_tokens(sum(costs)) if shard_tokens is None else check_int("shard_tokens",
                                                                                              shard_tokens)
-    shards = plan_shards(costs, shard_tokens)
+    shards = plan_shards(costs, shard_tokens, cuts=ends[:-1])
+    snapshot_after = {shard: size for size, end in zip(sizes[:-1], ends[:-1])
+                      for shard, (_, shard_end) in enumerate(shards) if shard_end == end}
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     spec = {"layers": layer_list, "signs": signs, "k": req.k, "per_sentence": req.per_sentence,
             "pad_id": int(pad_id)}
@@ -506,10 +516,25 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
                 [local[b] for b in batches[first:end]], shard_save(index))
 
     merged: list[_mining.TopKState | None] = [None]
+    waiting: dict[int, _mining.TopKState] = {}  # shards done out of plan order, until their turn
+    snapshots: dict[int, _mining.TopKState] = {}
+    done = {"shards": 0, "tokens": 0}
 
     def on_result(index: int, result: dict) -> None:
-        part = _mining.TopKState(layer_list, signs, torch.tensor(result["scores"]), torch.tensor(result["keys"]))
-        merged[0] = part if merged[0] is None else _mining.merge(merged[0], part)
+        """Merge the shards in plan order (the merge is exact in any order; this order makes every prefix
+        of shards, so every snapshot, available as it completes)."""
+        waiting[index] = _mining.TopKState(layer_list, signs, torch.tensor(result["scores"]),
+                                           torch.tensor(result["keys"]))
+        while done["shards"] in waiting:
+            shard = done["shards"]
+            part = waiting.pop(shard)
+            merged[0] = part if merged[0] is None else _mining.merge(merged[0], part)
+            first, end = shards[shard]
+            done["tokens"] += int(sum(lengths[rows].sum() for rows in batches[first:end]))
+            done["shards"] += 1
+            if shard in snapshot_after:
+                _keys._keep_snapshot(snapshots, snapshot_after[shard], merged[0], table, request,
+                                     {"tokens": done["tokens"]}, folder)
 
     with connect(cluster, n_workers, connect_timeout, progress) if missing else contextlib.nullcontext() as client:
         computed = _run_shards(client, _mine_shard, shards, missing, build, cached_states, on_result,
@@ -523,8 +548,9 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
     stats = {"sentences": len(table), "tokens": total_tokens, "batches": len(batches),
              "padding_share": padded / max(sum(costs), 1), "seconds": seconds,
              "tokens_per_second": total_tokens / max(seconds, 1e-9), "resumed_from": 0, "from_cache": False,
-             "cluster": info}
+             "cluster": info, "snapshots": sizes[:-1]}
     result = _keys.trigger_examples_from_state(merged[0], table, request, stats)
+    result.snapshots = snapshots
     if folder is not None:
         _keys.save_trigger_examples(folder, name, result)
         if not keep_shards:

@@ -35,12 +35,14 @@ import torch
 from .config import check_int
 from .errors import CorpusError, ParameterError
 from .mining import (EMPTY, MAX_POSITION, PER_SENTENCE, POSITION_BITS, Checkpoint, TopKState, corpus_fingerprint,
-                     hooked, merge, plan_batches, prepare_sentences, read_coefficients)
+                     doubling_sizes, hooked, merge, plan_batches, plan_prefix_batches, prepare_sentences,
+                     read_coefficients)
 from .progress import say
 from .stats import N_BOOT, Estimate, bootstrap, share
 from .storage import ensure_dir, fingerprint, load_result, read_json, save_result, write_json
 
 RESULT_VERSION = 1  # bump when what the miner computes changes
+SNAPSHOT_FLOOR = 250  # the first snapshot's sentences ("auto": fewer on a small corpus, never fewer than k)
 TRIGGER_COLUMNS = ["layer", "memory", "sign", "rank", "coefficient", "sentence_id", "position", "next_token"]
 
 
@@ -62,6 +64,9 @@ class TriggerExamples:
     sentences: pd.DataFrame
     manifest: dict
     stats: dict = field(default_factory=dict)
+    # sentences mined -> the top-k state after that prefix of the corpus (a run without out_dir keeps
+    # them here; with out_dir each is saved as the result of a run on that prefix: see trigger_snapshot)
+    snapshots: dict = field(default_factory=dict, repr=False)
 
     def of(self, layer: int, memory: int, sign: int = 1) -> pd.DataFrame:
         """One key's trigger examples, strongest first."""
@@ -118,9 +123,28 @@ class TriggerRequest:
     name: str
 
 
+def auto_snapshot_floor(n: int, k: int) -> int:
+    """The first snapshot's size when ``snapshot_floor="auto"``: 250 sentences, or a quarter of a smaller
+    corpus, never fewer than k (each key needs k sentences)."""
+    return max(int(k), min(SNAPSHOT_FLOOR, int(n) // 4))
+
+
+def check_snapshot_floor(snapshot_floor, n: int, k: int) -> int | None:
+    if snapshot_floor == "auto":
+        return auto_snapshot_floor(n, k)
+    if snapshot_floor is None:
+        return None
+    floor = check_int("snapshot_floor", snapshot_floor)
+    if floor < k:
+        raise ParameterError(f"snapshot_floor={floor} is smaller than k={k}: a snapshot of fewer than k sentences "
+                             f"cannot give every key k trigger examples. Use snapshot_floor >= {k}, \"auto\", or "
+                             "None (no snapshots).")
+    return floor
+
+
 def trigger_request(loaded, sentences: pd.DataFrame, k: int = 50, per_sentence: str = "max",
                     negative: bool | None = None, layers=None, batch_tokens: int = 2048,
-                    checkpoint_every: int = 1000) -> TriggerRequest:
+                    checkpoint_every: int = 1000, snapshot_floor="auto") -> TriggerRequest:
     """Check the arguments of :func:`mine_trigger_examples` (clear errors), tokenize the sentences and build
     the request that identifies the result."""
     adapter = loaded.adapter
@@ -139,17 +163,26 @@ def trigger_request(loaded, sentences: pd.DataFrame, k: int = 50, per_sentence: 
     if k > len(table):
         raise ParameterError(f"k={k} is larger than the number of sentences ({len(table)}): each key can have at "
                              f"most one trigger per sentence. Use k <= {len(table)} or more sentences.")
+    floor = check_snapshot_floor(snapshot_floor, len(table), k)
     request = {"analysis": "trigger_examples", "version": RESULT_VERSION, "model": loaded.name,
                "file_hash": loaded.file_hash, "corpus": corpus_fingerprint(table), "sentences": len(table),
                "k": k, "per_sentence": per_sentence, "negative": negative, "layers": layer_list,
-               "n_bos": len(loaded.bos)}
+               "n_bos": len(loaded.bos), "snapshot_floor": floor}
     return TriggerRequest(table, layer_list, [1, -1] if negative else [1], k, per_sentence, batch_tokens, request,
                           f"triggers-{fingerprint(request)}")
 
 
+def snapshot_request(request: dict, table: pd.DataFrame, size: int) -> tuple[dict, str]:
+    """The request (and result name) of a run on the first ``size`` sentences of ``table`` with the same
+    parameters: what the snapshot at ``size`` is saved as, and equals."""
+    prefix = {**request, "corpus": corpus_fingerprint(table.iloc[:size]), "sentences": int(size)}
+    return prefix, f"triggers-{fingerprint(prefix)}"
+
+
 def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sentence: str = "max",
                           negative: bool | None = None, layers=None, batch_tokens: int = 2048,
-                          checkpoint_every: int = 1000, out_dir=None, progress: bool = True) -> TriggerExamples:
+                          checkpoint_every: int = 1000, out_dir=None, progress: bool = True,
+                          snapshot_floor="auto") -> TriggerExamples:
     """Mine the top-k trigger examples of every memory of ``layers`` (all by default) over ``sentences``.
 
     - ``per_sentence="max"`` (the authors' code): at most one prefix per sentence per key, ending at the
@@ -160,10 +193,16 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
     - With ``out_dir``: a checkpoint every ``checkpoint_every`` sentences (an interrupted run resumes and
       ends with the same result), and the result is saved as Parquet with a manifest; a later call with
       the same manifest loads it instead of recomputing.
+    - **Snapshots** (corpus size): the sentences are mined in prefix segments of the table's row order,
+      doubling from ``snapshot_floor`` (``"auto"``: 250, or a quarter of a smaller corpus, at least k;
+      None: one segment, no snapshots). The state after each prefix is exactly what a run on that prefix
+      alone (same parameters, same ``snapshot_floor``) gives, bit for bit; :func:`trigger_snapshot` reads
+      it. With ``out_dir`` each is saved as that prefix run's result (so such a run loads it).
 
     The engine (top-k state, miner, batches) is :mod:`ffnlib.mining`.
     """
-    req = trigger_request(loaded, sentences, k, per_sentence, negative, layers, batch_tokens, checkpoint_every)
+    req = trigger_request(loaded, sentences, k, per_sentence, negative, layers, batch_tokens, checkpoint_every,
+                          snapshot_floor)
     table, request, name = req.table, req.request, req.name
     folder = ensure_dir(out_dir) if out_dir is not None else None
     if folder is not None:
@@ -174,7 +213,10 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
             return cached
 
     lengths = np.array([len(t) for t in table["token_ids"]])
-    batches = plan_batches(lengths, req.batch_tokens)
+    sizes = doubling_sizes(len(table), request["snapshot_floor"])
+    batches, ends = plan_prefix_batches(lengths, req.batch_tokens, sizes)
+    snapshot_at = dict(zip(ends[:-1], sizes[:-1]))  # batches done -> sentences of the prefix it completes
+    snapshots: dict[int, TopKState] = {}
     state = TopKState.empty(req.layers, req.signs, loaded.adapter.d_ff, req.k, device=loaded.device)
     checkpoint = Checkpoint(folder, name, {**request, "batch_tokens": req.batch_tokens})
     done = {"batches": 0, "sentences": 0, "tokens": 0, "padded": 0}
@@ -195,6 +237,7 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
     bar = tqdm(total=int(lengths.sum()), initial=int(done["tokens"]), unit="tok", unit_scale=True,
                desc="Mining trigger examples", disable=not progress)
     started, tokens_here, last_checkpoint = time.perf_counter(), 0, done["sentences"]
+    snapshot_seconds = 0.0  # taking the snapshots (and the checkpoints only they need): their cost
     try:
         with hooked(loaded, state, req.per_sentence) as miner, torch.inference_mode():
             for index in range(done["batches"], len(batches)):
@@ -207,6 +250,15 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
                 tokens_here += real
                 bar.update(real)
                 bar.set_postfix(sentences=f"{done['sentences']}/{len(table)}")
+                size = snapshot_at.get(index + 1)
+                if size is not None:  # a prefix of the corpus is done: its snapshot, then a checkpoint
+                    snapshot_started = time.perf_counter()
+                    miner.flush()
+                    _keep_snapshot(snapshots, size, state, table, request, done, folder)
+                    if index + 1 < len(batches) and done["sentences"] - last_checkpoint < checkpoint_every:
+                        checkpoint.save({"scores": state.scores, "keys": state.keys}, done)  # for the snapshot only
+                        last_checkpoint = done["sentences"]
+                    snapshot_seconds += time.perf_counter() - snapshot_started
                 if done["sentences"] - last_checkpoint >= checkpoint_every and index + 1 < len(batches):
                     miner.flush()
                     checkpoint.save({"scores": state.scores, "keys": state.keys}, done)
@@ -219,14 +271,61 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
     stats = {"sentences": len(table), "tokens": int(done["tokens"]), "batches": len(batches),
              "padding_share": done["padded"] / max(done["padded"] + done["tokens"], 1),
              "seconds": seconds, "tokens_per_second": tokens_here / max(seconds, 1e-9),
-             "resumed_from": resumed_from, "from_cache": False}
+             "resumed_from": resumed_from, "from_cache": False, "snapshots": sizes[:-1],
+             "snapshot_seconds": snapshot_seconds}
     result = trigger_examples_from_state(state, table, request, stats)
+    result.snapshots = snapshots
     if folder is not None:
         save_trigger_examples(folder, name, result)
         checkpoint.remove()
         say(f"Saved the trigger examples to {folder / name}.parquet ({stats['tokens']} tokens, padding "
             f"{stats['padding_share']:.1%}, {stats['tokens_per_second']:.0f} tokens/s).", progress)
     return result
+
+
+def _keep_snapshot(snapshots: dict, size: int, state: TopKState, table: pd.DataFrame, request: dict,
+                   done: dict, folder: Path | None) -> None:
+    """The state after the first ``size`` sentences: saved as the result of a run on that prefix (with
+    ``folder``), else kept in memory."""
+    if folder is None:
+        snapshots[size] = state.to("cpu").clone()
+        return
+    prefix_request, prefix_name = snapshot_request(request, table, size)
+    if load_result(folder, prefix_name, prefix_request) is not None:  # saved before an interruption
+        return
+    sizes = doubling_sizes(size, request["snapshot_floor"])
+    stats = {"sentences": size, "tokens": int(done["tokens"]), "snapshot_of": request["corpus"],
+             "snapshots": sizes[:-1], "from_cache": False}
+    save_trigger_examples(folder, prefix_name,
+                          trigger_examples_from_state(state, table.iloc[:size], prefix_request, stats))
+
+
+def snapshot_sizes(examples: TriggerExamples) -> list[int]:
+    """The prefix sizes (sentences) of ``examples``' snapshots, smallest first, then the whole corpus."""
+    return doubling_sizes(int(examples.manifest["sentences"]), examples.manifest.get("snapshot_floor"))
+
+
+def trigger_snapshot(examples: TriggerExamples, size: int, out_dir=None) -> TriggerExamples:
+    """The trigger examples of the first ``size`` sentences of ``examples``' corpus, as mined in the same
+    pass (one of :func:`snapshot_sizes`): from memory, or from ``out_dir`` where the run saved it."""
+    sizes = snapshot_sizes(examples)
+    if size not in sizes:
+        raise ParameterError(f"No snapshot of {size} sentences: this mining run has snapshots at {sizes} "
+                             f"(snapshot_floor={examples.manifest.get('snapshot_floor')}).")
+    if size == sizes[-1]:
+        return examples
+    if size in examples.snapshots:
+        table = examples.sentences.iloc[:size]
+        request, _ = snapshot_request(examples.manifest, table, size)
+        return trigger_examples_from_state(examples.snapshots[size], table, request,
+                                           {"sentences": size, "snapshot_of": examples.manifest["corpus"]})
+    if out_dir is not None:
+        request, name = snapshot_request(examples.manifest, examples.sentences, size)
+        found = load_trigger_examples(Path(out_dir), name, request)
+        if found is not None:
+            return found
+    raise ParameterError(f"The snapshot of {size} sentences is neither in memory nor in {out_dir}: pass the "
+                         "out_dir the examples were mined with (or mine them again with it).")
 
 
 def trigger_examples_from_state(state: TopKState, table: pd.DataFrame, request: dict,
@@ -644,20 +743,24 @@ def pattern_trend(measures: pd.DataFrame, split: float = 9 / 16) -> dict:
     return result
 
 
-def section3_measures(removal: pd.DataFrame, key_patterns: pd.DataFrame, n_layers: int, split: float = 9 / 16,
+def section3_measures(removal: pd.DataFrame | None, key_patterns: pd.DataFrame, n_layers: int, split: float = 9 / 16,
                       n_boot: int = N_BOOT, seed: int = 0) -> tuple[dict[str, Estimate], dict[str, str]]:
     """The measures of Section 3's findings (``ffnlib.findings``, notebook ``01_keys``), each with a 95%
     interval from a seeded bootstrap over keys (the sampled unit: the removal experiment's random keys, and
     every mined key for the patterns), and a line of detail per measure for the report.
 
-    ``removal``: :func:`removal_experiment`'s rows; ``key_patterns``: :func:`key_pattern_table`. Lower
+    ``removal``: :func:`removal_experiment`'s rows (None: only the pattern measures); ``key_patterns``:
+    :func:`key_pattern_table`. Lower
     layers: relative depth <= ``split`` (the paper's layers 1-9 of 16).
     """
     out: dict[str, Estimate] = {}
     details: dict[str, str] = {}
-    finite = removal[np.isfinite(removal["relative_change"])]
-    per_key = finite.pivot_table(index=["layer", "memory"], columns="variant", values="relative_change",
-                                 aggfunc="mean")
+    if removal is None:  # the pattern measures alone (e.g. on every corpus-size snapshot)
+        per_key = pd.DataFrame()
+    else:
+        finite = removal[np.isfinite(removal["relative_change"])]
+        per_key = finite.pivot_table(index=["layer", "memory"], columns="variant", values="relative_change",
+                                     aggfunc="mean")
     if {"last", "first", "random"} <= set(per_key.columns):
         per_key = per_key.dropna(subset=["last", "first", "random"])
         lower = ((per_key.index.get_level_values("layer").to_numpy() + 1) / n_layers) <= split

@@ -4,6 +4,10 @@ Section 3 (:mod:`ffnlib.keys`) and the Dask path (:mod:`ffnlib.distributed`) bui
 
 - :func:`prepare_sentences` checks and tokenizes a sentence table; :func:`plan_batches` cuts it into
   batches of similar length (little padding, a bounded number of tokens each), :func:`make_batch` pads one.
+  :func:`plan_prefix_batches` does so within each *prefix segment* of the corpus (its first 250 sentences,
+  the next 250, the next 500, ... doubling, :func:`doubling_sizes`), so that the state after each segment
+  is exactly the result of a run on that prefix of the corpus: a *snapshot* (issue: findings against
+  corpus size).
 - :class:`TopKState` holds the running top-k candidates of every memory of several layers, for one or two
   signs, in a total order (score, then sentence id, then position), so that :func:`merge` of two partial
   states (e.g. two corpus shards) is exact.
@@ -155,6 +159,35 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float =
     return batches
 
 
+def doubling_sizes(n: int, floor: int | None) -> list[int]:
+    """Prefix sizes of the snapshots of a corpus of ``n`` sentences: ``floor``, 2·floor, 4·floor, ... below
+    ``n``, then ``n`` itself (``[n]`` alone when ``floor`` is None or at least ``n``)."""
+    sizes = []
+    if floor is not None:
+        size = int(floor)
+        while size < n:
+            sizes.append(size)
+            size *= 2
+    return sizes + [int(n)]
+
+
+def plan_prefix_batches(lengths: Sequence[int], batch_tokens: int, sizes: Sequence[int],
+                        max_padding: float = 0.05) -> tuple[list[np.ndarray], list[int]]:
+    """:func:`plan_batches` within each prefix segment ``[sizes[j-1], sizes[j])`` of the rows (row order is
+    the corpus order). Returns the batches (row indices) and, per size, how many batches complete that
+    prefix. A run on the first ``sizes[j]`` rows with the same ``sizes[:j+1]`` plans exactly the same
+    batches, so its result equals the state after those batches, bit for bit."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    batches, ends, start = [], [], 0
+    for size in sizes:
+        batches += [rows + start for rows in plan_batches(lengths[start:size], batch_tokens, max_padding)]
+        ends.append(len(batches))
+        start = size
+    if start != len(lengths):
+        raise AssertionError(f"the prefix sizes {list(sizes)} must end at the number of rows ({len(lengths)})")
+    return batches, ends
+
+
 # =====================================================================================================
 # The running top-k state
 # =====================================================================================================
@@ -191,6 +224,9 @@ class TopKState:
 
     def to(self, device) -> "TopKState":
         return TopKState(self.layers, self.signs, self.scores.to(device), self.keys.to(device))
+
+    def clone(self) -> "TopKState":
+        return TopKState(list(self.layers), list(self.signs), self.scores.clone(), self.keys.clone())
 
 
 def _top_sorted(scores: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

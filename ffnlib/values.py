@@ -317,6 +317,61 @@ def _project_layer(adapter: Adapter, layer: int, top_k: int, signs, targets: dic
     return _layer_frames(layer, d_ff, top_k, signs, found, targets)
 
 
+@torch.no_grad()
+def target_ranks(model, targets: pd.DataFrame, memory_limit_mb: float = 512, progress: bool = False) -> pd.DataFrame:
+    """The rank of given tokens in given values' distributions, several per value (e.g. the top trigger's next
+    token of every corpus-size snapshot), in one pass over the values.
+
+    ``targets``: columns layer, memory, sign, token (-1: none) and any others (kept; a value may appear in
+    several rows). Returns ``targets`` with ``target_rank``: the number of tokens with a strictly larger logit
+    (-1 where token is -1), equal bit for bit to what :func:`project_values` gives for one target per value
+    (the values are projected in the same chunks).
+    """
+    adapter: Adapter = model if isinstance(model, Adapter) else getattr(model, "adapter", None)
+    if adapter is None:
+        raise ParameterError(f"model must be a LoadedModel (ffnlib.models.load_model) or an Adapter, "
+                             f"got {type(model).__name__}.")
+    _require_columns(targets, KEYS + ["token"], "targets")
+    vocab = int(adapter.head.weight.shape[0])
+    out = targets.reset_index(drop=True).copy()
+    layer_of, memory_of = out["layer"].to_numpy(np.int64), out["memory"].to_numpy(np.int64)
+    sign_of, token_of = out["sign"].to_numpy(np.int64), out["token"].to_numpy(np.int64)
+    if (np.any((memory_of < 0) | (memory_of >= adapter.d_ff)) or np.any(token_of >= vocab) or np.any(token_of < -1)
+            or not set(np.unique(sign_of).tolist()) <= {1, -1}):
+        raise ParameterError(f"targets has rows out of range (memory in 0..{adapter.d_ff - 1}, sign 1 or -1, token "
+                             f"in -1..{vocab - 1}).")
+    adapter.check_layers(sorted(set(layer_of.tolist())))
+    ranks = np.full(len(out), -1, dtype=np.int64)
+    chunk = projection_chunk_rows(vocab, adapter.d_model, memory_limit_mb, softcap=bool(adapter.softcap))
+    groups = out.groupby(["layer", "sign"]).indices
+    for (layer, sign), index in tqdm(sorted(groups.items()), desc="Target ranks", unit="layer", disable=not progress):
+        values = adapter.written_values(int(layer))
+        d_ff, d_model = values.shape
+        n_chunks = -(-d_ff // chunk)
+        rows = -(-d_ff // n_chunks)  # the chunks of project_values, so the logits are the same bit for bit
+        inp = torch.zeros(rows, d_model, dtype=values.dtype, device=values.device)
+        order = index[np.argsort(memory_of[index], kind="stable")]
+        mems = memory_of[order]
+        for start in range(0, d_ff, rows):
+            n = min(rows, d_ff - start)
+            lo, hi = np.searchsorted(mems, [start, start + n])
+            here = order[lo:hi]
+            here = here[token_of[here] >= 0]
+            if len(here) == 0:
+                continue
+            if n < rows:
+                inp[n:].zero_()
+            inp[:n].copy_(values[start:start + n])
+            logits = adapter.logits_from_values(inp if sign == 1 else -inp)
+            row = torch.as_tensor(memory_of[here] - start, device=logits.device)
+            tok = torch.as_tensor(token_of[here], device=logits.device)
+            picked = logits[row]  # (targets here, vocab)
+            ranks[here] = torch.gt(picked, picked.gather(1, tok[:, None])).sum(-1).long().cpu().numpy()
+            del logits, picked
+    out["target_rank"] = ranks
+    return out
+
+
 def _summarise(logits: torch.Tensor, buf: torch.Tensor, top_k: int, target: torch.Tensor | None):
     """Top-k tokens and probabilities of each row of ``logits``, and the rank of each row's target token
     (-1 where none). ``buf`` is a work buffer of the same shape (no other full-size tensor is allocated).

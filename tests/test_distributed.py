@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import ffnlib.aggregation as agg  # noqa: E402
 import ffnlib.distributed as dist  # noqa: E402
 import ffnlib.keys as keys  # noqa: E402
-from ffnlib import ParameterError  # noqa: E402
+from ffnlib import ParameterError, mining  # noqa: E402
 from ffnlib.corpus import load_corpus  # noqa: E402
 from ffnlib.models import load_model  # noqa: E402
 from ffnlib.storage import read_json  # noqa: E402
@@ -166,6 +166,21 @@ def test_mining_on_a_cluster_address_equals_the_single_process_result(mined, sin
     # this cluster's nanny set MALLOC_TRIM_THRESHOLD_ (Dask's default); each worker undid its cost
     assert all(s["malloc_trim_threshold"] and s["malloc_tuned"] for s in stats.values()), stats
     assert sum(s["shards"] for s in stats.values()) == info["shards"]
+
+
+def test_snapshots_fall_on_shard_boundaries_and_equal_a_run_on_the_prefix(mined, single, tiny, sentences):
+    (result, out), (reference, ref_out) = mined, single
+    sizes = keys.snapshot_sizes(result)
+    assert sizes == [30, 60, 120] and result.stats["snapshots"] == [30, 60]  # "auto": a quarter of 120
+    lengths = [len(t) for t in result.sentences["token_ids"]]
+    _, ends = mining.plan_prefix_batches(lengths, MINE["batch_tokens"], sizes)
+    shard_ends = {t["end_batch"] for t in result.stats["cluster"]["shard_timings"]}
+    assert set(ends) <= shard_ends  # no shard spans the end of a snapshot's prefix
+    for size in sizes[:-1]:
+        snapshot = keys.trigger_snapshot(result, size, out_dir=out)
+        _same_triggers(snapshot, keys.trigger_snapshot(reference, size, out_dir=ref_out))
+        alone = keys.mine_trigger_examples(tiny, sentences.iloc[:size], snapshot_floor=30, **MINE)
+        _same_triggers(snapshot, alone)
 
 
 def test_a_rerun_computes_only_the_missing_shards(mined, single, tiny, sentences, cluster):

@@ -236,7 +236,11 @@ def test_plan_batches_by_length_and_budget():
 
 # ---- resume, cache, corruption --------------------------------------------------------------------------
 def _result_files(folder: Path) -> tuple[Path, Path]:
+    """The whole corpus's result (the snapshots of its prefixes are saved beside it)."""
     main = [p for p in folder.glob("triggers-*.parquet") if not p.name.endswith("-sentences.parquet")]
+    sentences = {p: json.loads(p.with_suffix(".manifest.json").read_text())["request"]["sentences"] for p in main}
+    largest = max(sentences.values())
+    main = [p for p in main if sentences[p] == largest]
     assert len(main) == 1
     return main[0], main[0].with_name(main[0].stem + "-sentences.parquet")
 
@@ -307,6 +311,63 @@ def test_corrupted_checkpoint_is_detected_and_recomputed(tiny, sentences, tmp_pa
     pd.testing.assert_frame_equal(again.triggers, ref.triggers)
 
 
+# ---- snapshots: the state after each doubling of the corpus -----------------------------------------------
+def test_doubling_sizes_and_the_prefix_plan():
+    assert mining.doubling_sizes(40, 8) == [8, 16, 32, 40]
+    assert mining.doubling_sizes(32, 8) == [8, 16, 32]
+    assert mining.doubling_sizes(5, 8) == [5] and mining.doubling_sizes(40, None) == [40]
+    lengths = np.random.default_rng(0).integers(3, 30, size=40)
+    batches, ends = mining.plan_prefix_batches(lengths, 64, [8, 16, 32, 40])
+    assert ends[-1] == len(batches)
+    start = 0
+    for size, end in zip([8, 16, 32, 40], ends):  # the batches up to ends[j] cover exactly the first sizes[j] rows
+        assert sorted(np.concatenate(batches[:end]).tolist()) == list(range(size))
+        start = end
+    with pytest.raises(AssertionError, match="must end at the number of rows"):
+        mining.plan_prefix_batches(lengths, 64, [8, 16])
+
+
+def test_a_snapshot_equals_a_run_on_that_prefix_of_the_corpus(tiny, sentences, tmp_path):
+    full = _mine(tiny, sentences, snapshot_floor=8)  # 40 sentences: snapshots after 8, 16 and 32
+    assert keys.snapshot_sizes(full) == [8, 16, 32, 40] and full.stats["snapshots"] == [8, 16, 32]
+    saved = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path)
+    for size in (8, 16, 32):
+        prefix = _mine(tiny, sentences.iloc[:size], snapshot_floor=8)
+        for snapshot in (keys.trigger_snapshot(full, size), keys.trigger_snapshot(saved, size, out_dir=tmp_path)):
+            pd.testing.assert_frame_equal(snapshot.triggers, prefix.triggers, check_exact=True)
+            assert snapshot.sentences["sentence_id"].tolist() == prefix.sentences["sentence_id"].tolist()
+            assert snapshot.manifest == prefix.manifest
+        # each differs from the whole corpus's result (more sentences, other top-k)
+        assert not snapshot.triggers["coefficient"].equals(full.triggers["coefficient"])
+    # a saved snapshot is that prefix run's cached result
+    assert _mine(tiny, sentences.iloc[:16], snapshot_floor=8, out_dir=tmp_path).stats["from_cache"]
+    assert keys.trigger_snapshot(saved, 40) is saved
+    with pytest.raises(ParameterError, match=r"No snapshot of 12 sentences: .*\[8, 16, 32, 40\]"):
+        keys.trigger_snapshot(full, 12)
+    with pytest.raises(ParameterError, match="neither in memory nor in"):
+        keys.trigger_snapshot(saved, 16)  # saved to tmp_path, not kept in memory
+    with pytest.raises(ParameterError, match="snapshot_floor=3 is smaller than k=5"):
+        _mine(tiny, sentences, snapshot_floor=3)
+    # "auto": 250, or a quarter of a smaller corpus, never fewer than k
+    assert keys.auto_snapshot_floor(8000, 50) == 250 and keys.auto_snapshot_floor(160, 50) == 50
+    assert keys.auto_snapshot_floor(40, 5) == 10
+
+
+def test_snapshots_survive_an_interruption(tiny, sentences, tmp_path, monkeypatch):
+    ref = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "ref")
+    batches, ends = mining.plan_prefix_batches([len(t) for t in ref.sentences["token_ids"]], 160, [8, 16, 32, 40])
+    monkeypatch.setattr(keys, "_after_batch", _interrupt_at(ends[1] + 1))  # past the second snapshot
+    with pytest.raises(Interrupt):
+        _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
+    monkeypatch.setattr(keys, "_after_batch", lambda *a: None)
+    again = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
+    assert again.stats["resumed_from"] == 16  # a checkpoint is taken at every snapshot
+    names = sorted(p.name for p in (tmp_path / "ref").glob("triggers-*.parquet"))
+    assert len(names) == 8 and names == sorted(p.name for p in (tmp_path / "run").glob("triggers-*.parquet"))
+    for name in names:
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "run" / name).read_bytes()
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import logging, os, signal, sys
     sys.path.insert(0, {root!r})
@@ -360,7 +421,8 @@ def test_sigkill_at_five_points_resumes_and_ends_identical(tiny, sentences, tmp_
     rc, _, log = run(tmp_path / "ref")
     assert rc == 0 and "DONE 0" in log, log
     lengths = [len(t) for t in mining.prepare_sentences(tiny, sentences)["token_ids"]]
-    n = len(mining.plan_batches(lengths, 64))
+    sizes = mining.doubling_sizes(len(lengths), keys.auto_snapshot_floor(len(lengths), 5))
+    n = len(mining.plan_prefix_batches(lengths, 64, sizes)[0])
     assert n >= 16, n
     out = tmp_path / "killed"
     resumed = [0]
