@@ -3,7 +3,8 @@
 Every notebook has a cell tagged ``parameters`` with at least ``model``, ``scale``, ``seed``,
 ``results_dir`` and ``device``, so ``papermill NB OUT -p scale ci`` always works. ``scale`` picks the
 sizes below: ``"ci"`` is small and fast (tests), ``"default"`` is the main job (about half an hour on
-a 2-core CPU for the whole suite), ``"full"`` uses the whole embedded corpus.
+a 2-core CPU for the whole suite), ``"full"`` uses the whole of the larger corpus ``"wiki+"``: the embedded
+text plus BIG-bench's English Wikipedia paragraphs (a 358 MB download the first time, ``ffnlib.corpus``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Scale:
     aggregation_examples: int  # held-out prefixes for Section 5 (paper: 4,000)
     checkpoint_every: int  # sentences between mining checkpoints
     control_removal_keys: int  # keys per layer in the random-weights control's removal experiment
+    corpus: str = "wiki"  # the embedded corpus: "wiki", or "wiki+" (plus BIG-bench's Wikipedia paragraphs, a download)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -35,7 +37,7 @@ SCALES: dict[str, Scale] = {
     "default": Scale("default", mining_sentences=8000, top_k=50, removal_keys=100, aggregation_examples=4000,
                      checkpoint_every=1000, control_removal_keys=25),
     "full": Scale("full", mining_sentences=None, top_k=50, removal_keys=100, aggregation_examples=4000,
-                  checkpoint_every=2000, control_removal_keys=100),
+                  checkpoint_every=2000, control_removal_keys=100, corpus="wiki+"),
 }
 
 CORE_PARAMETERS = {"model": str, "scale": str, "seed": int, "results_dir": str, "device": str}

@@ -9,6 +9,12 @@ Wikipedia text that installs offline from PyPI (~1.2M words, about 1% of WikiTex
 - the full articles of gensim's test Wikipedia dump, markup stripped, without the articles already
   present as extracts (de-duplicated by title). These have no topic label.
 
+``"wiki+"`` adds, when asked (e.g. ``scale="full"``), the English Wikipedia paragraphs of BIG-bench's
+``paragraph_segmentation`` task (``bigbench==1.0.0`` on PyPI, Apache-2.0; a 358 MB download the first time,
+:mod:`ffnlib.bigbench`): documents in other languages left out (a stop-word test), duplicates and documents
+already in ``"wiki"`` removed, split by the same sentencizer, held out by document the same way, with their
+provenance in ``source`` (``bigbench-1.0.0/paragraph_segmentation``).
+
 Text is split into sentences with spaCy's rule-based sentencizer (the paper used spaCy). Each row of
 the sentence table has ``sentence_id, doc_id, title, topic, source, text, heldout``. About 10% of the
 documents (chosen by a stable hash of the title, independent of the seed) form the held-out split used
@@ -33,7 +39,7 @@ import pandas as pd
 from .errors import CorpusError, ParameterError
 from .storage import cache_dir, fingerprint, write_parquet
 
-EMBEDDED_CORPORA = ("wiki",)
+EMBEDDED_CORPORA = ("wiki", "wiki+")
 HELDOUT_SHARE = 0.10
 COLUMNS = ["sentence_id", "doc_id", "title", "topic", "source", "text", "heldout"]
 SPLITS = ("train", "heldout", "all")
@@ -149,6 +155,90 @@ def wiki_sentences() -> pd.DataFrame:
     return table
 
 
+# ---- "wiki+": the embedded text and BIG-bench's English Wikipedia paragraphs --------------------------------
+_ENGLISH_STOPWORDS = frozenset("the of and in to a is was for on that with as by his he it at from an are were which be "
+                               "this has had".split())
+ENGLISH_STOPWORD_SHARE = 0.2  # English prose: about 0.3-0.45 of its words; the other languages: below 0.1
+BIGBENCH_SOURCE = "bigbench-1.0.0/paragraph_segmentation"
+
+
+def is_english(text: str) -> bool:
+    """A stop-word test: at least ``ENGLISH_STOPWORD_SHARE`` of the words are common English function words."""
+    words = re.findall(r"\w+", text.lower())
+    return bool(words) and sum(w in _ENGLISH_STOPWORDS for w in words) / len(words) >= ENGLISH_STOPWORD_SHARE
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def bigbench_documents(task: dict, known_sentences: set[str]) -> tuple[list[dict], dict]:
+    """The English documents of BIG-bench's paragraph_segmentation task (one sentence per line), without
+    duplicates and without documents whose sentences are mostly in ``known_sentences`` (normalised text) already.
+    Returns the documents (title, topic, source, text) and counts of what was left out."""
+    examples = task.get("examples") if isinstance(task, dict) else None
+    if not isinstance(examples, list):
+        raise CorpusError("The paragraph_segmentation task has no 'examples' list; the file is not the expected task.")
+    docs, seen = [], set()
+    counts = {"documents": len(examples), "not_english": 0, "duplicates": 0, "already_in_wiki": 0}
+    for index, example in enumerate(examples):
+        text = str(example.get("input") or "")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines or not is_english(text):
+            counts["not_english"] += 1
+            continue
+        key = _normal(text)
+        if key in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(key)
+        if sum(_normal(line) in known_sentences for line in lines) >= len(lines) / 2:
+            counts["already_in_wiki"] += 1
+            continue
+        docs.append({"title": f"paragraph_segmentation #{index}", "topic": None, "source": BIGBENCH_SOURCE,
+                     "text": "\n".join(lines)})
+    return docs, counts
+
+
+def wiki_plus_sentences(cache=None, download: bool = True) -> pd.DataFrame:
+    """The embedded sentence table plus BIG-bench's English Wikipedia paragraphs (built once, cached as Parquet).
+
+    The embedded rows keep their ids; the new documents and sentences are numbered after them, and their
+    sentences already in the embedded table are dropped. ``cache``/``download``: see :func:`ffnlib.bigbench.task`.
+    """
+    from . import bigbench
+
+    key = fingerprint({"corpus": "wiki+", "version": _CORPUS_VERSION, "packages": _package_versions(),
+                       "bigbench": bigbench.VERSION, "stopword_share": ENGLISH_STOPWORD_SHARE})
+    path = cache_dir() / "corpus" / f"wiki+-{key}.parquet"
+    if path.exists():
+        try:
+            return pd.read_parquet(path)
+        except Exception:  # a damaged cache file is rebuilt, never used
+            path.unlink(missing_ok=True)
+    wiki = wiki_sentences()
+    known = set(wiki["text"].map(_normal))
+    task = bigbench.task("paragraph_segmentation", cache, download,
+                         hint="The embedded corpus, corpus='wiki' (scale 'ci' or 'default'), needs no download. ")
+    docs, _ = bigbench_documents(task, known)
+    extra = _sentence_table(docs)
+    extra = extra[~extra["text"].map(_normal).isin(known)]
+    extra = extra.assign(sentence_id=np.arange(len(extra), dtype=np.int64) + int(wiki["sentence_id"].max()) + 1,
+                         doc_id=extra["doc_id"] + int(wiki["doc_id"].max()) + 1)
+    extra = extra.astype({column: wiki[column].dtype for column in extra.columns})
+    table = pd.concat([wiki, extra], ignore_index=True)
+    write_parquet(path, table)
+    return table
+
+
+def corpus_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Documents, sentences and words of a sentence table, per source and split."""
+    words = table["text"].str.split().str.len()
+    frame = table.assign(words=words, split=np.where(table["heldout"], "heldout", "train"))
+    return (frame.groupby(["source", "split"]).agg(documents=("doc_id", "nunique"), sentences=("sentence_id", "size"),
+                                                   words=("words", "sum")).reset_index())
+
+
 # ---- the user's own text -----------------------------------------------------------------------------
 def _read_text(path: Path) -> str:
     try:
@@ -184,7 +274,7 @@ def load_corpus(corpus="wiki", split: str = "train", seed: int = 0, max_sentence
                 max_tokens: int | None = None, tokenizer=None, min_words: int = 3) -> pd.DataFrame:
     """Sentences of ``corpus``, shuffled by ``seed``, limited by sentence or token count.
 
-    ``corpus`` is ``"wiki"`` (embedded), a path to a .txt file or folder, a ``datasets.Dataset`` or an
+    ``corpus`` is ``"wiki"`` (embedded), ``"wiki+"`` (plus BIG-bench's English Wikipedia paragraphs), a path to a .txt file or folder, a ``datasets.Dataset`` or an
     already built sentence table. ``split`` is ``"train"`` (mining), ``"heldout"`` (Section 5) or ``"all"``.
     ``max_tokens`` counts tokens with ``tokenizer``. The order is a deterministic function of ``seed``.
     """
@@ -198,7 +288,7 @@ def load_corpus(corpus="wiki", split: str = "train", seed: int = 0, max_sentence
     if isinstance(corpus, pd.DataFrame):
         table = corpus
     elif isinstance(corpus, str) and corpus in EMBEDDED_CORPORA:
-        table = wiki_sentences()
+        table = wiki_sentences() if corpus == "wiki" else wiki_plus_sentences()
     elif isinstance(corpus, (str, os.PathLike)):
         if not Path(corpus).exists():
             raise CorpusError(f"Unknown corpus {corpus!r}: not an embedded corpus ({', '.join(EMBEDDED_CORPORA)}) "

@@ -1,5 +1,6 @@
 """The embedded Wikipedia corpus and users' own text."""
 
+import pandas as pd
 import pytest
 
 import ffnlib
@@ -76,3 +77,49 @@ def test_bad_parameters(kwargs):
 def test_unknown_corpus_name():
     with pytest.raises(ffnlib.CorpusError, match="Unknown corpus"):
         load_corpus("wikitext-103")
+
+
+# ---- "wiki+": BIG-bench's English Wikipedia paragraphs added (scale="full") ------------------------------
+ENGLISH = ("Xara Flare is a vector format that was introduced in 1997 by Xara.\nIt was open and developers could "
+           "export to it.\nThe key design goal was a compact file for fast download over the internet.")
+GERMAN = "Eine Skyline ist die Teilansicht einer Stadt.\nSkylines haben einen Wiedererkennungswert für eine Stadt."
+RUSSIAN = "«Цвет волшебства» — юмористическое фэнтези.\nПервая книга из цикла «Плоский мир»."
+
+
+def test_only_new_english_documents_are_added():
+    from ffnlib import corpus
+
+    assert corpus.is_english(ENGLISH) and not corpus.is_english(GERMAN) and not corpus.is_english(RUSSIAN)
+    known_text = "Anarchism is a political philosophy and movement that is sceptical of authority."
+    known = {corpus._normal(known_text)}
+    task = {"examples": [{"input": ENGLISH}, {"input": GERMAN}, {"input": ENGLISH}, {"input": RUSSIAN},
+                         {"input": known_text + "\n" + known_text.upper()}]}
+    docs, counts = corpus.bigbench_documents(task, known)
+    assert counts == {"documents": 5, "not_english": 2, "duplicates": 1, "already_in_wiki": 1}
+    assert [d["title"] for d in docs] == ["paragraph_segmentation #0"] and docs[0]["source"] == corpus.BIGBENCH_SOURCE
+    with pytest.raises(ffnlib.CorpusError, match="no 'examples' list"):
+        corpus.bigbench_documents({"name": "x"}, known)
+
+
+def test_wiki_plus_keeps_the_embedded_rows_and_holds_out_by_document(wiki, monkeypatch, tmp_path):
+    from ffnlib import bigbench, corpus
+    from ffnlib.config import get_scale
+
+    small = wiki.iloc[:300]
+    duplicate = small["text"].iloc[5]  # a sentence we have already: dropped from the new document
+    paragraphs = [f"Document {i} is about the history of a small town in the north.\nThe town was founded in "
+                  f"the {1100 + i}s by monks from the south.\n{duplicate}" for i in range(60)]
+    monkeypatch.setattr(corpus, "wiki_sentences", lambda: small)
+    monkeypatch.setattr(corpus, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(bigbench, "task", lambda name, *a, **kw: {"examples": [{"input": p} for p in paragraphs]})
+    table = corpus.wiki_plus_sentences()
+    embedded, added = table.iloc[:300], table.iloc[300:]
+    pd.testing.assert_frame_equal(embedded, small)  # the embedded rows and ids unchanged
+    assert len(added) == 2 * 60 and (added["source"] == corpus.BIGBENCH_SOURCE).all()
+    assert not added["text"].isin(small["text"]).any()
+    assert added["sentence_id"].min() > small["sentence_id"].max() and table["sentence_id"].is_unique
+    assert added["doc_id"].min() > small["doc_id"].max()
+    assert (added.groupby("doc_id")["heldout"].nunique() == 1).all() and added["heldout"].any()  # by document
+    assert (tmp_path / "corpus").glob("wiki+-*.parquet")
+    assert load_corpus("wiki+", split="all").sentence_id.sort_values().tolist() == table.sentence_id.tolist()
+    assert get_scale("full").corpus == "wiki+" and get_scale("default").corpus == "wiki"

@@ -35,13 +35,9 @@ Facts come from the ``countryinfo`` package (offline); our PARAREL-style templat
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
-import tarfile
-import urllib.parse
-import urllib.request
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,13 +48,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import bigbench
 from ..capture import capture
 from ..errors import ParameterError, ResultsError
 from ..interventions import intervene
 from ..stats import Estimate, binomial, resampled, share
 from ..progress import tqdm
 from ..reference import DATA_DIR, relative_depth
-from ..storage import atomic_write_bytes, cache_dir, ensure_dir, fingerprint, load_result, read_json, save_result
+from ..storage import ensure_dir, fingerprint, load_result, read_json, save_result
 
 TEMPLATES_PATH = DATA_DIR / "knowledge_neurons" / "templates.json"
 TARGETS = ("first_token", "answer_logprob")
@@ -119,23 +116,9 @@ def countryinfo_facts() -> pd.DataFrame:
     return facts.assign(source=source).reset_index(drop=True)
 
 
-# ---- BIG-bench qa_wikidata (only when asked for: a 358 MB source download) ----------------------------
-BIGBENCH_VERSION = "1.0.0"
-BIGBENCH_TASK = "bigbench/benchmark_tasks/qa_wikidata/task.json"
-PYPI_SIMPLE = "https://pypi.org/simple/bigbench/"  # the index pip reads (PEP 691 JSON form)
+# ---- BIG-bench qa_wikidata (only when asked for: a 358 MB source download, ffnlib.bigbench) ------------
+BIGBENCH_VERSION = bigbench.VERSION
 _WIKIDATA_PROMPT = re.compile(r"^The (?P<relation>.+?) of (?P<subject>.+) is$")
-
-
-def read_wikidata_task(archive: str | os.PathLike) -> dict:
-    """The qa_wikidata task (a BIG-bench JSON task) read out of a bigbench sdist tarball."""
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith(BIGBENCH_TASK)), None)
-            if member is None:
-                raise ResultsError(f"{archive} has no {BIGBENCH_TASK}: is it the bigbench {BIGBENCH_VERSION} sdist?")
-            return json.loads(tar.extractfile(member).read().decode("utf-8"))
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise ResultsError(f"Cannot read {BIGBENCH_TASK} from {archive}: {exc}. Delete the file and retry.") from exc
 
 
 def wikidata_facts_from_task(task: dict) -> pd.DataFrame:
@@ -161,62 +144,15 @@ def wikidata_facts_from_task(task: dict) -> pd.DataFrame:
     return facts.assign(source=f"bigbench {BIGBENCH_VERSION} qa_wikidata").reset_index(drop=True)
 
 
-def download_bigbench_sdist(folder: Path, version: str = BIGBENCH_VERSION, timeout: float = 60.0) -> Path:
-    """Download the bigbench sdist (358 MB) from PyPI into ``folder`` and check its SHA-256.
-
-    ``pip download --no-deps bigbench==1.0.0`` cannot do it with pip >= 26: pip prepares the sdist's metadata,
-    which declares a direct URL dependency (bleurt @ file://...), and refuses PyPI distributions that do. So
-    the file's address and digest are read from PyPI's simple index, as pip reads them (PEP 691), and the
-    file is fetched with urllib. ``FFNLIB_PYPI_SIMPLE`` points at another index (a mirror).
-    """
-    index = os.environ.get("FFNLIB_PYPI_SIMPLE", PYPI_SIMPLE)
-    filename = f"bigbench-{version}.tar.gz"
-    target = folder / filename
-    partial = folder / f".{filename}.partial"
-    try:
-        request = urllib.request.Request(index, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            listing = json.load(response)
-        entry = next(f for f in listing["files"] if f["filename"] == filename)
-        url, expected = urllib.parse.urljoin(index, entry["url"]), entry["hashes"]["sha256"]
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                digest.update(block)
-                out.write(block)
-    except (OSError, ValueError, KeyError, StopIteration) as exc:
-        partial.unlink(missing_ok=True)
-        raise ResultsError(
-            f"Could not download {filename} from PyPI ({type(exc).__name__}: {exc}). The Wikidata facts need it "
-            "once (358 MB; then only its 2 MB task file is kept). Use facts='countryinfo' (the default, offline), "
-            f"or put {filename} into {folder} yourself (e.g. pip download --no-deps bigbench=={version} with a pip "
-            "older than 26) and rerun.") from exc
-    if digest.hexdigest() != expected:
-        partial.unlink(missing_ok=True)
-        raise ResultsError(f"The downloaded {filename} does not match PyPI's SHA-256; it was deleted. Rerun.")
-    os.replace(partial, target)
-    return target
-
-
 def wikidata_facts(cache: str | os.PathLike | None = None, download: bool = True) -> pd.DataFrame:
     """Facts from BIG-bench's qa_wikidata task (Apache-2.0), cached as JSON in the user cache.
 
-    The first call downloads the bigbench 1.0.0 sdist (358 MB), reads ``qa_wikidata/task.json`` out of it,
-    caches the JSON (2 MB) and deletes the archive; later calls read the cache. ``download=False`` only
-    reads what is already there (a clear error otherwise).
+    The first call downloads the bigbench 1.0.0 sdist (358 MB), caches its task files (:mod:`ffnlib.bigbench`)
+    and deletes the archive; later calls read the cache. ``download=False`` only reads what is already there
+    (a clear error otherwise).
     """
-    folder = ensure_dir(Path(cache) if cache is not None else cache_dir() / "bigbench")
-    cached = folder / f"qa_wikidata-{BIGBENCH_VERSION}.json"
-    if not cached.exists():
-        archive = folder / f"bigbench-{BIGBENCH_VERSION}.tar.gz"
-        if not archive.exists():
-            if not download:
-                raise ResultsError(f"The Wikidata facts are not cached ({cached} is missing) and download=False.")
-            archive = download_bigbench_sdist(folder)
-        task = read_wikidata_task(archive)
-        atomic_write_bytes(cached, json.dumps(task).encode("utf-8"))
-        archive.unlink(missing_ok=True)
-    return wikidata_facts_from_task(read_json(cached))
+    return wikidata_facts_from_task(bigbench.task("qa_wikidata", cache, download,
+                                                  hint="Use facts='countryinfo' (the default, offline). "))
 
 
 def load_facts(source: str = "countryinfo", relations: Sequence[str] | None = None,
