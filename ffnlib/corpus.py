@@ -203,8 +203,8 @@ def bigbench_documents(task: dict, known_sentences: set[str]) -> tuple[list[dict
 def wiki_plus_sentences(cache=None, download: bool = True) -> pd.DataFrame:
     """The embedded sentence table plus BIG-bench's English Wikipedia paragraphs (built once, cached as Parquet).
 
-    The embedded rows keep their ids; the new documents and sentences are numbered after them, and their
-    sentences already in the embedded table are dropped. ``cache``/``download``: see :func:`ffnlib.bigbench.task`.
+    The embedded rows keep their ids; the new documents and sentences are numbered after them; a new sentence
+    already in the embedded table, or in an earlier new document, is dropped. ``cache``/``download``: see :func:`ffnlib.bigbench.task`.
     """
     from . import bigbench
 
@@ -222,7 +222,8 @@ def wiki_plus_sentences(cache=None, download: bool = True) -> pd.DataFrame:
                          hint="The embedded corpus, corpus='wiki' (scale 'ci' or 'default'), needs no download. ")
     docs, _ = bigbench_documents(task, known)
     extra = _sentence_table(docs)
-    extra = extra[~extra["text"].map(_normal).isin(known)]
+    normal = extra["text"].map(_normal)
+    extra = extra[~normal.isin(known) & ~normal.duplicated()]  # a sentence we have, or have just added, once
     extra = extra.assign(sentence_id=np.arange(len(extra), dtype=np.int64) + int(wiki["sentence_id"].max()) + 1,
                          doc_id=extra["doc_id"] + int(wiki["doc_id"].max()) + 1)
     extra = extra.astype({column: wiki[column].dtype for column in extra.columns})

@@ -11,10 +11,14 @@ is exactly what a run on that prefix alone gives (:func:`ffnlib.keys.trigger_sna
   experiment (Fig. 3) is left out: it costs a forward pass per modified prefix, per snapshot.
 - :func:`judge_by_size`: the registry's verdict at every size (trained against control).
 - :func:`corpus_trends`: a straight line in log10(tokens) per finding, weighted by the intervals, with a 95%
-  band, extrapolated to the paper's corpus (100M tokens). **An extrapolation from about 1% of the data**: the
-  band treats the snapshots as independent, but they are nested prefixes of one corpus, so it is too narrow;
-  read it as a direction, not a forecast. A slope whose interval contains 0 is called *flat*: in this range,
-  more text does not move the measure, so the corpus is not the cause of a gap to the paper.
+  band, extrapolated to the paper's corpus (100M tokens). **An extrapolation from about 1% of the data**, and
+  a rough one: the fit treats the sizes as independent, but they are nested prefixes of one corpus and their
+  intervals come from bootstraps over the same keys or memories, so their errors are correlated and the band's
+  width is not reliable (in either direction); read the line as a direction, not a forecast. A slope whose
+  interval contains 0 is "no detectable trend" (with 3-6 nested sizes, weak evidence of none). Where even the
+  band's favourable end stays short of the paper's number at 100M tokens, the corpus size alone does not explain
+  the gap by this extrapolation. Our tokens are the model's sub-word tokens; the paper's 100M are WikiText-103's
+  word-level tokens (about 1.3 sub-word tokens per word: the comparison is loose by that much).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ PAPER_TOKENS = 100_000_000  # the paper mined WikiText-103's training split: mor
 CORPUS_FINDINGS = ("01_keys.shallow_lower", "01_keys.semantic_upper", "02_values.agreement_lower",
                    "02_values.agreement_rise", "02_values.agreement_upper_peak", "02_values.target_rank_fall",
                    "02_values.confidence_rise", "02_values.confident_agreeing")
+NO_TREND = "no detectable trend"
 MEASURE_COLUMNS = ["model", "sentences", "tokens", "key", "value", "low", "high", "baseline", "baseline_low",
                    "baseline_high"]
 
@@ -49,9 +54,9 @@ def snapshot_measures(loaded, examples: TriggerExamples, out_dir=None, k: int | 
     :func:`ffnlib.keys.mine_trigger_examples`; with ``out_dir``, the folder it was mined into).
 
     Per snapshot: Section 3's pattern measures over each key's top-``top`` triggers, and Section 4's
-    agreement measures. The values are projected once (positive side); the rank of each snapshot's target
-    (its keys' top trigger's next token) is computed for all snapshots in one more pass
-    (:func:`ffnlib.values.target_ranks`). ``k``: triggers per key for the agreement (default: all mined).
+    agreement measures. The values' top tokens are notebook 02's projection (reused from ``out_dir`` when it
+    is there); the rank of each snapshot's target (its keys' top trigger's next token) is computed for all
+    snapshots in one more pass (:func:`ffnlib.values.target_ranks`). ``k``: triggers per key for the agreement (default: all mined).
     Rows: model (``model``), sentences, tokens, key (the finding), value, low, high and, for findings with a
     baseline of their own, baseline, baseline_low, baseline_high.
     """
@@ -67,8 +72,11 @@ def snapshot_measures(loaded, examples: TriggerExamples, out_dir=None, k: int | 
     token_counts = examples.sentences["token_ids"].map(len).to_numpy()
     sizes = snapshot_sizes(examples)
     snapshots = {size: trigger_snapshot(examples, size, out_dir) for size in sizes}
-    # the values projected once; the rank of every snapshot's target token in one more pass over them
-    projection = project_values(loaded, top_k=value_top_k, signs=(1,), out_dir=out_dir, progress=False)
+    # the values' top tokens: notebook 02's projection (the same request, so its cache when it has run); the rank
+    # of every snapshot's target token in one more pass over the values
+    projection = project_values(loaded, top_k=value_top_k, targets=top_trigger_targets(examples.triggers),
+                                out_dir=out_dir, progress=False)
+    top_tokens = projection.memories.query("sign == 1").drop(columns=["target", "target_rank"], errors="ignore")
     targets = pd.concat([top_trigger_targets(snapshot.triggers).query("sign == 1").assign(sentences=size)
                          for size, snapshot in snapshots.items()], ignore_index=True)
     ranks = target_ranks(loaded, targets).set_index(["sentences", "layer", "memory", "sign"])["target_rank"]
@@ -77,7 +85,7 @@ def snapshot_measures(loaded, examples: TriggerExamples, out_dir=None, k: int | 
         snapshot = snapshots[size]
         s3, _ = section3_measures(None, key_pattern_table(snapshot, top=min(top, k)), n_layers, n_boot=n_boot,
                                   seed=seed)
-        memories = projection.memories.join(ranks.loc[size], on=["layer", "memory", "sign"])
+        memories = top_tokens.join(ranks.loc[size], on=["layer", "memory", "sign"])
         memories["target_rank"] = memories["target_rank"].fillna(-1).astype("int64")
         per_memory = value_agreement(memories, snapshot.triggers[snapshot.triggers["sign"] == 1], n_triggers=k,
                                      seed=seed)
@@ -129,19 +137,28 @@ def judge_by_size(measures: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _line_fit(x: np.ndarray, y: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted least squares of y = a + b·x: the coefficients and their covariance, inflated by the
-    reduced chi-square when the points scatter more than their intervals say."""
+def _line_fit(x: np.ndarray, y: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Weighted least squares of y = a + b·x: the coefficients, their covariance and the two-sided 95% quantile
+    to use with it. When the points scatter more than their intervals say, the covariance is inflated by the
+    reduced chi-square and the quantile is Student's t with n - 2 degrees of freedom (else the normal's).
+    Standard errors are floored at a tenth of the series' median non-zero one, so that a point with a zero-width
+    interval (e.g. no agreeing memory at all) does not pin the line."""
+    from scipy.stats import t as student_t
+
+    positive = se[se > 0]
+    floor = 0.1 * float(np.median(positive)) if len(positive) else 1e-9
+    weights = 1.0 / np.maximum(se, max(floor, 1e-12)) ** 2
     design = np.stack([np.ones_like(x), x], 1)
-    weights = 1.0 / np.maximum(se, 1e-12) ** 2
-    normal = design.T @ (design * weights[:, None])
-    cov = np.linalg.inv(normal)
+    cov = np.linalg.inv(design.T @ (design * weights[:, None]))
     coef = cov @ (design.T @ (weights * y))
     dof = len(x) - 2
+    quantile = float(student_t.ppf(0.975, 1e9))  # the normal's 1.96
     if dof > 0:
         chi2 = float(np.sum(weights * (y - design @ coef) ** 2)) / dof
-        cov = cov * max(1.0, chi2)
-    return coef, cov
+        if chi2 > 1.0:
+            cov = cov * chi2
+            quantile = float(student_t.ppf(0.975, dof))
+    return coef, cov, quantile
 
 
 def corpus_trends(measures: pd.DataFrame, model: str = "trained", paper_tokens: int = PAPER_TOKENS,
@@ -151,15 +168,16 @@ def corpus_trends(measures: pd.DataFrame, model: str = "trained", paper_tokens: 
     band is too narrow since the snapshots are nested).
 
     Rows: key, claim, points, slope_per_doubling (the measure's change per doubling of the corpus) with its
-    95% interval, trend ("rising", "falling" or "flat": the slope's interval contains 0), at_paper (the
-    line's value at ``paper_tokens``) with its band, paper_value, and reaches_paper: "yes" (the band's
-    conservative end passes the paper's value in the claimed direction), "maybe" (the band contains it),
-    "no", or "no number" (the paper gives a direction only). Findings with fewer than ``min_points``
-    measured snapshots get NaN.
+    95% interval, trend ("rising", "falling", or "no detectable trend": the slope's interval contains 0),
+    at_paper (the line's value at ``paper_tokens``) with its band, paper_value, and reaches_paper: "yes" (the
+    band's conservative end passes the paper's number in the claimed direction), "maybe" (the band contains
+    it), "no" (even the band's favourable end stays short), or "no number" (the paper gives a direction only).
+    The paper's number itself, not the share of it that a verdict asks (``ffnlib.findings.SIZE_SHARE``).
+    Findings with fewer than ``min_points`` measured snapshots get NaN.
     """
     rows = []
     frame = measures[measures["model"] == model]
-    z = 1.959963984540054
+    z = 1.959963984540054  # turns an interval's width into a standard error
     for key, group in frame.groupby("key", sort=False):
         f: Finding = finding(key)
         group = group[np.isfinite(group["value"]) & np.isfinite(group["low"]) & np.isfinite(group["high"])]
@@ -172,15 +190,15 @@ def corpus_trends(measures: pd.DataFrame, model: str = "trained", paper_tokens: 
             x = np.log10(group["tokens"].to_numpy(np.float64))
             y = group["value"].to_numpy(np.float64)
             se = (group["high"] - group["low"]).to_numpy(np.float64) / (2 * z)
-            coef, cov = _line_fit(x, y, se)
+            coef, cov, q = _line_fit(x, y, se)
             slope, slope_se = coef[1], math.sqrt(cov[1, 1])
             per_doubling = math.log10(2)
             at = np.array([1.0, math.log10(paper_tokens)])
-            centre, spread = float(at @ coef), float(z * math.sqrt(at @ cov @ at))
-            row.update(slope_per_doubling=slope * per_doubling, slope_low=(slope - z * slope_se) * per_doubling,
-                       slope_high=(slope + z * slope_se) * per_doubling, at_paper=centre,
+            centre, spread = float(at @ coef), float(q * math.sqrt(at @ cov @ at))
+            row.update(slope_per_doubling=slope * per_doubling, slope_low=(slope - q * slope_se) * per_doubling,
+                       slope_high=(slope + q * slope_se) * per_doubling, at_paper=centre,
                        at_paper_low=centre - spread, at_paper_high=centre + spread)
-            row["trend"] = ("flat" if row["slope_low"] <= 0 <= row["slope_high"] else
+            row["trend"] = (NO_TREND if row["slope_low"] <= 0 <= row["slope_high"] else
                             "rising" if slope > 0 else "falling")
             target = row["paper_value"]
             if f.direction == "within":
@@ -195,4 +213,4 @@ def corpus_trends(measures: pd.DataFrame, model: str = "trained", paper_tokens: 
     return pd.DataFrame(rows)
 
 
-__all__ = ["CORPUS_FINDINGS", "PAPER_TOKENS", "snapshot_measures", "judge_by_size", "corpus_trends"]
+__all__ = ["CORPUS_FINDINGS", "PAPER_TOKENS", "NO_TREND", "snapshot_measures", "judge_by_size", "corpus_trends"]

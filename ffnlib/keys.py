@@ -167,15 +167,26 @@ def trigger_request(loaded, sentences: pd.DataFrame, k: int = 50, per_sentence: 
     request = {"analysis": "trigger_examples", "version": RESULT_VERSION, "model": loaded.name,
                "file_hash": loaded.file_hash, "corpus": corpus_fingerprint(table), "sentences": len(table),
                "k": k, "per_sentence": per_sentence, "negative": negative, "layers": layer_list,
-               "n_bos": len(loaded.bos), "snapshot_floor": floor}
+               "n_bos": len(loaded.bos), "snapshot_floor": floor, "order": prefix_order(table, floor)}
     return TriggerRequest(table, layer_list, [1, -1] if negative else [1], k, per_sentence, batch_tokens, request,
                           f"triggers-{fingerprint(request)}")
 
 
+def prefix_order(table: pd.DataFrame, floor: int | None) -> str | None:
+    """The row order's fingerprint where it matters: with snapshots, each is a prefix of the corpus in row order
+    (the corpus fingerprint ignores the order, so two orders of the same sentences must be told apart)."""
+    if len(doubling_sizes(len(table), floor)) == 1:
+        return None
+    return fingerprint(table["sentence_id"].astype("int64").tolist())
+
+
 def snapshot_request(request: dict, table: pd.DataFrame, size: int) -> tuple[dict, str]:
     """The request (and result name) of a run on the first ``size`` sentences of ``table`` with the same
-    parameters: what the snapshot at ``size`` is saved as, and equals."""
-    prefix = {**request, "corpus": corpus_fingerprint(table.iloc[:size]), "sentences": int(size)}
+    parameters, ``snapshot_floor`` included (the integer in the request, which ``"auto"`` resolved): what the
+    snapshot at ``size`` is saved as, and equals."""
+    prefix_table = table.iloc[:size]
+    prefix = {**request, "corpus": corpus_fingerprint(prefix_table), "sentences": int(size),
+              "order": prefix_order(prefix_table, request["snapshot_floor"])}
     return prefix, f"triggers-{fingerprint(prefix)}"
 
 
@@ -196,8 +207,10 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
     - **Snapshots** (corpus size): the sentences are mined in prefix segments of the table's row order,
       doubling from ``snapshot_floor`` (``"auto"``: 250, or a quarter of a smaller corpus, at least k;
       None: one segment, no snapshots). The state after each prefix is exactly what a run on that prefix
-      alone (same parameters, same ``snapshot_floor``) gives, bit for bit; :func:`trigger_snapshot` reads
-      it. With ``out_dir`` each is saved as that prefix run's result (so such a run loads it).
+      alone gives, bit for bit, with the same parameters and the same *resolved* floor (the integer in
+      ``manifest["snapshot_floor"]``: ``"auto"`` on the prefix alone would resolve to a smaller one);
+      :func:`trigger_snapshot` reads it. With ``out_dir`` each is saved as that prefix run's result (so such
+      a run, given that floor, loads it). With snapshots the row order is part of the request.
 
     The engine (top-k state, miner, batches) is :mod:`ffnlib.mining`.
     """
@@ -291,7 +304,7 @@ def _keep_snapshot(snapshots: dict, size: int, state: TopKState, table: pd.DataF
         snapshots[size] = state.to("cpu").clone()
         return
     prefix_request, prefix_name = snapshot_request(request, table, size)
-    if load_result(folder, prefix_name, prefix_request) is not None:  # saved before an interruption
+    if load_trigger_examples(folder, prefix_name, prefix_request) is not None:  # saved whole before an interruption
         return
     sizes = doubling_sizes(size, request["snapshot_floor"])
     stats = {"sentences": size, "tokens": int(done["tokens"]), "snapshot_of": request["corpus"],
@@ -318,7 +331,8 @@ def trigger_snapshot(examples: TriggerExamples, size: int, out_dir=None) -> Trig
         table = examples.sentences.iloc[:size]
         request, _ = snapshot_request(examples.manifest, table, size)
         return trigger_examples_from_state(examples.snapshots[size], table, request,
-                                           {"sentences": size, "snapshot_of": examples.manifest["corpus"]})
+                                           {"sentences": size, "snapshot_of": examples.manifest["corpus"],
+                                            "tokens": int(table["token_ids"].map(len).sum())})
     if out_dir is not None:
         request, name = snapshot_request(examples.manifest, examples.sentences, size)
         found = load_trigger_examples(Path(out_dir), name, request)

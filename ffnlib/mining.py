@@ -164,6 +164,8 @@ def doubling_sizes(n: int, floor: int | None) -> list[int]:
     ``n``, then ``n`` itself (``[n]`` alone when ``floor`` is None or at least ``n``)."""
     sizes = []
     if floor is not None:
+        if int(floor) < 1:
+            raise ParameterError(f"snapshot floor must be a positive number of sentences, got {floor}.")
         size = int(floor)
         while size < n:
             sizes.append(size)

@@ -180,9 +180,11 @@ CORPUS_SIZE_HEADER = ("finding", "smallest snapshot (verdict)", "whole corpus (v
                       "trend", "line at the paper's corpus [band]", "paper", "reaches the paper")
 CORPUS_SIZE_TEXT = ("Notebook 10 re-reads notebook 01's mining pass at every doubling of the corpus (each snapshot equals "
                     "a run on that prefix of the corpus) and fits a straight line in log(tokens) per finding. The line's "
-                    "value at the paper's corpus is **an extrapolation from about 1% of the data**, and its band is too "
-                    "narrow (the snapshots are nested prefixes). *Flat*: the slope's interval contains zero; a flat "
-                    "measure short of the paper says the corpus is not the cause of the gap.")
+                    "value at the paper's corpus is **an extrapolation from about 1% of the data**, and its band is rough "
+                    "(the sizes are nested prefixes, their errors correlated). *No detectable trend*: the slope's "
+                    "interval contains zero. *Reaches the paper* \"no\": even the band's favourable end stays short of "
+                    "the paper's number at its corpus size, so corpus size alone does not explain the gap, by this "
+                    "extrapolation.")
 
 
 def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:

@@ -108,14 +108,16 @@ def test_wiki_plus_keeps_the_embedded_rows_and_holds_out_by_document(wiki, monke
     small = wiki.iloc[:300]
     duplicate = small["text"].iloc[5]  # a sentence we have already: dropped from the new document
     paragraphs = [f"Document {i} is about the history of a small town in the north.\nThe town was founded in "
-                  f"the {1100 + i}s by monks from the south.\n{duplicate}" for i in range(60)]
+                  f"the {1100 + i}s by monks from the south.\n{duplicate}\nIt is known for the old bridge over the river."
+                  for i in range(60)]  # the last sentence repeats in every document: kept once
     monkeypatch.setattr(corpus, "wiki_sentences", lambda: small)
     monkeypatch.setattr(corpus, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(bigbench, "task", lambda name, *a, **kw: {"examples": [{"input": p} for p in paragraphs]})
     table = corpus.wiki_plus_sentences()
     embedded, added = table.iloc[:300], table.iloc[300:]
     pd.testing.assert_frame_equal(embedded, small)  # the embedded rows and ids unchanged
-    assert len(added) == 2 * 60 and (added["source"] == corpus.BIGBENCH_SOURCE).all()
+    assert len(added) == 2 * 60 + 1 and (added["source"] == corpus.BIGBENCH_SOURCE).all()
+    assert added["text"].is_unique
     assert not added["text"].isin(small["text"]).any()
     assert added["sentence_id"].min() > small["sentence_id"].max() and table["sentence_id"].is_unique
     assert added["doc_id"].min() > small["doc_id"].max()

@@ -99,8 +99,20 @@ def test_the_trend_of_a_known_line_is_recovered_and_judged_against_the_paper():
     assert peak["at_paper"] == pytest.approx(0.002 + 0.01 * 4, rel=1e-9)
     assert peak["trend"] == "rising" and peak["reaches_paper"] == "yes"  # 4.2% [..] against the paper's 3.5%
     flat = trends.loc["02_values.confident_agreeing"]
-    assert flat["trend"] == "flat" and flat["slope_low"] < 0 < flat["slope_high"]
-    assert flat["reaches_paper"] == "no"  # about 5% against the paper's 46%: the corpus is not the cause
+    assert flat["trend"] == corpus_size.NO_TREND and flat["slope_low"] < 0 < flat["slope_high"]
+    assert flat["reaches_paper"] == "no"  # about 5% against the paper's 46%: corpus size alone does not explain it
+    # the points scatter more than their intervals say: the band uses Student's t with 3 degrees of freedom
+    ys = np.array([0.05, 0.09, 0.03, 0.08, 0.04])
+    noisy = corpus_size.corpus_trends(_constructed("02_values.confident_agreeing", tokens, ys, 0.001)).iloc[0]
+    x, w = np.log10(tokens), (1.959963984540054 / 0.001) ** 2  # equal weights: ordinary least squares
+    slope, intercept = np.polyfit(x, ys, 1)
+    chi2 = w * np.sum((ys - intercept - slope * x) ** 2) / 3
+    half = 3.182446305284263 * math.sqrt(chi2 / (w * np.sum((x - x.mean()) ** 2))) * math.log10(2)  # t(0.975, 3)
+    assert (noisy["slope_high"] - noisy["slope_low"]) / 2 == pytest.approx(half, rel=1e-9)
+    # a zero-width interval does not pin the line
+    pinned = _constructed("02_values.agreement_rise", tokens, [0.0, 0.01, 0.02, 0.03, 0.04], 0.002)
+    pinned.loc[0, ["low", "high"]] = 0.0
+    assert corpus_size.corpus_trends(pinned).iloc[0]["slope_per_doubling"] > 0.005
     assert trends.loc["02_values.agreement_lower", "reaches_paper"] == "yes"  # inside the claimed +-0.5 pp
     assert trends.loc["01_keys.shallow_lower", "trend"] == "too few points"
     assert trends.loc["01_keys.shallow_lower", "reaches_paper"] == "no number"  # the paper gives a direction

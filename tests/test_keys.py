@@ -291,8 +291,12 @@ def test_cache_is_reused_only_for_the_same_manifest(tiny, sentences, tmp_path, c
     assert not _mine(tiny, changed, out_dir=tmp_path).stats["from_cache"]
     other = _wrap(_tiny_llama(seed=1), tiny.tokenizer, name="tiny-llama-2")
     assert not _mine(other, sentences, out_dir=tmp_path).stats["from_cache"]
-    # the row order of the corpus does not matter (same ids and texts)
-    assert _mine(tiny, sentences.iloc[::-1], out_dir=tmp_path).stats["from_cache"]
+    # without snapshots the row order of the corpus does not matter (same ids and texts); with them it does, since
+    # each snapshot is a prefix in row order
+    assert not _mine(tiny, sentences.iloc[::-1], out_dir=tmp_path).stats["from_cache"]
+    plain = _mine(tiny, sentences, out_dir=tmp_path, snapshot_floor=None)
+    assert plain.manifest["order"] is None and not plain.stats["from_cache"]
+    assert _mine(tiny, sentences.iloc[::-1], out_dir=tmp_path, snapshot_floor=None).stats["from_cache"]
 
 
 def test_corrupted_checkpoint_is_detected_and_recomputed(tiny, sentences, tmp_path, monkeypatch):
@@ -325,6 +329,8 @@ def test_doubling_sizes_and_the_prefix_plan():
         start = end
     with pytest.raises(AssertionError, match="must end at the number of rows"):
         mining.plan_prefix_batches(lengths, 64, [8, 16])
+    with pytest.raises(ParameterError, match="positive number of sentences"):
+        mining.doubling_sizes(40, 0)
 
 
 def test_a_snapshot_equals_a_run_on_that_prefix_of_the_corpus(tiny, sentences, tmp_path):
@@ -366,6 +372,29 @@ def test_snapshots_survive_an_interruption(tiny, sentences, tmp_path, monkeypatc
     assert len(names) == 8 and names == sorted(p.name for p in (tmp_path / "run").glob("triggers-*.parquet"))
     for name in names:
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "run" / name).read_bytes()
+
+
+def test_a_snapshot_cut_short_while_saving_is_saved_again(tiny, sentences, tmp_path, monkeypatch):
+    ref = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "ref")
+    real, calls = keys.save_result, []
+
+    def save_result(folder, name, frame, manifest):
+        path = real(folder, name, frame, manifest)
+        calls.append(name)
+        if name.endswith("-sentences") and len([c for c in calls if c.endswith("-sentences")]) == 2:
+            raise Interrupt  # the second snapshot's triggers are written, its sentences too, its stats not
+        return path
+
+    monkeypatch.setattr(keys, "save_result", save_result)
+    with pytest.raises(Interrupt):
+        _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
+    (tmp_path / "run").joinpath(f"{calls[-1]}.parquet").unlink()  # and a kill took the sentences file as well
+    monkeypatch.setattr(keys, "save_result", real)
+    again = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
+    assert again.stats["resumed_from"] == 8
+    for size in (8, 16, 32):
+        pd.testing.assert_frame_equal(keys.trigger_snapshot(again, size, tmp_path / "run").triggers,
+                                      keys.trigger_snapshot(ref, size, tmp_path / "ref").triggers, check_exact=True)
 
 
 KILL_SCRIPT = textwrap.dedent("""

@@ -41,7 +41,6 @@ import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -1086,22 +1085,13 @@ def value_view(loaded, neurons: pd.DataFrame, prompts: pd.DataFrame, seed: int =
 
 
 def cached_trigger_examples(loaded, sentences: pd.DataFrame, k: int, out_dir):
-    """Notebook 01's mined trigger examples if they are cached in ``out_dir`` (same model, corpus, k, one
-    prefix per sentence, all layers), loaded through :func:`ffnlib.keys.mine_trigger_examples` with notebook
-    01's arguments; ``None`` if they are not there (nothing is mined here: mining takes most of notebook
-    01's time)."""
-    from ..keys import corpus_fingerprint, mine_trigger_examples, prepare_sentences
+    """Notebook 01's mined trigger examples if they are cached in ``out_dir`` (the same request as notebook 01's:
+    model, corpus, k, one prefix per sentence, all layers, its snapshots), ``None`` if they are not there (nothing
+    is mined here: mining takes most of notebook 01's time)."""
+    from ..keys import load_trigger_examples, trigger_request
 
-    corpus = corpus_fingerprint(prepare_sentences(loaded, sentences))
-    wanted = {"analysis": "trigger_examples", "model": loaded.name, "file_hash": loaded.file_hash,
-              "corpus": corpus, "k": k, "per_sentence": "max", "layers": list(range(loaded.adapter.n_layers))}
-    for manifest in sorted(Path(out_dir).glob("triggers-*.manifest.json")):
-        if manifest.name.endswith("-sentences.manifest.json"):
-            continue
-        request = read_json(manifest).get("request", {})
-        if all(request.get(key) == value for key, value in wanted.items()):
-            return mine_trigger_examples(loaded, sentences, k=k, out_dir=out_dir)
-    return None
+    request = trigger_request(loaded, sentences, k)
+    return load_trigger_examples(out_dir, request.name, request.request)
 
 
 def trigger_view(loaded, neurons: pd.DataFrame, prompts: pd.DataFrame, triggers, top: int = 25,
