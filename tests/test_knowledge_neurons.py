@@ -512,3 +512,18 @@ def test_the_explorer_attributes_the_prediction_to_the_planted_memory():
     ui.attribute()
     assert "ffn-error" in ui.prompt_out.value  # shown, not raised
     assert _hooks(loaded.model) == 0
+
+
+def test_notebook_01_s_cached_triggers_are_read_by_their_exact_request_and_never_mined(tiny, tmp_path, monkeypatch):
+    from ffnlib import keys
+
+    words = WORDS[:40]
+    sentences = pd.DataFrame({"sentence_id": range(60), "text": [" ".join(words[(3 * i + j) % len(words)]
+                                                                           for j in range(6)) for i in range(60)]})
+    assert kn.cached_trigger_examples(tiny, sentences, k=5, out_dir=tmp_path) is None  # not mined yet: nothing
+    mined = keys.mine_trigger_examples(tiny, sentences, k=5, out_dir=tmp_path, progress=False)  # as notebook 01
+    monkeypatch.setattr(keys, "mine_trigger_examples", lambda *a, **kw: pytest.fail("notebook 06 must not mine"))
+    found = kn.cached_trigger_examples(tiny, sentences, k=5, out_dir=tmp_path)
+    pd.testing.assert_frame_equal(found.triggers, mined.triggers)
+    assert found.manifest == mined.manifest and found.stats["from_cache"]
+    assert kn.cached_trigger_examples(tiny, sentences, k=4, out_dir=tmp_path) is None  # another k: not that result
