@@ -139,15 +139,23 @@ def _package_versions() -> dict:
     return out
 
 
+def _cached_table(path: Path) -> pd.DataFrame | None:
+    """A sentence table cached as Parquet at ``path``, or None (a damaged cache file is deleted, never used)."""
+    if path.exists():
+        try:
+            return pd.read_parquet(path)
+        except Exception:
+            path.unlink(missing_ok=True)
+    return None
+
+
 def wiki_sentences() -> pd.DataFrame:
     """The whole embedded sentence table (built once, then cached as Parquet)."""
     key = fingerprint({"corpus": "wiki", "version": _CORPUS_VERSION, "packages": _package_versions()})
     path = cache_dir() / "corpus" / f"wiki-{key}.parquet"
-    if path.exists():
-        try:
-            return pd.read_parquet(path)
-        except Exception:  # a damaged cache file is rebuilt, never used
-            path.unlink(missing_ok=True)
+    cached = _cached_table(path)
+    if cached is not None:
+        return cached
     extracts = _wiki_extracts()
     articles = _wiki_articles({d["title"].lower() for d in extracts})
     table = _sentence_table(extracts + articles)
@@ -211,11 +219,9 @@ def wiki_plus_sentences(cache=None, download: bool = True) -> pd.DataFrame:
     key = fingerprint({"corpus": "wiki+", "version": _CORPUS_VERSION, "packages": _package_versions(),
                        "bigbench": bigbench.VERSION, "stopword_share": ENGLISH_STOPWORD_SHARE})
     path = cache_dir() / "corpus" / f"wiki+-{key}.parquet"
-    if path.exists():
-        try:
-            return pd.read_parquet(path)
-        except Exception:  # a damaged cache file is rebuilt, never used
-            path.unlink(missing_ok=True)
+    cached = _cached_table(path)
+    if cached is not None:
+        return cached
     wiki = wiki_sentences()
     known = set(wiki["text"].map(_normal))
     task = bigbench.task("paragraph_segmentation", cache, download,
