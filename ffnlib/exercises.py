@@ -1,0 +1,485 @@
+"""Checks and hints for the exercise notebooks (``exercises/``): the student writes a function, a check runs it
+on the real model and compares it with ffnlib's own result.
+
+Each ``check_*`` takes the student's function (and the loaded model), and either prints what passed or raises
+:class:`CheckFailed` with a message in a student's words: a wrong shape, a forgotten norm gain, an off-by-one.
+Where a mistake is common, the check computes that mistake's result too and names it when the student's answer
+matches it. A stub that still raises ``NotImplementedError`` fails with :class:`NotDoneYet`.
+``hint("memory_coefficients")`` prints the exercise's next hint, one more each call.
+
+The exercises, by notebook (``exercises/source/<set>/<set>.ipynb``; the student copies are generated from them
+by nbgrader):
+
+- 01 keys (Sec. 3): :func:`check_memory_coefficients`, :func:`check_trigger_prefix`;
+- 02 values (Sec. 4): :func:`check_value_distribution`, :func:`check_agrees`;
+- 03 aggregation (Sec. 5): :func:`check_top_tokens`, :func:`check_fig11_case`;
+- 06 knowledge neurons (Dai et al.): :func:`check_integrated_gradients`, :func:`check_coarse_neurons`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .capture import capture, hook_coefficients
+
+__all__ = ["CheckFailed", "NotDoneYet", "hint", "HINTS", "ffn_activation", "answer_probability",
+           "check_memory_coefficients", "check_trigger_prefix", "check_value_distribution", "check_agrees",
+           "check_top_tokens", "check_fig11_case", "check_integrated_gradients", "check_coarse_neurons"]
+
+
+class CheckFailed(AssertionError):
+    """The student's answer differs from ffnlib's; the message says how, in words."""
+
+
+class NotDoneYet(CheckFailed):
+    """The student's function still raises ``NotImplementedError``."""
+
+
+HINTS: dict[str, list[str]] = {
+    "memory_coefficients": [
+        "Each row k_i of `keys` is a key: x · k_i for every i at once is a matrix product of x (tokens, d_model) "
+        "with keys transposed (d_model, d_ff).",
+        "Plain FFN (GPT-2, OPT, the paper): m = f(x · Kᵀ). Gated FFN (SwiGLU/GeGLU): the activation goes on the "
+        "gate half only, m = f(x · Gᵀ) ⊙ (x · Kᵀ).",
+        "`activation(x @ gates.T) * (x @ keys.T)` when `gates` is not None, else `activation(x @ keys.T)`.",
+    ],
+    "trigger_prefix": [
+        "The key fires most at the position j where coefficients[:, memory] is largest (argmax).",
+        "The trigger example is the prefix x_1 … x_j: it ends WITH the token where the key fires.",
+        "`token_ids[: j + 1]` with `j = int(coefficients[:, memory].argmax())`.",
+    ],
+    "value_distribution": [
+        "The model never projects a raw residual vector: it normalises it first. For an RMSNorm the direction "
+        "only changes by the gain g: read v as g ⊙ v.",
+        "The head's weight is (vocab, d_model): logits = (g ⊙ v) · Eᵀ, then a softmax over the vocabulary.",
+        "`torch.softmax((value * norm_gain) @ head_weight.T, dim=-1)`.",
+    ],
+    "agrees": [
+        "The trigger prefix ends at token_ids[position]; the value should predict what comes NEXT.",
+        "The next token is token_ids[position + 1]. When the prefix is the whole sentence nothing follows: "
+        "count it as disagreeing (the authors' choice).",
+        "`position + 1 < len(token_ids) and token_ids[position + 1] == value_top_token`.",
+    ],
+    "top_tokens": [
+        "Project each vector the way the model projects its last residual: final norm first, then the head.",
+        "The layer's output is the residual plus what the FFN adds: residual_before + ffn_output.",
+        "`top = lambda h: head(final_norm(h)).argmax(-1)`, then the three tops of residual_before, ffn_output "
+        "and residual_before + ffn_output.",
+    ],
+    "fig11_case": [
+        "There are four cases. Test the one where all three tokens agree first.",
+        "agreement: output == residual == ffn; residual: output == residual != ffn; ffn: output == ffn != residual; "
+        "composition: the output is neither.",
+    ],
+    "integrated_gradients": [
+        "IG from the zero baseline: score_i = m_i · ∫₀¹ ∂F(α·m)/∂m_i dα. Approximate the integral with a left "
+        "Riemann sum: α = 0, 1/steps, …, (steps-1)/steps.",
+        "Build all scaled copies at once, `alphas[:, None] * coefficients` (steps, d_ff), with requires_grad; "
+        "F of them is (steps,); the gradient of its sum gives every point's gradient.",
+        "`grads = torch.autograd.grad(target(points).sum(), points)[0]`, then "
+        "`coefficients * grads.mean(dim=0)`. Do not forget the factor m_i.",
+    ],
+    "coarse_neurons": [
+        "Dai et al.'s threshold is relative: a neuron is kept when its score is at least t times the prompt's "
+        "largest score.",
+        "`{i for i, s in enumerate(scores.tolist()) if s >= threshold * max_score}` with `max_score = scores.max()`.",
+    ],
+}
+_hints_given: dict[str, int] = {}
+
+
+def hint(exercise: str) -> str:
+    """Print (and return) the next hint of ``exercise``; the last one is close to the answer."""
+    if exercise not in HINTS:
+        raise KeyError(f"No exercise {exercise!r}; the exercises are {sorted(HINTS)}.")
+    given = _hints_given.get(exercise, 0)
+    hints = HINTS[exercise]
+    if given >= len(hints):
+        text = (f"That was the last hint for `{exercise}`. Hint {len(hints)}: {hints[-1]}")
+    else:
+        text = f"Hint {given + 1} of {len(hints)} for `{exercise}`: {hints[given]}"
+        _hints_given[exercise] = given + 1
+    print(text)
+    return text
+
+
+# ---- the machinery every check shares -----------------------------------------------------------------
+def _name(fn) -> str:
+    return getattr(fn, "__name__", "your function")
+
+
+def _call(fn, *args):
+    """Run the student's function, turning a stub or a crash into a message that says so."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise NotDoneYet(f"`{_name(fn)}` is not written yet: replace `raise NotImplementedError()` in its cell "
+                         f"with your code, run that cell, then this one. `hint({_name(fn)!r})` gives a hint.") from None
+    except CheckFailed:
+        raise
+    except Exception as exc:  # the student's code crashed: say where, keep the traceback chained
+        raise CheckFailed(f"`{_name(fn)}` raised {type(exc).__name__}: {exc}. It was called with "
+                          f"{_describe_args(args)}.") from exc
+
+
+def _describe_args(args) -> str:
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append(f"a tensor of shape {tuple(a.shape)}")
+        elif isinstance(a, (list, tuple)):
+            parts.append(f"a {type(a).__name__} of {len(a)} items")
+        elif callable(a):
+            parts.append(f"the function `{_name(a)}`")
+        else:
+            parts.append(repr(a))
+    return ", ".join(parts)
+
+
+def _tensor(fn, got, expected: torch.Tensor, meaning: str) -> torch.Tensor:
+    """The student's result as a tensor of the expected shape, or a message about its type or shape."""
+    if isinstance(got, np.ndarray):
+        got = torch.from_numpy(got)
+    if not isinstance(got, torch.Tensor):
+        raise CheckFailed(f"`{_name(fn)}` returned {type(got).__name__}; it should return a torch tensor "
+                          f"({meaning}).")
+    if tuple(got.shape) != tuple(expected.shape):
+        transposed = got.ndim == 2 and tuple(got.shape) == tuple(expected.shape)[::-1]
+        raise CheckFailed(f"`{_name(fn)}` returned shape {tuple(got.shape)}; it should be {tuple(expected.shape)} "
+                          f"({meaning})." + (" It looks transposed: which matrix did you put first in the product?"
+                                             if transposed else ""))
+    return got.detach().to(expected.dtype).cpu()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
+    return bool(torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol))
+
+
+def _compare(fn, got, expected: torch.Tensor, meaning: str, mistakes: Sequence[tuple[torch.Tensor, str]] = (),
+             rtol: float = 1e-3, atol: float = 1e-5) -> torch.Tensor:
+    """Pass when ``got`` equals ``expected`` within tolerance; else name the first known mistake it matches,
+    or say how far off it is."""
+    expected = expected.detach().cpu()
+    got = _tensor(fn, got, expected, meaning)
+    if _close(got, expected, rtol, atol):
+        return got
+    for wrong, message in mistakes:
+        if tuple(wrong.shape) == tuple(expected.shape) and _close(got, wrong.detach().cpu(), rtol, atol):
+            raise CheckFailed(f"`{_name(fn)}`: {message}")
+    off = ~torch.isclose(got.float(), expected.float(), rtol=rtol, atol=atol)
+    worst = (got.float() - expected.float()).abs().max().item()
+    raise CheckFailed(f"`{_name(fn)}`: {off.float().mean().item():.1%} of the values differ from ffnlib's "
+                      f"(largest difference {worst:.3g}). Compare a few entries by hand, or ask for "
+                      f"`hint({_name(fn)!r})`.")
+
+
+def _passed(fn, what: str) -> None:
+    print(f"✔ `{_name(fn)}` passed: {what}")
+
+
+# ---- helpers the notebooks use ---------------------------------------------------------------------------
+def ffn_activation(adapter, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function f of ``layer``'s FFN (SiLU for SmolLM2, GELU-tanh for Gemma 3)."""
+    module = adapter.layer(layer)
+    for path in ("mlp.act_fn", "mlp.act", "activation_fn", "mlp.activation_fn"):
+        target = module
+        try:
+            for part in path.split("."):
+                target = getattr(target, part)
+        except AttributeError:
+            continue
+        if callable(target):
+            return target
+    raise CheckFailed(f"Cannot find the activation function of layer {layer} of {type(adapter.model).__name__}.")
+
+
+def answer_probability(loaded, prompt_ids: Sequence[int], answer_id: int, layer: int
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """F(m'): the probability of ``answer_id`` after the prompt, with ``layer``'s coefficients at the last
+    prompt position replaced by m'. Takes (n, d_ff) and returns (n,), differentiable with respect to m'."""
+    ids = torch.tensor([list(prompt_ids)], device=loaded.device)
+    adapter = loaded.adapter
+
+    def target(coefficients: torch.Tensor) -> torch.Tensor:
+        rows = coefficients.to(loaded.device)
+
+        def replace(_, m):
+            m = m.expand(rows.shape[0], -1, -1).clone()
+            m[:, -1] = rows.to(m.dtype)
+            return m
+
+        with hook_coefficients(adapter, layer, replace):
+            logits = loaded.model(ids.expand(rows.shape[0], -1)).logits[:, -1]
+        return torch.softmax(logits.float(), dim=-1)[:, answer_id]
+
+    target.__name__ = "answer_probability"
+    return target
+
+
+# ---- 01 keys (Section 3) ---------------------------------------------------------------------------------
+def check_memory_coefficients(fn, loaded, layer: int,
+                              text: str = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.") -> None:
+    """``fn(x, keys, gates, activation)`` -> m (tokens, d_ff), on ``layer`` of the real model (gated or not)
+    and on a plain ReLU FFN of random weights."""
+    adapter = loaded.adapter
+    ids = torch.tensor([loaded.encode(text)], device=loaded.device)
+    with torch.no_grad(), capture(loaded, layer, what=("ffn_input", "coefficients")) as acts:
+        loaded.model(ids)
+    x, expected = acts.ffn_input[layer][0], acts.coefficients[layer][0]
+    keys, act = adapter.keys(layer), ffn_activation(adapter, layer)
+    gates = adapter.gates(layer) if adapter.gated else None
+    meaning = "one row per token, one column per memory: (tokens, d_ff)"
+    with torch.no_grad():
+        got = _call(fn, x, keys, gates, act)
+        mistakes = []
+        if gates is not None:
+            up, gate = x @ keys.T, x @ gates.T
+            mistakes = [(act(up) * gate, "the activation is on the wrong half. In a gated FFN it goes on the "
+                                         "gate half: m = f(x · Gᵀ) ⊙ (x · Kᵀ)."),
+                        (act(up), "this is the plain FFN's formula, but this model is gated: multiply by the "
+                                  "gate half, m = f(x · Gᵀ) ⊙ (x · Kᵀ)."),
+                        (gate * up, "the activation f is missing: m = f(x · Gᵀ) ⊙ (x · Kᵀ).")]
+        _compare(fn, got, expected, meaning, mistakes)
+        # the paper's plain FFN, m = ReLU(x Kᵀ), on random weights
+        gen = torch.Generator().manual_seed(0)
+        x2, k2 = torch.randn(5, 16, generator=gen), torch.randn(32, 16, generator=gen)
+        got = _call(fn, x2, k2, None, torch.relu)
+        _compare(fn, got, torch.relu(x2 @ k2.T), "(tokens, d_ff)",
+                 [(x2 @ k2.T, "with gates=None (a plain FFN) m = f(x · Kᵀ): the activation is missing.")])
+    _passed(fn, f"equals the model's own coefficients at layer {layer} ({tuple(expected.shape)}), and the plain "
+                "FFN's ReLU(x · Kᵀ).")
+
+
+def check_trigger_prefix(fn, loaded, layer: int, sentences: pd.DataFrame, memories: Sequence[int] = (0, 1, 2, 3)
+                         ) -> None:
+    """``fn(token_ids, coefficients, memory)`` -> the prefix (a list of ids) where ``memory``'s key fires most,
+    against ffnlib's trigger-example miner on the same sentences (one prefix per sentence, the authors' choice)."""
+    from .keys import mine_trigger_examples
+
+    mined = mine_trigger_examples(loaded, sentences, k=len(sentences), layers=[layer], negative=False,
+                                  progress=False, snapshot_floor=None)
+    tokens, coefficients = mined.token_index(), {}
+    for memory in memories:
+        rows = mined.of(layer, memory)
+        for row in rows.itertuples():
+            ids = list(tokens[int(row.sentence_id)])
+            if row.sentence_id not in coefficients:
+                with torch.no_grad(), capture(loaded, layer, what=("coefficients",)) as acts:
+                    loaded.model(torch.tensor([ids], device=loaded.device))
+                coefficients[row.sentence_id] = acts.coefficients[layer][0]
+            m = coefficients[row.sentence_id].clone()
+            got = _call(fn, ids, m, memory)
+            if isinstance(got, torch.Tensor):
+                got = got.tolist()
+            expected = ids[: int(row.position) + 1]
+            if list(got) == expected:
+                continue
+            where = f"memory {memory}, sentence {int(row.sentence_id)}: the key fires most at position {int(row.position)}"
+            if list(got) == ids[: int(row.position)]:
+                raise CheckFailed(f"`{_name(fn)}` is off by one ({where}): your prefix stops just before the token "
+                                  "where the key fires. The trigger example x_1 … x_j includes x_j.")
+            if list(got) == ids[: int(row.position) + 2]:
+                raise CheckFailed(f"`{_name(fn)}` is off by one ({where}): your prefix also holds the next token. "
+                                  "That token is what the value should predict (Section 4), not part of the trigger.")
+            raise CheckFailed(f"`{_name(fn)}` returned a prefix of {len(got)} tokens; ffnlib's miner found "
+                              f"{len(expected)} ({where}).")
+    _passed(fn, f"the same prefixes as ffnlib's miner for memories {list(memories)} of layer {layer} on "
+                f"{len(sentences)} sentences.")
+
+
+# ---- 02 values (Section 4) -------------------------------------------------------------------------------
+def check_value_distribution(fn, loaded, layer: int, memories: Sequence[int] = (0, 1, 2)) -> None:
+    """``fn(value, norm_gain, head_weight)`` -> p (vocab,), against ``adapter.logits_from_values``."""
+    adapter = loaded.adapter
+    values, gain, head = adapter.values(layer), adapter.norm_gain(), adapter.head.weight.detach()
+    with torch.no_grad():
+        for memory in memories:
+            v = values[memory]
+            expected = torch.softmax(adapter.logits_from_values(v[None]).float(), dim=-1)[0]
+            got = _call(fn, v, gain, head)
+            if isinstance(got, torch.Tensor) and got.shape == expected.shape and abs(float(got.sum()) - 1) > 1e-3:
+                raise CheckFailed(f"`{_name(fn)}`: your numbers sum to {float(got.sum()):.3g}, not 1. These look "
+                                  "like logits: turn them into probabilities with a softmax over the vocabulary.")
+            mistakes = [(torch.softmax((v @ head.T).float(), dim=-1),
+                         "you projected the raw value. The model reads its residual through the final norm: "
+                         "multiply by the norm's gain g first, p = softmax((g ⊙ v) · Eᵀ)."),
+                        (torch.softmax(((v / gain) @ head.T).float(), dim=-1),
+                         "you divided by the gain; the final norm multiplies by it: p = softmax((g ⊙ v) · Eᵀ).")]
+            _compare(fn, got, expected, "one probability per vocabulary token: (vocab,)", mistakes,
+                     rtol=1e-3, atol=1e-7)
+    _passed(fn, f"the same distribution as ffnlib's projection for memories {list(memories)} of layer {layer}.")
+
+
+def check_agrees(fn, loaded, sentences: pd.DataFrame, n_cases: int = 60, seed: int = 0) -> None:
+    """``fn(value_top_token, token_ids, position)`` -> bool: does the token after the trigger prefix (which
+    ends at ``position``) equal the value's top token? Against :func:`ffnlib.values.value_agreement`."""
+    from .values import value_agreement
+
+    rng = np.random.default_rng(seed)
+    token_lists = [list(loaded.encode(t)) for t in sentences["text"].head(20)]
+    cases = []
+    for case in range(n_cases):
+        ids = token_lists[case % len(token_lists)]
+        position = len(ids) - 1 if case % 5 == 4 else int(rng.integers(0, len(ids) - 1))
+        nxt = ids[position + 1] if position + 1 < len(ids) else -1
+        kind = case % 3
+        top = nxt if kind == 0 and nxt >= 0 else ids[position] if kind == 1 else int(rng.integers(0, 1000))
+        cases.append((top, ids, position, nxt))
+    # ffnlib's own answer: one memory per case, whose top-1 trigger ends at that position
+    memories = pd.DataFrame({"layer": 0, "memory": range(n_cases), "sign": 1,
+                             "top_token": [c[0] for c in cases], "max_prob": 0.5})
+    triggers = pd.DataFrame({"layer": 0, "memory": range(n_cases), "sign": 1, "rank": 0,
+                             "next_token": [c[3] for c in cases]})
+    expected = value_agreement(memories, triggers)["agrees"].tolist()
+    got, off_by_one = [], []
+    for top, ids, position, _ in cases:
+        try:
+            answer = _call(fn, top, ids, position)
+        except CheckFailed as exc:
+            if position == len(ids) - 1 and isinstance(exc.__cause__, IndexError):
+                raise CheckFailed(f"`{_name(fn)}` crashed with IndexError where the trigger prefix is the whole "
+                                  f"sentence (position {position} of {len(ids)} tokens): nothing follows it. Check "
+                                  "for that case first and answer False (the authors count it as disagreeing)."
+                                  ) from exc.__cause__
+            raise
+        if not isinstance(answer, (bool, np.bool_)) and not (isinstance(answer, torch.Tensor) and answer.numel() == 1):
+            raise CheckFailed(f"`{_name(fn)}` returned {type(answer).__name__}; it should return True or False.")
+        got.append(bool(answer))
+        off_by_one.append(ids[position] == top)
+    if got == expected:
+        _passed(fn, f"the same verdict as ffnlib's value_agreement on {n_cases} (value, trigger) pairs, sentence "
+                    "ends included.")
+        return
+    if got == off_by_one:
+        raise CheckFailed(f"`{_name(fn)}` compares the value's top token with the LAST token of the trigger prefix "
+                          "(token_ids[position]). The value predicts the token that FOLLOWS the prefix: "
+                          "token_ids[position + 1]. This is the paper's off-by-one trap.")
+    wrong = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+    top, ids, position, nxt = cases[wrong]
+    if nxt < 0:
+        raise CheckFailed(f"`{_name(fn)}` said {got[wrong]} for a prefix that is the whole sentence (position "
+                          f"{position} of {len(ids)} tokens): nothing follows it, so it cannot agree.")
+    raise CheckFailed(f"`{_name(fn)}` said {got[wrong]} for value_top_token={top}, position={position} "
+                      f"(the next token is {nxt}); ffnlib says {expected[wrong]}.")
+
+
+# ---- 03 aggregation (Section 5) ----------------------------------------------------------------------------
+def check_top_tokens(fn, loaded, layer: int,
+                     text: str = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.") -> None:
+    """``fn(residual_before, ffn_output, final_norm, head)`` -> (residual_top, ffn_top, output_top), each
+    (tokens,), against :func:`ffnlib.aggregation.project_tops` of the captured vectors."""
+    from .aggregation import project_tops
+
+    adapter = loaded.adapter
+    ids = torch.tensor([loaded.encode(text)], device=loaded.device)
+    with torch.no_grad(), capture(loaded, layer, what=("residual_before", "ffn_output", "residual_after")) as acts:
+        loaded.model(ids)
+        before, ffn, after = acts.residual_before[layer][0], acts.ffn_output[layer][0], acts.residual_after[layer][0]
+        expected = [project_tops(adapter, v)[0] for v in (before, ffn, after)]
+        got = _call(fn, before, ffn, adapter.final_norm, adapter.head)
+    if not isinstance(got, (tuple, list)) or len(got) != 3:
+        raise CheckFailed(f"`{_name(fn)}` should return three tensors (residual_top, ffn_top, output_top); it "
+                          f"returned {type(got).__name__}" + (f" of {len(got)}" if hasattr(got, '__len__') else "") + ".")
+    with torch.no_grad():
+        raw = [adapter.head(v).argmax(-1) for v in (before, ffn, after)]
+    names = ("residual_top", "ffn_top", "output_top")
+    for name, g, e, r in zip(names, got, expected, raw):
+        g = _tensor(fn, g, e, f"{name}: one token id per position, (tokens,)")
+        if torch.equal(g.long(), e.long().cpu()):
+            continue
+        if torch.equal(g.long(), r.long().cpu()) and not torch.equal(r, e):
+            raise CheckFailed(f"`{_name(fn)}`: {name} skips the final norm. Project as the model does at its last "
+                              "layer: head(final_norm(h)).")
+        if name == "output_top" and torch.equal(g.long(), expected[0].long().cpu()):
+            raise CheckFailed(f"`{_name(fn)}`: output_top is the residual's top token. The layer's output is the "
+                              "residual PLUS the FFN's output.")
+        if name == "output_top" and torch.equal(g.long(), expected[1].long().cpu()):
+            raise CheckFailed(f"`{_name(fn)}`: output_top is the FFN's own top token. The layer's output is the "
+                              "residual plus the FFN's output.")
+        share = (g.long() != e.long().cpu()).float().mean().item()
+        raise CheckFailed(f"`{_name(fn)}`: {name} differs from ffnlib's at {share:.0%} of the positions.")
+    _passed(fn, f"the same three top tokens as ffnlib at every position of the sentence, layer {layer}.")
+
+
+def check_fig11_case(fn) -> None:
+    """``fn(residual_top, ffn_top, output_top)`` -> one of "agreement", "residual", "ffn", "composition";
+    against :func:`ffnlib.aggregation.classify` on every pattern of equalities."""
+    from .aggregation import classify
+
+    patterns = [(7, 7, 7), (7, 9, 7), (7, 9, 9), (7, 9, 4), (7, 7, 4), (3, 3, 3), (5, 2, 5), (5, 2, 2), (1, 2, 3)]
+    for residual, ffn, output in patterns:
+        expected = str(classify([residual], [ffn], [output])[0])
+        got = _call(fn, residual, ffn, output)
+        if got == expected:
+            continue
+        if got not in ("agreement", "residual", "ffn", "composition"):
+            raise CheckFailed(f"`{_name(fn)}` returned {got!r}; it should return one of 'agreement', 'residual', "
+                              "'ffn', 'composition'.")
+        raise CheckFailed(f"`{_name(fn)}`({residual}, {ffn}, {output}) returned {got!r}; the case is {expected!r}. "
+                          + ("When all three agree it is 'agreement': test that case first."
+                             if expected == "agreement" else
+                             "When residual and FFN agree but the output is another token, neither was kept: "
+                             "'composition'." if residual == ffn else ""))
+    _passed(fn, "the same Fig. 11 case as ffnlib for every pattern of equal and different tokens.")
+
+
+# ---- 06 knowledge neurons (Dai et al., 2022) -----------------------------------------------------------------
+def check_integrated_gradients(fn, loaded, prompt: str, answer: str, layer: int, steps: int = 20) -> torch.Tensor:
+    """``fn(target, coefficients, steps)`` -> scores (d_ff,), against
+    :func:`ffnlib.related.knowledge_neurons.knowledge_attribution` (left Riemann sum from the zero baseline,
+    P(answer's first token)). Returns ffnlib's scores."""
+    from .related.knowledge_neurons import encode_answer, knowledge_attribution
+
+    prompt_ids = loaded.encode(prompt)
+    answer_ids = encode_answer(loaded.tokenizer, answer)
+    reference = knowledge_attribution(loaded, prompt_ids, answer_ids[:1], layers=[layer], steps=steps)
+    expected, m = reference.scores[0].float(), reference.coefficients[0].float()
+    target = answer_probability(loaded, prompt_ids, answer_ids[0], layer)
+    got = _call(fn, target, m.clone(), steps)
+    scale = float(expected.abs().max())
+    mistakes = []
+    with torch.enable_grad():
+        def gradients(alphas):
+            points = (alphas[:, None] * m).requires_grad_(True)
+            return torch.autograd.grad(target(points).sum(), points)[0]
+        left = gradients(torch.arange(steps, dtype=torch.float32) / steps)
+        right = gradients(torch.arange(1, steps + 1, dtype=torch.float32) / steps)
+    mistakes = [(left.mean(0), "you returned the average gradient. Integrated gradients multiplies it by the "
+                               "input: score_i = m_i · mean_α ∂F(α·m)/∂m_i."),
+                (m * right.mean(0), "your α run from 1/steps to 1 (a right Riemann sum). Dai et al. and ffnlib use "
+                                    "the left sum: α = 0, 1/steps, …, (steps-1)/steps."),
+                (m * right[-1], "you took the gradient at the real coefficients only (α = 1). Integrated gradients "
+                                "averages it along the path from 0 to m.")]
+    _compare(fn, got, expected, "one score per memory: (d_ff,)", mistakes, rtol=1e-2, atol=1e-3 * scale)
+    _passed(fn, f"the same attribution as ffnlib's knowledge_attribution for {prompt!r} → {answer!r} at layer "
+                f"{layer} ({steps} steps).")
+    return expected
+
+
+def check_coarse_neurons(fn, scores: torch.Tensor, threshold: float = 0.2) -> None:
+    """``fn(scores, threshold)`` -> the set of memory indices whose score is >= threshold x the largest score;
+    against :func:`ffnlib.related.knowledge_neurons.coarse_neurons`."""
+    from .related.knowledge_neurons import coarse_neurons
+
+    scores = scores.detach().float().cpu()
+    frame = pd.DataFrame({"memory": range(len(scores)), "sign": 1, "ratio": (scores / scores.max()).numpy()})
+    expected = set(coarse_neurons(frame, threshold)["memory"].tolist())
+    got = _call(fn, scores, threshold)
+    try:
+        got = {int(i) for i in got}
+    except (TypeError, ValueError):
+        raise CheckFailed(f"`{_name(fn)}` should return a set of memory indices (ints); it returned "
+                          f"{type(got).__name__}.") from None
+    if got == expected:
+        _passed(fn, f"the same {len(expected)} coarse neurons as ffnlib (t = {threshold}).")
+        return
+    absolute = {int(i) for i in torch.nonzero(scores >= threshold).flatten().tolist()}
+    if got == absolute and absolute != expected:
+        raise CheckFailed(f"`{_name(fn)}` used the threshold as an absolute score. Dai et al.'s t is relative: keep "
+                          f"the neurons whose score is at least t × the largest score ({float(scores.max()):.3g}).")
+    raise CheckFailed(f"`{_name(fn)}` found {len(got)} neurons, ffnlib {len(expected)}; "
+                      f"{len(got - expected)} of yours are not ffnlib's and {len(expected - got)} of ffnlib's are missing.")

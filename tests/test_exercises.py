@@ -1,0 +1,235 @@
+"""The exercise notebooks (exercises/): the student copies are nbgrader's output for the sources; every source,
+with its solutions, passes every check on the real model; every student copy, untouched, fails every check with
+the message that says it is not written yet. And each check names the common mistakes it is meant to catch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from ffnlib import exercises as ex
+
+ROOT = Path(__file__).resolve().parents[1]
+EXERCISES = ROOT / "exercises"
+SETS = sorted(p.name for p in (EXERCISES / "source").iterdir() if p.is_dir())
+
+
+def _notebook(kind: str, name: str) -> Path:
+    return EXERCISES / kind / name / f"{name}_exercises.ipynb"
+
+
+def _role(cell) -> str:
+    info = cell.metadata.get("nbgrader", {})
+    if info.get("grade"):
+        return "check"
+    return "solution" if info.get("solution") else "other"
+
+
+def _execute(path: Path, tmp_path: Path):
+    """Run a notebook at scale="ci" (its parameters overridden in a cell after them, as papermill does), going
+    on after an error (a student's copy fails)."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(f'scale = "ci"\nresults_dir = {str(tmp_path)!r}'))
+    NotebookClient(nb, timeout=900, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    return nb
+
+
+def _errors(cell) -> list[dict]:
+    return [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+
+
+def _text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def test_every_paper_section_and_related_notebook_with_exercises_has_a_set():
+    assert SETS == ["01_keys", "02_values", "03_aggregation", "06_knowledge_neurons"]
+    for name in SETS:
+        nb = nbformat.read(_notebook("source", name), as_version=4)
+        roles = [_role(c) for c in nb.cells]
+        assert roles.count("solution") == roles.count("check") >= 2
+        # a check right after each exercise (a setup cell may sit between two exercises, never between an
+        # exercise and its check)
+        for i, role in enumerate(roles):
+            if role == "solution":
+                assert roles[i + 1] == "check", (name, i)
+        intro = nb.cells[0].source
+        assert "Before you start" in intro and "Time:" in intro  # what to know first, and how long
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_student_copy_is_nbgraders_output_for_the_source(name, tmp_path):
+    """The committed student copy is exactly what `make exercises` (nbgrader) generates from the source."""
+    course = tmp_path / "course"
+    shutil.copytree(EXERCISES / "source" / name, course / "source" / name)
+    shutil.copy(EXERCISES / "nbgrader_config.py", course)
+    done = subprocess.run([sys.executable, "-m", "nbgrader", "generate_assignment", name, "--no-db", "--force"],
+                          cwd=course, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    generated = json.loads((course / "release" / name / f"{name}_exercises.ipynb").read_text())
+    committed = json.loads(_notebook("release", name).read_text())
+    assert generated == committed, f"exercises/release/{name} is stale: run `make exercises`"
+    student = nbformat.read(_notebook("release", name), as_version=4)
+    source = nbformat.read(_notebook("source", name), as_version=4)
+    for mine, theirs in zip(source.cells, student.cells):
+        if _role(mine) == "solution":  # the solution is gone, the stub is there, the signature stays
+            assert "raise NotImplementedError()" in theirs.source and "BEGIN SOLUTION" not in theirs.source
+            assert theirs.source.splitlines()[0] == mine.source.splitlines()[0]
+        else:
+            assert theirs.source == mine.source
+        if _role(mine) == "check":
+            assert theirs.metadata["nbgrader"]["locked"] and theirs.metadata.get("editable") is False
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_the_solutions_pass_every_check(name, tmp_path):
+    nb = _execute(_notebook("source", name), tmp_path)
+    assert not [(i, _errors(c)) for i, c in enumerate(nb.cells) if _errors(c)]
+    checks = [c for c in nb.cells if _role(c) == "check"]
+    assert checks and all("✔" in _text(c) and "passed" in _text(c) for c in checks)
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_the_student_copy_fails_every_check_saying_what_to_do(name, tmp_path):
+    nb = _execute(_notebook("release", name), tmp_path)
+    for i, cell in enumerate(nb.cells):
+        errors = _errors(cell)
+        if _role(cell) == "check":
+            assert [e["ename"] for e in errors] == ["NotDoneYet"], (i, errors)
+            assert "is not written yet: replace `raise NotImplementedError()`" in errors[0]["evalue"]
+            assert "hint(" in errors[0]["evalue"]
+        elif cell.cell_type == "code" and errors:
+            # only a cell that uses the student's functions may fail, and only because they are stubs
+            assert [e["ename"] for e in errors] == ["NotImplementedError"], (i, errors)
+
+
+# ---- each check names the mistake it is for --------------------------------------------------------------
+LAYER = 20
+
+
+def _fails(check, *args, match: str):
+    with pytest.raises(ex.CheckFailed, match=match):
+        check(*args)
+
+
+def test_coefficients_check_names_a_transposed_result_and_the_gated_mistakes(smollm):
+    def transposed(x, keys, gates, activation):
+        return (activation(x @ gates.T) * (x @ keys.T)).T
+
+    def wrong_half(x, keys, gates, activation):
+        return activation(x @ keys.T) * (x @ gates.T)
+
+    def plain_on_gated(x, keys, gates, activation):
+        return activation(x @ keys.T)
+
+    def no_activation(x, keys, gates, activation):
+        return (x @ gates.T) * (x @ keys.T) if gates is not None else x @ keys.T
+
+    _fails(ex.check_memory_coefficients, transposed, smollm, LAYER, match="looks transposed")
+    _fails(ex.check_memory_coefficients, wrong_half, smollm, LAYER, match="activation is on the wrong half")
+    _fails(ex.check_memory_coefficients, plain_on_gated, smollm, LAYER, match="plain FFN's formula, but this model is gated")
+    _fails(ex.check_memory_coefficients, no_activation, smollm, LAYER, match="activation f is missing")
+    _fails(ex.check_memory_coefficients, lambda x, k, g, a: [1, 2], smollm, LAYER, match="returned list; it should")
+
+
+def test_trigger_prefix_check_catches_both_off_by_ones(smollm, wiki):
+    sentences = wiki.head(6)
+
+    def short(token_ids, coefficients, memory):
+        return token_ids[: int(coefficients[:, memory].argmax())]
+
+    def long(token_ids, coefficients, memory):
+        return token_ids[: int(coefficients[:, memory].argmax()) + 2]
+
+    _fails(ex.check_trigger_prefix, short, smollm, LAYER, sentences, (0,), match="stops just before the token")
+    _fails(ex.check_trigger_prefix, long, smollm, LAYER, sentences, (0,), match="also holds the next token")
+
+
+def test_value_check_catches_the_forgotten_gain_and_logits(smollm):
+    def no_gain(value, norm_gain, head_weight):
+        return torch.softmax(value @ head_weight.T, dim=-1)
+
+    def logits(value, norm_gain, head_weight):
+        return (value * norm_gain) @ head_weight.T
+
+    _fails(ex.check_value_distribution, no_gain, smollm, LAYER, match="projected the raw value")
+    _fails(ex.check_value_distribution, logits, smollm, LAYER, match="look like logits")
+
+
+def test_agreement_check_catches_the_off_by_one_and_the_sentence_end(smollm, wiki):
+    def last_token(top, ids, position):
+        return ids[position] == top
+
+    def crashes_at_the_end(top, ids, position):
+        return ids[position + 1] == top
+
+    def end_agrees(top, ids, position):
+        return position + 1 >= len(ids) or ids[position + 1] == top
+
+    _fails(ex.check_agrees, last_token, smollm, wiki, match="off-by-one trap")
+    _fails(ex.check_agrees, crashes_at_the_end, smollm, wiki, match="IndexError where the trigger prefix is the whole")
+    _fails(ex.check_agrees, end_agrees, smollm, wiki, match="nothing follows it, so it cannot agree")
+
+
+def test_aggregation_checks_catch_the_missing_norm_and_the_agreement_case(smollm):
+    def no_norm(before, ffn, norm, head):
+        return tuple(head(h).argmax(-1) for h in (before, ffn, before + ffn))
+
+    def output_is_residual(before, ffn, norm, head):
+        return tuple(head(norm(h)).argmax(-1) for h in (before, ffn, before))
+
+    _fails(ex.check_top_tokens, no_norm, smollm, LAYER, match="skips the final norm")
+    _fails(ex.check_top_tokens, output_is_residual, smollm, LAYER, match="output_top is the residual's top token")
+    _fails(ex.check_fig11_case, lambda r, f, o: "residual" if o == r else "ffn" if o == f else "composition",
+           match="When all three agree it is 'agreement'")
+    _fails(ex.check_fig11_case, lambda r, f, o: "kept", match="one of 'agreement'")
+
+
+def test_integrated_gradient_checks_name_the_three_usual_mistakes(smollm):
+    def ig(target, m, steps, alphas=None, times_m=True, only_last=False):
+        alphas = torch.arange(steps, dtype=m.dtype) / steps if alphas is None else alphas
+        points = (alphas[:, None] * m).requires_grad_(True)
+        grads = torch.autograd.grad(target(points).sum(), points)[0]
+        grad = grads[-1] if only_last else grads.mean(0)
+        return m * grad if times_m else grad
+
+    right = torch.arange(1, 21, dtype=torch.float32) / 20
+    args = (smollm, "The capital of France is", " Paris", 18)
+    scores = ex.check_integrated_gradients(ig, *args)
+    _fails(ex.check_integrated_gradients, lambda t, m, s: ig(t, m, s, times_m=False), *args,
+           match="returned the average gradient")
+    _fails(ex.check_integrated_gradients, lambda t, m, s: ig(t, m, s, alphas=right), *args,
+           match="right Riemann sum")
+    _fails(ex.check_integrated_gradients, lambda t, m, s: ig(t, m, s, alphas=right, only_last=True), *args,
+           match="gradient at the real coefficients only")
+    _fails(ex.check_coarse_neurons, lambda s, t: {i for i, v in enumerate(s.tolist()) if v >= t}, scores,
+           match="absolute score")
+
+
+def test_hints_come_one_at_a_time_and_a_stub_says_where_to_write(capsys):
+    ex._hints_given.clear()
+    first, second = ex.hint("agrees"), ex.hint("agrees")
+    assert first.startswith("Hint 1 of 3") and second.startswith("Hint 2 of 3") and first != second
+    ex.hint("agrees")
+    assert "last hint" in ex.hint("agrees")
+    with pytest.raises(KeyError, match="the exercises are"):
+        ex.hint("agree")
+
+    def fig11_case(r, f, o):
+        raise NotImplementedError()
+
+    with pytest.raises(ex.NotDoneYet, match=r"`fig11_case` is not written yet.*hint\('fig11_case'\)"):
+        ex.check_fig11_case(fig11_case)
+    assert set(ex.HINTS) >= {"memory_coefficients", "trigger_prefix", "value_distribution", "agrees", "top_tokens",
+                             "fig11_case", "integrated_gradients", "coarse_neurons"}

@@ -1,0 +1,154 @@
+"""The course site (``make book``, ffnlib.book): built offline from the notebooks executed at scale="ci" (those
+tests/test_notebooks.py ran in this session, or run here), the exercises' student copies and the committed
+reports; then opened page by page in headless Chromium (Playwright), with every request that leaves 127.0.0.1
+blocked: every page opens, every figure loads, every internal link leads to a page, math is typeset by the
+bundled MathJax, and the exercise pages show their check cells.
+
+``FFNLIB_TEST_RESULTS=<results_dir>`` builds from ``<results_dir>/executed/`` (as tests/test_browser.py reuses it).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+import urllib.parse
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from ffnlib import book
+from ffnlib.errors import FFNLibError
+from ffnlib.suite import NOTEBOOK_DIR, SUITE, execute
+
+# the ci-scale notebooks executed by tests/test_notebooks.py (same worker, same results folder)
+pytestmark = pytest.mark.xdist_group("ci-results")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_course_has_every_notebook_exercise_set_and_report_once():
+    pages = book.pages()
+    assert len(pages) == len(set(pages))
+    notebooks = {p.split("/")[1] for p in pages if p.startswith("notebooks/")}
+    assert notebooks == {p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")}
+    exercises = {p.split("/")[1] for p in pages if p.startswith("exercises/")}
+    assert exercises == {f"{d.name}_exercises" for d in (ROOT / "exercises" / "source").iterdir() if d.is_dir()}
+    reports = {p.split("/")[1] for p in pages if p.startswith("reports/")}
+    assert reports == {d.name for d in (ROOT / "docs" / "reports").iterdir() if (d / "report.md").exists()}
+    assert all(part.goals and part.time for part in book.COURSE)
+    # each exercise set sits in the same part as the notebook it practises
+    for part in book.COURSE:
+        for page in part.pages:
+            if page.startswith("exercises/"):
+                assert f"notebooks/{page.split('/')[1].removesuffix('_exercises')}" in part.pages
+
+
+def test_a_missing_executed_notebook_is_a_clear_error(tmp_path):
+    with pytest.raises(FFNLibError, match=r"No executed notebook .*00_quickstart.ipynb: run the notebooks at scale=ci"):
+        book.stage(tmp_path / "nothing", tmp_path / "src")
+
+
+def test_widget_outputs_are_dropped_and_their_text_kept():
+    nb = nbformat.v4.new_notebook(metadata={"widgets": {"application/vnd.jupyter.widget-state+json": {}}})
+    cell = nbformat.v4.new_code_cell("bar")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={book.WIDGET_VIEW: {"model_id": "x"},
+                                                                 "text/plain": "100%|##| 3/3"})]
+    nb.cells = [cell]
+    book._clean(nb)
+    assert "widgets" not in nb.metadata and cell.outputs[0]["data"] == {"text/plain": "100%|##| 3/3"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    results = Path(os.environ.get("FFNLIB_TEST_RESULTS") or tmp_path_factory.getbasetemp() / "ci-results")
+    executed = results / "executed"
+    executed.mkdir(parents=True, exist_ok=True)
+    for name in SUITE:  # normally already there, from tests/test_notebooks.py
+        if not (executed / f"{name}.ipynb").exists():
+            execute(NOTEBOOK_DIR / f"{name}.ipynb", executed / f"{name}.ipynb",
+                    {"scale": "ci", "results_dir": str(results), "seed": 0})
+    return book.build(executed, tmp_path_factory.mktemp("book"))
+
+
+@pytest.fixture(scope="module")
+def served(site):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_the_site_builds_without_warnings_and_loads_nothing_from_the_network(site):
+    assert (site / "index.html").exists()
+    warnings = (site.parent / "warnings.txt").read_text().strip()
+    assert not warnings, warnings
+    for page in site.rglob("*.html"):
+        html = page.read_text()
+        for tag in ("<script", "<link"):
+            for chunk in html.split(tag)[1:]:
+                head = chunk.split(">", 1)[0]
+                assert "http://" not in head and "https://" not in head, (page, head)
+
+
+def test_every_page_opens_with_its_figures_links_math_and_checks_in_a_browser(served, site):
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, _ensure_chromium, _ensure_playwright
+
+    problem = _ensure_chromium() or _ensure_playwright()
+    if problem:
+        pytest.skip(f"No browser for the site test: {problem}.")
+    from playwright.sync_api import sync_playwright
+
+    outside: list[str] = []
+
+    def route(r):
+        if urllib.parse.urlsplit(r.request.url).hostname == "127.0.0.1":
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    pages = ["index", "instructors"] + book.pages()
+    seen_links: set[str] = set()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/*", route)
+            for name in pages:
+                response = page.goto(f"{served}/{name}.html", wait_until="load")
+                assert response and response.status == 200, name
+                images = page.eval_on_selector_all(
+                    "img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth > 0])")
+                assert all(ok for _, ok in images), (name, [src for src, ok in images if not ok])
+                if name.startswith("reports/") or name in ("notebooks/01_keys", "notebooks/02_values"):
+                    assert images, f"{name} shows no figure"
+                for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)"):
+                    if href.startswith(served):
+                        seen_links.add(href.split("#")[0])
+                body = page.inner_text("article")
+                if name.startswith("exercises/"):
+                    stem = name.split("/")[1]
+                    nb = nbformat.read(ROOT / "exercises" / "release" / stem.removesuffix("_exercises")
+                                       / f"{stem}.ipynb", as_version=4)
+                    checks = [c.source for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade")]
+                    assert checks and all(c.split("(")[0] in body for c in checks), name
+                    assert "raise NotImplementedError()" in body and "hint(" in body
+                if name == "notebooks/00_quickstart":  # the bundled MathJax typeset the formulas
+                    page.wait_for_selector("mjx-container", timeout=15000)
+            for href in sorted(seen_links):  # every internal link leads to a page of the site
+                path = urllib.parse.urlsplit(href).path
+                target = site / urllib.parse.unquote(path).lstrip("/")
+                if target.is_dir():
+                    target = target / "index.html"
+                assert target.exists(), f"broken link {href}"
+        finally:
+            browser.close()
+    assert not outside, f"the site asked the network for {outside[:5]}"
+    assert len(seen_links) > len(pages)
