@@ -13,7 +13,9 @@ by nbgrader):
 - 01 keys (Sec. 3): :func:`check_memory_coefficients`, :func:`check_trigger_prefix`;
 - 02 values (Sec. 4): :func:`check_value_distribution`, :func:`check_agrees`;
 - 03 aggregation (Sec. 5): :func:`check_top_tokens`, :func:`check_fig11_case`;
-- 06 knowledge neurons (Dai et al.): :func:`check_integrated_gradients`, :func:`check_coarse_neurons`.
+- 06 knowledge neurons (Dai et al.): :func:`check_integrated_gradients`, :func:`check_coarse_neurons`;
+- 07 MoEfication (Zhang et al.): :func:`check_expert_scores`, :func:`check_expert_ffn`;
+- 09 FF attention maps (Kobayashi et al.): :func:`check_norm_split`, :func:`check_activation_shares`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from .capture import capture, hook_coefficients
 
 __all__ = ["CheckFailed", "NotDoneYet", "hint", "HINTS", "ffn_activation", "answer_probability",
            "check_memory_coefficients", "check_trigger_prefix", "check_value_distribution", "check_agrees",
-           "check_top_tokens", "check_fig11_case", "check_integrated_gradients", "check_coarse_neurons"]
+           "check_top_tokens", "check_fig11_case", "check_integrated_gradients", "check_coarse_neurons",
+           "check_expert_scores", "check_expert_ffn", "check_norm_split", "check_activation_shares"]
 
 
 class CheckFailed(AssertionError):
@@ -87,6 +90,29 @@ HINTS: dict[str, list[str]] = {
         "Dai et al.'s threshold is relative: a neuron is kept when its score is at least t times the prompt's "
         "largest score.",
         "`{i for i, s in enumerate(scores.tolist()) if s >= threshold * max_score}` with `max_score = scores.max()`.",
+    ],
+    "expert_scores": [
+        "A memory's size is what it writes: |m_i| · ‖v_i‖ (gated coefficients can be negative).",
+        "An expert's score is the sum of its members' sizes; labels[i] is the expert of memory i. A one-hot "
+        "matrix of labels (d_ff, n_experts) turns that sum into a matrix product.",
+        "`(coefficients.abs() * value_norms) @ torch.nn.functional.one_hot(labels, n_experts).float()`.",
+    ],
+    "expert_ffn": [
+        "Keep memory i for token t when labels[i] is one of chosen[t]; zero the other coefficients.",
+        "A (tokens, n_experts) boolean table of chosen experts, indexed by labels, gives the (tokens, d_ff) mask.",
+        "`chosen_experts = torch.zeros(len(chosen), int(labels.max()) + 1, dtype=torch.bool).scatter_(1, chosen, "
+        "True)`, then `(coefficients * chosen_experts[:, labels]) @ values`.",
+    ],
+    "norm_split": [
+        "An RMSNorm is g ⊙ v / s(v) with s(v) = sqrt(mean(v²) + eps): linear in v once s is fixed.",
+        "Compute s once, for the whole vector v = Σ_j y_j, and use it for every summand.",
+        "`v = summands.sum(0); s = (v.pow(2).mean() + eps).sqrt(); return gain * summands / s`.",
+    ],
+    "activation_shares": [
+        "From a zero baseline, along the straight path every summand is scaled by the same α.",
+        "For an element-wise activation g, integrated gradients gives summand j the share p_j · g(p) / p, where "
+        "p = Σ_j p_j: the shares add up to g(p).",
+        "`p = summands.sum(0); return summands * activation(p) / p`.",
     ],
 }
 _hints_given: dict[str, int] = {}
@@ -483,3 +509,136 @@ def check_coarse_neurons(fn, scores: torch.Tensor, threshold: float = 0.2) -> No
                           f"the neurons whose score is at least t × the largest score ({float(scores.max()):.3g}).")
     raise CheckFailed(f"`{_name(fn)}` found {len(got)} neurons, ffnlib {len(expected)}; "
                       f"{len(got - expected)} of yours are not ffnlib's and {len(expected - got)} of ffnlib's are missing.")
+
+
+# ---- 07 MoEfication (Zhang et al., 2022) --------------------------------------------------------------------
+def _ffn_input(loaded, layer: int, text: str) -> torch.Tensor:
+    ids = torch.tensor([loaded.encode(text)], device=loaded.device)
+    with torch.no_grad(), capture(loaded, layer, what=("ffn_input",)) as acts:
+        loaded.model(ids)
+    return acts.ffn_input[layer][0]
+
+
+def check_expert_scores(fn, loaded, layer: int, expert_size: int = 32, seed: int = 0,
+                        text: str = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.") -> None:
+    """``fn(coefficients, value_norms, labels, n_experts)`` -> (tokens, n_experts): the ground-truth router's
+    score of each expert, the summed size |m_i|·‖v_i‖ of its memories; against ffnlib.related.moefication."""
+    from .related.moefication import ffn_coefficients, membership, memory_sizes, random_split, value_norms
+
+    adapter = loaded.adapter
+    with torch.no_grad():
+        m = ffn_coefficients(adapter, layer, _ffn_input(loaded, layer, text)).float()
+        norms = value_norms(adapter, layer)
+    labels = torch.as_tensor(random_split(adapter.d_ff, expert_size, seed))
+    n_experts = adapter.d_ff // expert_size
+    members = membership(labels.numpy(), n_experts)
+    expected = memory_sizes(m, norms) @ members
+    got = _call(fn, m.clone(), norms.clone(), labels.clone(), n_experts)
+    mistakes = [((m * norms) @ members, "gated coefficients can be negative: a memory's size is |m_i|·‖v_i‖, "
+                                        "take the absolute value first."),
+                (m.abs() @ members, "the value norms are missing: a memory writes m_i·v_i, so its size is "
+                                    "|m_i|·‖v_i‖."),
+                (m.abs() * norms, "these are the memories' sizes; sum them over each expert's members "
+                                  "(labels[i] is memory i's expert).")]
+    _compare(fn, got, expected, "one score per token and expert: (tokens, n_experts)", mistakes, rtol=1e-4, atol=1e-5)
+    _passed(fn, f"the ground-truth router's scores of {n_experts} experts of {expert_size} memories at layer {layer}.")
+
+
+def check_expert_ffn(fn, loaded, layer: int, expert_size: int = 32, k: int = 8, seed: int = 0,
+                     text: str = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.") -> None:
+    """``fn(coefficients, values, labels, chosen)`` -> (tokens, d_model): the FFN's output from the chosen
+    experts' memories only (``chosen``: (tokens, k) expert ids per token); against
+    :func:`ffnlib.related.moefication.dense_ffn` with the same memories kept."""
+    from .related.moefication import dense_ffn, ffn_coefficients, random_split
+
+    adapter = loaded.adapter
+    if adapter.value_bias(layer) is not None:
+        raise CheckFailed("This check needs an FFN without an output bias (the default models have none).")
+    with torch.no_grad():
+        x = _ffn_input(loaded, layer, text)
+        m = ffn_coefficients(adapter, layer, x)
+    labels = torch.as_tensor(random_split(adapter.d_ff, expert_size, seed))
+    n_experts = adapter.d_ff // expert_size
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(m.shape[0])])
+    mask = torch.zeros(m.shape[0], n_experts, dtype=torch.bool).scatter_(1, chosen, True)[:, labels]
+    with torch.no_grad():
+        expected = dense_ffn(adapter, layer, x, mask)
+        values = adapter.values(layer)
+        got = _call(fn, m.clone(), values, labels.clone(), chosen.clone())
+        first = torch.zeros(m.shape[0], n_experts, dtype=torch.bool).scatter_(1, chosen[:, :1], True)[:, labels]
+        mistakes = [(m @ values, "this is the dense FFN: keep only the memories whose expert is among the "
+                                 "token's chosen experts."),
+                    ((m * first) @ values, "you kept only the first chosen expert of each token; keep all k.")]
+        _compare(fn, got, expected, "one vector per token: (tokens, d_model)", mistakes, rtol=1e-3, atol=1e-4)
+    _passed(fn, f"the FFN restricted to {k} of {n_experts} experts per token equals ffnlib's dense_ffn with the "
+                "same memories kept.")
+
+
+# ---- 09 FF blocks through attention maps (Kobayashi et al., 2024) ---------------------------------------------
+def _split(vector: torch.Tensor, parts: int, seed: int) -> torch.Tensor:
+    """``vector`` (d,) as the sum of ``parts`` random summands (parts, d)."""
+    gen = torch.Generator().manual_seed(seed)
+    pieces = torch.randn(parts - 1, vector.shape[-1], generator=gen) * vector.abs().mean()
+    return torch.cat([pieces, (vector - pieces.sum(0))[None]])
+
+
+def check_norm_split(fn, loaded, layer: int, parts: int = 4, seed: int = 0,
+                     text: str = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.") -> None:
+    """``fn(summands, gain, eps)`` -> (parts, d): the RMSNorm of the summands' sum split into one part per
+    summand with the statistic of the whole vector; against ffnlib's NormSplit, and the model's own norm."""
+    from .related.contextualization import NormSplit
+
+    adapter = loaded.adapter
+    ffn_norm = adapter.family.ffn_norm
+    norm = getattr(adapter.layer(layer), ffn_norm, None) if ffn_norm else None
+    if norm is None or "RMSNorm" not in type(norm).__name__:
+        raise CheckFailed("This check needs a model whose FFN reads an RMSNorm (SmolLM2, Gemma 3).")
+    split = NormSplit.of(norm, plus_one=adapter.family.gemma_norm)
+    ids = torch.tensor([loaded.encode(text)], device=loaded.device)
+    with torch.no_grad(), capture(loaded, layer, what=("residual_before",)) as acts:
+        loaded.model(ids)
+    v = acts.residual_before[layer][0, -1].float().cpu()
+    summands = _split(v, parts, seed)
+    expected = split.scaled(summands, 1 / split.statistic(v).expand(parts))
+    got = _call(fn, summands.clone(), split.gain.clone(), split.eps)
+    with torch.no_grad():
+        own = torch.stack([split.linear(y) / split.statistic(y) for y in summands])
+    mistakes = [(own, "each summand was normalised with its own RMS, so the parts no longer add up to norm(v). "
+                      "Divide every summand by the statistic of the whole vector, s(Σ_j y_j)."),
+                (summands / split.statistic(v), "the gain g is missing: each part is g ⊙ y_j / s(v).")]
+    _compare(fn, got, expected, "one part per summand: (parts, d_model)", mistakes, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        model_norm = norm(v[None].to(next(norm.parameters()).dtype)).float()[0]
+    if not _close(torch.as_tensor(got).float().sum(0), model_norm, 1e-3, 1e-4):
+        raise CheckFailed(f"`{_name(fn)}`: your parts do not add up to the model's own norm of the vector.")
+    _passed(fn, f"the same split as ffnlib's NormSplit; the {parts} parts add up to the model's norm of the vector "
+                f"(layer {layer}).")
+
+
+def check_activation_shares(fn, loaded, layer: int, parts: int = 3, seed: int = 0,
+                            text: str = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.") -> None:
+    """``fn(summands, activation)`` -> (parts, d_ff): how much of ``activation(Σ_j p_j)`` each summand ``p_j``
+    gets, by integrated gradients from zero; against ffnlib's brute-force IG (``ig_shares_by_riemann``)."""
+    from .related.contextualization import ig_shares_by_riemann
+
+    adapter = loaded.adapter
+    act = ffn_activation(adapter, layer)
+    with torch.no_grad():
+        x = _ffn_input(loaded, layer, text)[-1].float().cpu()
+        rows = (adapter.gates(layer) if adapter.gated else adapter.keys(layer)).float().cpu()[:64]
+    summands = _split(x, parts, seed) @ rows.T  # each part of the input, through the first matrix: (parts, 64)
+    p = summands.sum(0)
+    expected = ig_shares_by_riemann(act, summands, steps=4000).float()
+    got = _call(fn, summands.clone(), act)
+    with torch.no_grad():
+        mistakes = [(act(p).expand(parts, -1) / parts, "you split g(p) equally between the summands; IG gives "
+                                                       "each a share in proportion to its p_j."),
+                    (act(summands), "you applied the activation to each summand alone; those do not add up to "
+                                    "g(p). From a zero baseline IG gives summand j the share p_j · g(p) / p.")]
+    _compare(fn, got, expected, "one share per summand and hidden unit: (parts, units)", mistakes,
+             rtol=1e-3, atol=1e-4 * float(act(p).abs().max()))
+    if not _close(torch.as_tensor(got).float().sum(0), act(p), 1e-3, 1e-5):
+        raise CheckFailed(f"`{_name(fn)}`: your shares do not add up to activation(Σ_j p_j).")
+    _passed(fn, f"the same shares as ffnlib's integrated gradients for 64 hidden units of layer {layer}; they add "
+                "up to the activation's output.")

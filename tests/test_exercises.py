@@ -54,7 +54,10 @@ def _text(cell) -> str:
 
 
 def test_every_paper_section_and_related_notebook_with_exercises_has_a_set():
-    assert SETS == ["01_keys", "02_values", "03_aggregation", "06_knowledge_neurons"]
+    assert SETS == ["01_keys", "02_values", "03_aggregation", "06_knowledge_neurons", "07_moefication",
+                    "09_ff_attention_maps"]
+    related = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb") if "05" < p.stem[:2] < "10"}
+    assert related <= set(SETS), "every related-work notebook has its exercise set"
     for name in SETS:
         nb = nbformat.read(_notebook("source", name), as_version=4)
         roles = [_role(c) for c in nb.cells]
@@ -217,6 +220,32 @@ def test_integrated_gradient_checks_name_the_three_usual_mistakes(smollm):
            match="absolute score")
 
 
+def test_moefication_checks_name_the_missing_absolute_value_and_the_dense_ffn(smollm):
+    def signed(m, norms, labels, n):
+        return (m * norms) @ torch.nn.functional.one_hot(labels, n).float()
+
+    def no_norms(m, norms, labels, n):
+        return m.abs() @ torch.nn.functional.one_hot(labels, n).float()
+
+    _fails(ex.check_expert_scores, signed, smollm, LAYER, match="take the absolute value first")
+    _fails(ex.check_expert_scores, no_norms, smollm, LAYER, match="value norms are missing")
+    _fails(ex.check_expert_ffn, lambda m, values, labels, chosen: m @ values, smollm, LAYER,
+           match="this is the dense FFN")
+
+
+def test_attention_map_checks_name_the_per_summand_statistic_and_the_per_summand_activation(smollm):
+    def own_statistic(summands, gain, eps):
+        return torch.stack([gain * y / (y.pow(2).mean() + eps).sqrt() for y in summands])
+
+    _fails(ex.check_norm_split, own_statistic, smollm, LAYER, match="normalised with its own RMS")
+    _fails(ex.check_norm_split, lambda y, g, eps: y / (y.sum(0).pow(2).mean() + eps).sqrt(), smollm, LAYER,
+           match="gain g is missing")
+    _fails(ex.check_activation_shares, lambda summands, act: act(summands), smollm, LAYER,
+           match="activation to each summand alone")
+    _fails(ex.check_activation_shares, lambda summands, act: act(summands.sum(0)).expand(len(summands), -1) / len(summands),
+           smollm, LAYER, match="split g\\(p\\) equally")
+
+
 def test_hints_come_one_at_a_time_and_a_stub_says_where_to_write(capsys):
     ex._hints_given.clear()
     first, second = ex.hint("agrees"), ex.hint("agrees")
@@ -232,4 +261,5 @@ def test_hints_come_one_at_a_time_and_a_stub_says_where_to_write(capsys):
     with pytest.raises(ex.NotDoneYet, match=r"`fig11_case` is not written yet.*hint\('fig11_case'\)"):
         ex.check_fig11_case(fig11_case)
     assert set(ex.HINTS) >= {"memory_coefficients", "trigger_prefix", "value_distribution", "agrees", "top_tokens",
-                             "fig11_case", "integrated_gradients", "coarse_neurons"}
+                             "fig11_case", "integrated_gradients", "coarse_neurons", "expert_scores", "expert_ffn",
+                             "norm_split", "activation_shares"}
