@@ -20,6 +20,7 @@ by nbgrader):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
@@ -80,7 +81,7 @@ HINTS: dict[str, list[str]] = {
     ],
     "integrated_gradients": [
         "IG from the zero baseline: score_i = m_i · ∫₀¹ ∂F(α·m)/∂m_i dα. Approximate the integral with a left "
-        "Riemann sum: α = 0, 1/steps, …, (steps-1)/steps.",
+        "Riemann sum (as Dai et al.'s code): α = 0, 1/steps, …, (steps-1)/steps.",
         "Build all scaled copies at once, `alphas[:, None] * coefficients` (steps, d_ff), with requires_grad; "
         "F of them is (steps,); the gradient of its sum gives every point's gradient.",
         "`grads = torch.autograd.grad(target(points).sum(), points)[0]`, then "
@@ -190,6 +191,11 @@ def _compare(fn, got, expected: torch.Tensor, meaning: str, mistakes: Sequence[t
     """Pass when ``got`` equals ``expected`` within tolerance; else name the first known mistake it matches,
     or say how far off it is."""
     expected = expected.detach().cpu()
+    if isinstance(got, (torch.Tensor, np.ndarray)) and tuple(got.shape) != tuple(expected.shape):
+        got_t = torch.as_tensor(got).detach().cpu()
+        for wrong, message in mistakes:  # a known mistake of another shape says more than the shape alone
+            if tuple(wrong.shape) == tuple(got_t.shape) and _close(got_t, wrong.detach().cpu(), rtol, atol):
+                raise CheckFailed(f"`{_name(fn)}`: {message}")
     got = _tensor(fn, got, expected, meaning)
     if _close(got, expected, rtol, atol):
         return got
@@ -376,11 +382,13 @@ def check_agrees(fn, loaded, sentences: pd.DataFrame, n_cases: int = 60, seed: i
             raise CheckFailed(f"`{_name(fn)}` returned {type(answer).__name__}; it should return True or False.")
         got.append(bool(answer))
         off_by_one.append(ids[position] == top)
+    # the same trap with the sentence end handled (False there, as asked)
+    guarded = [o and position + 1 < len(ids) for o, (_, ids, position, _) in zip(off_by_one, cases)]
     if got == expected:
         _passed(fn, f"the same verdict as ffnlib's value_agreement on {n_cases} (value, trigger) pairs, sentence "
                     "ends included.")
         return
-    if got == off_by_one:
+    if got in (off_by_one, guarded):
         raise CheckFailed(f"`{_name(fn)}` compares the value's top token with the LAST token of the trigger prefix "
                           "(token_ids[position]). The value predicts the token that FOLLOWS the prefix: "
                           "token_ids[position + 1]. This is the paper's off-by-one trap.")
@@ -476,8 +484,11 @@ def check_integrated_gradients(fn, loaded, prompt: str, answer: str, layer: int,
         right = gradients(torch.arange(1, steps + 1, dtype=torch.float32) / steps)
     mistakes = [(left.mean(0), "you returned the average gradient. Integrated gradients multiplies it by the "
                                "input: score_i = m_i · mean_α ∂F(α·m)/∂m_i."),
-                (m * right.mean(0), "your α run from 1/steps to 1 (a right Riemann sum). Dai et al. and ffnlib use "
-                                    "the left sum: α = 0, 1/steps, …, (steps-1)/steps."),
+                (m * right.mean(0), "your α run from 1/steps to 1 (a right Riemann sum). Dai et al.'s code and "
+                                    "ffnlib use the left sum: α = 0, 1/steps, …, (steps-1)/steps."),
+                (m * gradients(torch.linspace(0, 1, steps)).mean(0),
+                 "your α include both 0 and 1 (torch.linspace): the left Riemann sum stops one step before 1, "
+                 "α = k/steps for k = 0 … steps-1."),
                 (m * right[-1], "you took the gradient at the real coefficients only (α = 1). Integrated gradients "
                                 "averages it along the path from 0 to m.")]
     _compare(fn, got, expected, "one score per memory: (d_ff,)", mistakes, rtol=1e-2, atol=1e-3 * scale)
@@ -526,9 +537,9 @@ def check_expert_scores(fn, loaded, layer: int, expert_size: int = 32, seed: int
     from .related.moefication import ffn_coefficients, membership, memory_sizes, random_split, value_norms
 
     adapter = loaded.adapter
-    with torch.no_grad():
-        m = ffn_coefficients(adapter, layer, _ffn_input(loaded, layer, text)).float()
-        norms = value_norms(adapter, layer)
+    with torch.no_grad():  # compared on the CPU, whatever the model's device
+        m = ffn_coefficients(adapter, layer, _ffn_input(loaded, layer, text)).float().cpu()
+        norms = value_norms(adapter, layer).float().cpu()
     labels = torch.as_tensor(random_split(adapter.d_ff, expert_size, seed))
     n_experts = adapter.d_ff // expert_size
     members = membership(labels.numpy(), n_experts)
@@ -556,15 +567,15 @@ def check_expert_ffn(fn, loaded, layer: int, expert_size: int = 32, k: int = 8, 
         raise CheckFailed("This check needs an FFN without an output bias (the default models have none).")
     with torch.no_grad():
         x = _ffn_input(loaded, layer, text)
-        m = ffn_coefficients(adapter, layer, x)
+        m = ffn_coefficients(adapter, layer, x).float().cpu()
     labels = torch.as_tensor(random_split(adapter.d_ff, expert_size, seed))
     n_experts = adapter.d_ff // expert_size
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(m.shape[0])])
     mask = torch.zeros(m.shape[0], n_experts, dtype=torch.bool).scatter_(1, chosen, True)[:, labels]
     with torch.no_grad():
-        expected = dense_ffn(adapter, layer, x, mask)
-        values = adapter.values(layer)
+        expected = dense_ffn(adapter, layer, x, mask.to(x.device)).float().cpu()
+        values = adapter.values(layer).float().cpu()
         got = _call(fn, m.clone(), values, labels.clone(), chosen.clone())
         first = torch.zeros(m.shape[0], n_experts, dtype=torch.bool).scatter_(1, chosen[:, :1], True)[:, labels]
         mistakes = [(m @ values, "this is the dense FFN: keep only the memories whose expert is among the "
@@ -595,6 +606,7 @@ def check_norm_split(fn, loaded, layer: int, parts: int = 4, seed: int = 0,
     if norm is None or "RMSNorm" not in type(norm).__name__:
         raise CheckFailed("This check needs a model whose FFN reads an RMSNorm (SmolLM2, Gemma 3).")
     split = NormSplit.of(norm, plus_one=adapter.family.gemma_norm)
+    split = dataclasses.replace(split, gain=split.gain.cpu())  # compared on the CPU, whatever the model's device
     ids = torch.tensor([loaded.encode(text)], device=loaded.device)
     with torch.no_grad(), capture(loaded, layer, what=("residual_before",)) as acts:
         loaded.model(ids)
@@ -609,7 +621,8 @@ def check_norm_split(fn, loaded, layer: int, parts: int = 4, seed: int = 0,
                 (summands / split.statistic(v), "the gain g is missing: each part is g ⊙ y_j / s(v).")]
     _compare(fn, got, expected, "one part per summand: (parts, d_model)", mistakes, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        model_norm = norm(v[None].to(next(norm.parameters()).dtype)).float()[0]
+        weight = next(norm.parameters())
+        model_norm = norm(v[None].to(weight.device, weight.dtype)).float().cpu()[0]
     if not _close(torch.as_tensor(got).float().sum(0), model_norm, 1e-3, 1e-4):
         raise CheckFailed(f"`{_name(fn)}`: your parts do not add up to the model's own norm of the vector.")
     _passed(fn, f"the same split as ffnlib's NormSplit; the {parts} parts add up to the model's norm of the vector "

@@ -168,6 +168,8 @@ def test_value_check_catches_the_forgotten_gain_and_logits(smollm):
 
     _fails(ex.check_value_distribution, no_gain, smollm, LAYER, match="projected the raw value")
     _fails(ex.check_value_distribution, logits, smollm, LAYER, match="look like logits")
+    _fails(ex.check_value_distribution, lambda v, g, e: torch.softmax((v / g) @ e.T, dim=-1), smollm, LAYER,
+           match="divided by the gain")
 
 
 def test_agreement_check_catches_the_off_by_one_and_the_sentence_end(smollm, wiki):
@@ -180,7 +182,11 @@ def test_agreement_check_catches_the_off_by_one_and_the_sentence_end(smollm, wik
     def end_agrees(top, ids, position):
         return position + 1 >= len(ids) or ids[position + 1] == top
 
+    def last_token_end_handled(top, ids, position):
+        return position + 1 < len(ids) and ids[position] == top
+
     _fails(ex.check_agrees, last_token, smollm, wiki, match="off-by-one trap")
+    _fails(ex.check_agrees, last_token_end_handled, smollm, wiki, match="off-by-one trap")
     _fails(ex.check_agrees, crashes_at_the_end, smollm, wiki, match="IndexError where the trigger prefix is the whole")
     _fails(ex.check_agrees, end_agrees, smollm, wiki, match="nothing follows it, so it cannot agree")
 
@@ -197,6 +203,8 @@ def test_aggregation_checks_catch_the_missing_norm_and_the_agreement_case(smollm
     _fails(ex.check_fig11_case, lambda r, f, o: "residual" if o == r else "ffn" if o == f else "composition",
            match="When all three agree it is 'agreement'")
     _fails(ex.check_fig11_case, lambda r, f, o: "kept", match="one of 'agreement'")
+    _fails(ex.check_fig11_case, lambda r, f, o: "agreement" if o == r == f else "residual" if r == f or o == r
+           else "ffn" if o == f else "composition", match="neither was kept: 'composition'")
 
 
 def test_integrated_gradient_checks_name_the_three_usual_mistakes(smollm):
@@ -216,6 +224,8 @@ def test_integrated_gradient_checks_name_the_three_usual_mistakes(smollm):
            match="right Riemann sum")
     _fails(ex.check_integrated_gradients, lambda t, m, s: ig(t, m, s, alphas=right, only_last=True), *args,
            match="gradient at the real coefficients only")
+    _fails(ex.check_integrated_gradients, lambda t, m, s: ig(t, m, s, alphas=torch.linspace(0, 1, s)), *args,
+           match="include both 0 and 1")
     _fails(ex.check_coarse_neurons, lambda s, t: {i for i, v in enumerate(s.tolist()) if v >= t}, scores,
            match="absolute score")
 
@@ -229,6 +239,14 @@ def test_moefication_checks_name_the_missing_absolute_value_and_the_dense_ffn(sm
 
     _fails(ex.check_expert_scores, signed, smollm, LAYER, match="take the absolute value first")
     _fails(ex.check_expert_scores, no_norms, smollm, LAYER, match="value norms are missing")
+    _fails(ex.check_expert_scores, lambda m, norms, labels, n: m.abs() * norms, smollm, LAYER,
+           match="these are the memories' sizes; sum them")
+
+    def first_expert_only(m, values, labels, chosen):
+        picked = torch.zeros(len(chosen), int(labels.max()) + 1, dtype=torch.bool).scatter_(1, chosen[:, :1], True)
+        return (m * picked[:, labels]) @ values
+
+    _fails(ex.check_expert_ffn, first_expert_only, smollm, LAYER, match="only the first chosen expert")
     _fails(ex.check_expert_ffn, lambda m, values, labels, chosen: m @ values, smollm, LAYER,
            match="this is the dense FFN")
 
@@ -244,6 +262,17 @@ def test_attention_map_checks_name_the_per_summand_statistic_and_the_per_summand
            match="activation to each summand alone")
     _fails(ex.check_activation_shares, lambda summands, act: act(summands.sum(0)).expand(len(summands), -1) / len(summands),
            smollm, LAYER, match="split g\\(p\\) equally")
+
+
+def test_every_exercise_has_hints_under_the_name_its_stub_message_gives():
+    """A stub's NotDoneYet says `hint('<function name>')`: every function a source notebook asks for has hints."""
+    import ast
+
+    for name in SETS:
+        for cell in nbformat.read(_notebook("source", name), as_version=4).cells:
+            if _role(cell) == "solution":
+                (function,) = [n.name for n in ast.parse(cell.source).body if isinstance(n, ast.FunctionDef)]
+                assert function in ex.HINTS and len(ex.HINTS[function]) >= 2, (name, function)
 
 
 def test_hints_come_one_at_a_time_and_a_stub_says_where_to_write(capsys):

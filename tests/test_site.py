@@ -138,8 +138,8 @@ def test_every_page_opens_with_its_figures_links_math_and_checks_in_a_browser(se
                     nb = nbformat.read(ROOT / "exercises" / "release" / stem.removesuffix("_exercises")
                                        / f"{stem}.ipynb", as_version=4)
                     checks = [c.source for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade")]
-                    assert checks and all(c.split("(")[0] in body for c in checks), name
-                    assert "raise NotImplementedError()" in body and "hint(" in body
+                    assert checks and all(c.strip() in body for c in checks), name  # each check cell, whole
+                    assert body.count("raise NotImplementedError()") >= len(checks)  # a stub per exercise
                 if name == "notebooks/00_quickstart":  # the bundled MathJax typeset the formulas
                     page.wait_for_selector("mjx-container", timeout=15000)
             for href in sorted(seen_links):  # every internal link leads to a page of the site
