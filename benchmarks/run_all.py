@@ -29,6 +29,7 @@ BENCHMARKS = [
     ("bench_knowledge_neurons.py", [], ["--layers", "0,15,29"]),
     ("bench_suite.py", [], ["--scales", "ci"]),
     ("bench_moefication.py", [], ["--rounds", "10"]),
+    ("bench_training.py", ["--spec", "wiki-relu-lm"], ["--steps", "20", "--rounds", "2"]),
 ]
 
 

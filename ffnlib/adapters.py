@@ -198,7 +198,11 @@ class Adapter:
         """The module whose output is what the FFN adds to the residual stream."""
         if self.family.post_ffn_norm:
             return _get(self.layer(layer), self.family.post_ffn_norm)
-        return self.down(layer)
+        # a norm that ffnlib's softmax + LN memory puts after the values (ffnlib.ffn_variants)
+        parent = self.layer(layer) if "." not in self.family.down else _get(self.layer(layer),
+                                                                            self.family.down.rsplit(".", 1)[0])
+        norm = getattr(parent, "ffn_norm", None)
+        return norm if isinstance(norm, nn.Module) else self.down(layer)
 
     # ---- weights -----------------------------------------------------------------------------------
     def _in_out(self, module: nn.Module) -> torch.Tensor:

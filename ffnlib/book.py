@@ -80,12 +80,15 @@ COURSE: tuple[Part, ...] = (
          ("attribute a fact to memories with integrated gradients, and read knowledge neurons as keys and values "
           "(Dai et al., 2022);",
           "split a layer's memories into experts and measure what routing keeps (MoEfication, Zhang et al., 2022);",
+          "compare a ReLU FFN with a softmax memory trained alike, and say what concentrates the softmax "
+          "(Shen et al., 2023);",
           "read a feed-forward block as an attention map over the input tokens (Kobayashi et al., 2024)."),
          ("notebooks/06_knowledge_neurons", "exercises/06_knowledge_neurons_exercises", "notebooks/07_moefication",
-          "exercises/07_moefication_exercises", "notebooks/09_ff_attention_maps",
+          "exercises/07_moefication_exercises", "notebooks/08_relu_vs_softmax",
+          "exercises/08_relu_vs_softmax_exercises", "notebooks/09_ff_attention_maps",
           "exercises/09_ff_attention_maps_exercises"),
-         "about 3 h: 30 min per notebook, 25-30 min per exercise set",
-         "06 and its exercises; 07 and 09 with theirs as a second week, or one of them each."),
+         "about 4 h: 30 min per notebook, 20-30 min per exercise set",
+         "06 and its exercises; 07, 08 and 09 with theirs as a second week, or one of them each."),
     Part("Reports: the paper's findings on our two models",
          ("read a verdict (holds, partly, does not hold) together with its control and interval.",),
          ("reports/smollm2-135m-default/report", "reports/gemma3-270m-default/report"),

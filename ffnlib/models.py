@@ -6,6 +6,8 @@
   ``smollm2-135m`` (the default; SmolLM2-135M-Instruct, Q4_1) or ``gemma3-270m`` (Gemma 3 270M, Q4_K_M);
 - a path to a ``.gguf`` file;
 - a local folder saved with ``save_pretrained``;
+- a model trained here on first use and then cached (``ffnlib.training``): ``wiki-relu-lm``, a small GPT-2-shaped
+  LM with the paper's plain ReLU FFN, trained on the embedded corpus;
 - a Hugging Face hub id (``gpt2``, ``EleutherAI/pythia-160m``, ...), for users with internet or a cached copy.
 
 GGUF files are dequantized to fp32 by transformers, which takes 15-60 s. The dense copy is then
@@ -30,6 +32,8 @@ from torch import nn
 
 from .adapters import Adapter, find_family, get_adapter
 from .errors import ModelNotFoundError, ParameterError, UnsupportedModelError
+from .ffn_variants import ffn_variant, load_variant_model
+from .training import TRAINED_MODELS, trained_model_folder
 from .storage import cache_dir, sha256_file
 
 
@@ -133,6 +137,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = "c
     torch_device = resolve_device(device)
     if name in EMBEDDED_MODELS:
         loaded = _load_gguf(embedded_gguf_path(name), name)
+    elif name in TRAINED_MODELS:  # trained here on first use (ffnlib.training), then cached
+        folder = trained_model_folder(name)
+        loaded = _load_pretrained(name, str(folder), local=True)
+        loaded.name = name
     elif name.endswith(".gguf"):
         if not Path(name).is_file():
             raise ModelNotFoundError(f"The GGUF file {name} does not exist.")
@@ -152,12 +160,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = "c
 
 
 def _not_found(name: str, reason: str) -> ModelNotFoundError:
-    close = difflib.get_close_matches(name, list(EMBEDDED_MODELS), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, [*EMBEDDED_MODELS, *TRAINED_MODELS], n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ModelNotFoundError(
         f"Cannot load the model {name!r}: {reason}. It is not an embedded model, not a local folder or "
         f".gguf file, and not a hub id that is cached or reachable.{hint} "
-        f"Embedded models that work offline: {', '.join(EMBEDDED_MODELS)}.")
+        f"Embedded models that work offline: {', '.join([*EMBEDDED_MODELS, *TRAINED_MODELS])}.")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -197,13 +205,19 @@ def _load_pretrained(name: str, source: str, local: bool) -> LoadedModel:
         raise UnsupportedModelError(f"{name} is an encoder-decoder model ({model_type}); the paper's analyses need "
                                     "a decoder-only causal language model.")
     find_family(model_type, (getattr(config, "architectures", None) or [model_type])[0])
+    if ffn_variant(config) and not local:
+        raise UnsupportedModelError(f"{name} names the FFN variant {ffn_variant(config)!r} (a model trained by ffnlib): "
+                                    "load it from its folder, e.g. download it and pass the folder's path.")
     if local and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
         raise ModelNotFoundError(
             f"The folder {name} has a model (config.json) but no tokenizer (none of {', '.join(TOKENIZER_FILES)}). "
             f"Save the model's tokenizer beside its weights: tokenizer.save_pretrained({name!r}).")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
+        if local and ffn_variant(config):  # an FFN no transformers config names (ffnlib.ffn_variants)
+            model = load_variant_model(source, config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
     except (OSError, ValueError) as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         if local:

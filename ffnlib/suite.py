@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 # The explorer (05) is interactive and is not part of the batch run.
 SUITE = ("00_quickstart", "01_keys", "02_values", "03_aggregation", "04_compare_models", "06_knowledge_neurons",
-         "07_moefication", "09_ff_attention_maps", "10_corpus_size")
+         "07_moefication", "08_relu_vs_softmax", "09_ff_attention_maps", "10_corpus_size")
 
 
 def suite_notebooks(names=None) -> list[Path]:

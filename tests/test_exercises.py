@@ -55,7 +55,7 @@ def _text(cell) -> str:
 
 def test_every_paper_section_and_related_notebook_with_exercises_has_a_set():
     assert SETS == ["01_keys", "02_values", "03_aggregation", "06_knowledge_neurons", "07_moefication",
-                    "09_ff_attention_maps"]
+                    "08_relu_vs_softmax", "09_ff_attention_maps"]
     related = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb") if "05" < p.stem[:2] < "10"}
     assert related <= set(SETS), "every related-work notebook has its exercise set"
     for name in SETS:
@@ -264,6 +264,20 @@ def test_attention_map_checks_name_the_per_summand_statistic_and_the_per_summand
            smollm, LAYER, match="split g\\(p\\) equally")
 
 
+def test_softmax_memory_checks_name_the_wrong_axis_the_missing_norm_and_the_signed_mass(smollm):
+    def over_tokens(x, keys, values, norm):
+        out = torch.softmax(x @ keys.T, dim=0) @ values
+        return out if norm is None else norm(out)
+
+    _fails(ex.check_softmax_memory, over_tokens, match="runs over the tokens")
+    _fails(ex.check_softmax_memory, lambda x, k, v, norm: torch.softmax(x @ k.T, dim=-1) @ v,
+           match="the LayerNorm is missing")
+    _fails(ex.check_top_mass, lambda m, share: m.topk(3, dim=-1).values.sum(-1) / m.sum(-1), smollm, LAYER,
+           match="can be negative")
+    _fails(ex.check_top_mass, lambda m, share: m.abs().max(-1).values / m.abs().sum(-1), smollm, LAYER,
+           match="kept only the largest slot")
+
+
 def test_every_exercise_has_hints_under_the_name_its_stub_message_gives():
     """A stub's NotDoneYet says `hint('<function name>')`: every function a source notebook asks for has hints."""
     import ast
@@ -291,4 +305,4 @@ def test_hints_come_one_at_a_time_and_a_stub_says_where_to_write(capsys):
         ex.check_fig11_case(fig11_case)
     assert set(ex.HINTS) >= {"memory_coefficients", "trigger_prefix", "value_distribution", "agrees", "top_tokens",
                              "fig11_case", "integrated_gradients", "coarse_neurons", "expert_scores", "expert_ffn",
-                             "norm_split", "activation_shares"}
+                             "norm_split", "activation_shares", "softmax_memory", "top_mass"}
