@@ -29,8 +29,9 @@ import pandas as pd
 import torch
 
 from .capture import capture, hook_coefficients
+from .related.moefication import activation
 
-__all__ = ["CheckFailed", "NotDoneYet", "hint", "HINTS", "ffn_activation", "answer_probability",
+__all__ = ["CheckFailed", "NotDoneYet", "hint", "HINTS", "answer_probability",
            "check_memory_coefficients", "check_trigger_prefix", "check_value_distribution", "check_agrees",
            "check_top_tokens", "check_fig11_case", "check_integrated_gradients", "check_coarse_neurons",
            "check_expert_scores", "check_expert_ffn", "check_norm_split", "check_activation_shares",
@@ -227,21 +228,6 @@ def _passed(fn, what: str) -> None:
 
 
 # ---- helpers the notebooks use ---------------------------------------------------------------------------
-def ffn_activation(adapter, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activation function f of ``layer``'s FFN (SiLU for SmolLM2, GELU-tanh for Gemma 3)."""
-    module = adapter.layer(layer)
-    for path in ("mlp.act_fn", "mlp.act", "activation_fn", "mlp.activation_fn"):
-        target = module
-        try:
-            for part in path.split("."):
-                target = getattr(target, part)
-        except AttributeError:
-            continue
-        if callable(target):
-            return target
-    raise CheckFailed(f"Cannot find the activation function of layer {layer} of {type(adapter.model).__name__}.")
-
-
 def answer_probability(loaded, prompt_ids: Sequence[int], answer_id: int, layer: int
                        ) -> Callable[[torch.Tensor], torch.Tensor]:
     """F(m'): the probability of ``answer_id`` after the prompt, with ``layer``'s coefficients at the last
@@ -275,7 +261,7 @@ def check_memory_coefficients(fn, loaded, layer: int,
     with torch.no_grad(), capture(loaded, layer, what=("ffn_input", "coefficients")) as acts:
         loaded.model(ids)
     x, expected = acts.ffn_input[layer][0], acts.coefficients[layer][0]
-    keys, act = adapter.keys(layer), ffn_activation(adapter, layer)
+    keys, act = adapter.keys(layer), activation(adapter, layer)
     gates = adapter.gates(layer) if adapter.gated else None
     meaning = "one row per token, one column per memory: (tokens, d_ff)"
     with torch.no_grad():
@@ -649,7 +635,7 @@ def check_activation_shares(fn, loaded, layer: int, parts: int = 3, seed: int = 
     from .related.contextualization import ig_shares_by_riemann
 
     adapter = loaded.adapter
-    act = ffn_activation(adapter, layer)
+    act = activation(adapter, layer)
     with torch.no_grad():
         x = _ffn_input(loaded, layer, text)[-1].float().cpu()
         rows = (adapter.gates(layer) if adapter.gated else adapter.keys(layer)).float().cpu()[:64]

@@ -120,21 +120,10 @@ def memory_measures(folder, n_blocks: int, heldout_sentences: int = 2000, corpus
     data = blocks(loaded.tokenizer, texts, context)[:n_blocks]
     rows = []
     layers = range(adapter.n_layers)
-    norms = {layer: getattr(adapter.layer(layer), adapter.family.ffn_norm) for layer in layers}
-    mlps = {layer: adapter.layer(layer).mlp for layer in layers}
     for b, ids in enumerate(data):
-        seen: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "ffn": {}}
-        handles = [norms[layer].register_forward_pre_hook(
-            lambda mod, args, layer=layer: seen["residual"].__setitem__(layer, args[0].detach())) for layer in layers]
-        handles += [mlps[layer].register_forward_hook(
-            lambda mod, args, out, layer=layer: seen["ffn"].__setitem__(layer, out.detach())) for layer in layers]
-        try:
-            with capture(loaded, None, what=("coefficients",)) as acts:
-                loaded.model(ids[None], attention_mask=torch.ones_like(ids[None]))
-        finally:
-            for handle in handles:
-                handle.remove()
-        ratio = np.mean([float((seen["ffn"][l].pow(2).sum(-1) / seen["residual"][l].pow(2).sum(-1)).mean())
+        with capture(loaded, None, what=("coefficients", "ffn_output", "residual_before")) as acts:
+            loaded.model(ids[None], attention_mask=torch.ones_like(ids[None]))
+        ratio = np.mean([float((acts.ffn_output[l].pow(2).sum(-1) / acts.residual_before[l].pow(2).sum(-1)).mean())
                          for l in layers])
         top = np.nanmean([float(_top_mass(acts.coefficients[l][0]).nanmean()) for l in layers])
         active = np.mean([float((acts.coefficients[l][0] > 0).float().mean()) for l in layers])
