@@ -152,7 +152,8 @@ def sample_examples(loaded, n_examples: int, seed: int = 0, corpus="wiki") -> pd
     Columns: ``example`` (0..n-1), ``sentence_id``, ``title``, ``text``, ``token_ids`` (as
     ``loaded.encode`` gives, BOS included), ``position`` (index of the prefix's last token; never a
     BOS position, always followed by a token), ``prefix_len`` (prefix tokens without BOS) and
-    ``next_token`` (the target, ``token_ids[position + 1]``).
+    ``next_token`` (the target, ``token_ids[position + 1]``). A sentence too short for such a prefix, or longer
+    than the model reads (``loaded.max_positions``), is skipped: there may be fewer than ``n_examples`` rows.
     """
     n_examples = check_examples(n_examples)
     table = load_corpus(corpus, split="heldout", seed=seed, max_sentences=n_examples)
@@ -161,11 +162,12 @@ def sample_examples(loaded, n_examples: int, seed: int = 0, corpus="wiki") -> pd
                              f"ask for at most {len(table)}.")
     bos = list(loaded.bos)
     encoded = loaded.tokenizer(table["text"].tolist(), add_special_tokens=False)["input_ids"]
+    limit = getattr(loaded, "max_positions", None)
     rows = []
     for row, ids in zip(table.itertuples(index=False), encoded):
         ids = bos + list(ids)
         low, high = len(bos), len(ids) - 2  # a prefix ends on a real token and has a next token
-        if high < low:
+        if high < low or (limit and len(ids) > limit):  # too short, or longer than the model reads
             continue
         position = int(np.random.default_rng([seed, int(row.sentence_id)]).integers(low, high + 1))
         rows.append((int(row.sentence_id), row.title, row.text, ids, position, position + 1 - len(bos),

@@ -95,6 +95,19 @@ def prepare_sentences(loaded, sentences: pd.DataFrame) -> pd.DataFrame:
     if too_long:
         raise CorpusError(f"Sentences {too_long[:10]} are longer than {MAX_POSITION} tokens; split them.")
     table["token_ids"] = [bos + list(e) for e in encoded]
+    limit = getattr(loaded, "max_positions", None)
+    fits = table["token_ids"].map(len) <= limit if limit else None
+    if fits is not None and not fits.all():
+        # a model with learned positions cannot read past them (wiki-relu-lm: 128); such sentences are left out whole
+        # rather than cut, so that every prefix keeps its true next token
+        dropped = table.loc[~fits, "sentence_id"].tolist()
+        if len(dropped) == len(table):
+            raise CorpusError(f"Every sentence is longer than the {limit} positions {loaded.name} reads (BOS "
+                              "included); give shorter sentences.")
+        warnings.warn(f"{len(dropped):,} of {len(table):,} sentences are longer than the {limit} positions "
+                      f"{loaded.name} reads (BOS included) and are left out (sentence_id {dropped[:10]}).",
+                      stacklevel=2)
+        table = table[fits].reset_index(drop=True)
     return table
 
 

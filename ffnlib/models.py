@@ -76,6 +76,17 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def max_positions(self) -> int | None:
+        """How many tokens the model reads at most (its config's ``n_positions`` or ``max_position_embeddings``;
+        BOS included), or None when its config does not say."""
+        config = self.model.config
+        for name in ("n_positions", "max_position_embeddings"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model reads it (with its BOS token, if it uses one)."""
         return self.bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]

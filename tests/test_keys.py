@@ -793,3 +793,29 @@ def test_trigger_table_finds_sentences_by_any_id():
     for r in near.itertuples():
         ids_ = tokens[r.sentence_id]
         assert r.next_token == (ids_[r.position + 1] if r.position + 1 < len(ids_) else -1)
+
+
+def test_sentences_longer_than_the_model_reads_are_left_out_whole_with_a_warning(smollm, sentences, wiki):
+    """A model with learned positions (wiki-relu-lm: 128) cannot read a longer sentence: it is left out, said in a
+    warning, everywhere sentences are tokenized for the model (mining, MoEfication, Section 5's examples)."""
+    from ffnlib import aggregation
+
+    model = _tiny_llama(layers=1)
+    model.config.max_position_embeddings = 24
+    short = _wrap(model, smollm.tokenizer, name="short-context")
+    assert short.max_positions == 24
+    everything = mining.prepare_sentences(_wrap(_tiny_llama(layers=1), smollm.tokenizer), sentences)
+    fits = everything["token_ids"].map(len) <= 24
+    assert 0 < fits.sum() < len(fits)  # the sample has both kinds
+    with pytest.warns(UserWarning, match=rf"{(~fits).sum()} of 40 sentences are longer than the 24 positions "
+                                         r"short-context reads \(BOS included\) and are left out"):
+        table = mining.prepare_sentences(short, sentences)
+    assert table["sentence_id"].tolist() == everything.loc[fits, "sentence_id"].tolist()
+    with pytest.warns(UserWarning, match="left out"):
+        examples = _mine(short, sentences, layers=[0])
+    assert set(examples.triggers["sentence_id"]) <= set(table["sentence_id"])
+    heldout = aggregation.sample_examples(short, 30, corpus=wiki)
+    assert 0 < len(heldout) < 30 and heldout["token_ids"].map(len).max() <= 24
+    model.config.max_position_embeddings = 2
+    with pytest.raises(CorpusError, match="Every sentence is longer than the 2 positions short-context reads"):
+        mining.prepare_sentences(short, sentences)
