@@ -18,7 +18,8 @@ Verdicts (:func:`judge`), for a claim that ours is greater (or less) than what t
   interval's conservative end reaches ``SIZE_SHARE`` (half) of the paper's size, measured from ``null``;
 - **partly**: the direction holds significantly, the size does not;
 - **holds without training too (architectural)**: ours shows the effect (against its baseline, or beyond
-  ``null``) but does not beat the control, which shows it as well;
+  ``null``, and at the size "holds" asks) but does not beat the control, which shows it as well (as strongly, or
+  more); ours short of that size, with the control showing it too, does not hold;
 - **does not hold**: the remaining cases; **not measured**: no number (e.g. it needs human annotation).
 
 For a claimed range (``direction="within"``: e.g. 10-50% of memories active) "shows the effect" means the
@@ -109,7 +110,8 @@ class Finding:
         rule = rule.replace("holds if our interval lies holds if", "holds if") + "; partly if only the direction holds"
         reference = "its baseline" if self.baseline else f"{self.fmt(self.null)}" if self.null is not None else None
         if reference is not None and self.controlled:
-            rule += f"; architectural if the control is {word} {reference} as well"
+            rule += (f"; architectural if the control is {word} {reference} as well"
+                     + (" and ours reaches that size" if reach is not None else ""))
         return rule
 
     def fmt(self, value: float) -> str:
@@ -184,7 +186,7 @@ def judge(finding: Finding, ours: Estimate | None, control: Estimate | None,
     beats_control = control is None or _beats(ours, control, finding.direction)
     if shows and beats_control:
         return "holds" if _reaches_size(finding, ours) else "partly"
-    if shows and control_shows:
+    if shows and control_shows and _reaches_size(finding, ours):
         return ARCHITECTURAL
     return "does not hold"
 

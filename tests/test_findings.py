@@ -36,9 +36,22 @@ def test_same_direction_but_far_smaller_is_partly():
 
 
 def test_equal_to_the_control_both_above_chance_is_architectural():
-    assert judge(GREATER, est(0.02, 0.004), est(0.021, 0.004)) == ARCHITECTURAL
+    assert judge(GREATER, est(0.03, 0.004), est(0.031, 0.004)) == ARCHITECTURAL
     # with a baseline of their own: both beat it, neither beats the other
     assert judge(WITH_BASELINE, est(0.3, 0.02), est(0.31, 0.02), est(0.1, 0.01), est(0.1, 0.01)) == ARCHITECTURAL
+
+
+def test_architectural_needs_ours_at_the_size_that_holds_asks():
+    """wiki-relu-lm's zero agreement: 13% of examples against the paper's 84%, the control 92%. Both are above 0, but
+    ours is nowhere near the paper's size: that does not hold, whatever the control shows. At the size, a control
+    showing the effect as strongly or more makes it architectural."""
+    zero_agreement = Finding("t.z", "Sec. 5", "Fig. 8", "no active memory agrees", "84%", "greater", paper_value=0.84)
+    assert judge(zero_agreement, est(0.134, 0.005), est(0.916, 0.003)) == "does not hold"
+    assert judge(zero_agreement, est(0.134, 0.005), est(0.13, 0.005)) == "does not hold"
+    assert judge(zero_agreement, est(0.60, 0.01), est(0.916, 0.003)) == ARCHITECTURAL
+    assert judge(zero_agreement, est(0.80, 0.01), est(0.80, 0.01)) == ARCHITECTURAL
+    assert judge(zero_agreement, est(0.80, 0.01), est(0.30, 0.01)) == "holds"
+    assert "architectural if the control is above 0.00% as well and ours reaches that size" in zero_agreement.rule()
 
 
 @pytest.mark.parametrize("ours, control", [(est(0.03, 0.01), est(0.015, 0.01)), (est(0.05, 0.02), est(0.0, 0.035)),
