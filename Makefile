@@ -34,7 +34,7 @@ run: setup
 	$(PY) -m ffnlib.suite --model $(MODEL) --scale $(SCALE) --device $(DEVICE) --results $(RESULTS) --control $(CONTROL)
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 publish: setup
 	$(PY) -m ffnlib.report $(RESULTS)/$(MODEL)/$(SCALE) --publish docs/reports/$(MODEL)-$(SCALE)
