@@ -89,10 +89,12 @@ COURSE: tuple[Part, ...] = (
           "exercises/09_ff_attention_maps_exercises"),
          "about 4 h: 30 min per notebook, 20-30 min per exercise set",
          "06 and its exercises; 07, 08 and 09 with theirs as a second week, or one of them each."),
-    Part("Reports: the paper's findings on our two models",
-         ("read a verdict (holds, partly, does not hold) together with its control and interval.",),
-         ("reports/smollm2-135m-default/report", "reports/gemma3-270m-default/report"),
-         "30 min", "reading, alongside parts 1-3."),
+    Part("Reports: the paper's findings on our three models",
+         ("read a verdict (holds, partly, does not hold) together with its control and interval.",
+          "say which findings hold on the paper's kind of FFN (plain ReLU) and not on the gated models."),
+         ("reports/smollm2-135m-default/report", "reports/gemma3-270m-default/report",
+          "reports/wiki-relu-lm-default/report"),
+         "45 min", "reading, alongside parts 1-3."),
 )
 
 
