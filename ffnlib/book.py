@@ -70,7 +70,7 @@ COURSE: tuple[Part, ...] = (
          "about 1 h: 30 min notebook, 20 min exercises",
          "03 to read, then exercises 03."),
     Part("Part 4 · Across models, by hand, and with more data",
-         ("compare the paper's findings across two models and with the paper's own numbers;",
+         ("compare the paper's findings across models (two pretrained, one trained here) and with the paper's own numbers;",
           "explore one prompt's memories interactively in JupyterLab;",
           "say which findings change as the mined corpus grows, with intervals."),
          ("notebooks/04_compare_models", "notebooks/05_explorer", "notebooks/10_corpus_size"),

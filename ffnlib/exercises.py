@@ -290,7 +290,10 @@ def check_trigger_prefix(fn, loaded, layer: int, sentences: pd.DataFrame, memori
     """``fn(token_ids, coefficients, memory)`` -> the prefix (a list of ids) where ``memory``'s key fires most,
     against ffnlib's trigger-example miner on the same sentences (one prefix per sentence, the authors' choice)."""
     from .keys import mine_trigger_examples
+    from .mining import prepare_sentences
 
+    # a model with few learned positions (wiki-relu-lm: 128) leaves longer sentences out: k counts those it reads
+    sentences = prepare_sentences(loaded, sentences).drop(columns="token_ids")
     mined = mine_trigger_examples(loaded, sentences, k=len(sentences), layers=[layer], negative=False,
                                   progress=False, snapshot_floor=None)
     tokens, coefficients = mined.token_index(), {}

@@ -18,8 +18,8 @@ Verdicts (:func:`judge`), for a claim that ours is greater (or less) than what t
   interval's conservative end reaches ``SIZE_SHARE`` (half) of the paper's size, measured from ``null``;
 - **partly**: the direction holds significantly, the size does not;
 - **holds without training too (architectural)**: ours shows the effect (against its baseline, or beyond
-  ``null``, and at the size "holds" asks) but does not beat the control, which shows it as well (as strongly, or
-  more); ours short of that size, with the control showing it too, does not hold;
+  ``null``, and at the size "holds" asks) but does not beat the control, which shows it as well (not significantly
+  less than ours); ours short of that size, with the control showing it too, does not hold;
 - **does not hold**: the remaining cases; **not measured**: no number (e.g. it needs human annotation).
 
 For a claimed range (``direction="within"``: e.g. 10-50% of memories active) "shows the effect" means the
