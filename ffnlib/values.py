@@ -363,10 +363,14 @@ def target_ranks(model, targets: pd.DataFrame, memory_limit_mb: float = 512, pro
                 inp[n:].zero_()
             inp[:n].copy_(values[start:start + n])
             logits = adapter.logits_from_values(inp if sign == 1 else -inp)
-            row = torch.as_tensor(memory_of[here] - start, device=logits.device)
-            tok = torch.as_tensor(token_of[here], device=logits.device)
-            picked = logits[row]  # (targets here, vocab)
-            ranks[here] = torch.gt(picked, picked.gather(1, tok[:, None])).sum(-1).long().cpu().numpy()
+            # a value's target is often the same token in several snapshots: rank each (memory, token) pair once
+            pairs, inverse = np.unique(np.stack([memory_of[here] - start, token_of[here]]), axis=1,
+                                       return_inverse=True)
+            row = torch.as_tensor(pairs[0], device=logits.device)
+            tok = torch.as_tensor(pairs[1], device=logits.device)
+            picked = logits[row]  # (distinct targets here, vocab)
+            counted = torch.gt(picked, picked.gather(1, tok[:, None])).sum(-1).long().cpu().numpy()
+            ranks[here] = counted[inverse.reshape(-1)]
             del logits, picked
     out["target_rank"] = ranks
     return out

@@ -157,6 +157,8 @@ def test_target_ranks_equal_the_projection_s_ranks_with_several_targets_per_valu
     grid = pd.MultiIndex.from_product([range(4), range(24), (1, -1)], names=["layer", "memory", "sign"]).to_frame(
         index=False)
     sets = [grid.assign(token=rng.integers(-1, 49152, size=len(grid))) for _ in range(2)]
+    sets.append(sets[0].assign(token=np.where(rng.random(len(grid)) < 0.5, sets[0]["token"], sets[1]["token"])))
+    # the third set repeats the first two's (memory, token) pairs: each is ranked once, and given to every row
     ranks = target_ranks(tiny, pd.concat([t.assign(set=i) for i, t in enumerate(sets)], ignore_index=True))
     for i, targets in enumerate(sets):
         expected = project_values(tiny, targets=targets, progress=False).memories
