@@ -1,0 +1,130 @@
+"""The suite runner (ffnlib.suite): parameters, errors, skipped notebooks, streaming, and the whole suite on a model
+folder of the paper's FFN form. Each test has its own results folder (the notebooks at scale="ci" in the shared
+one are tests/test_notebooks.py)."""
+
+import nbformat
+import pytest
+
+import ffnlib
+from ffnlib.suite import NOTEBOOK_DIR, execute
+
+NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
+
+
+def test_a_notebook_with_nothing_to_analyse_is_skipped_not_failed(tmp_path):
+    """``Run.nothing_to_analyse`` raises NothingToAnalyse in the kernel; ``execute`` turns it into
+    NotebookSkipped (which the suite logs and passes over), any other error into NotebookError."""
+    from ffnlib.errors import NotebookSkipped
+
+    for raised, expected in (("ffnlib.NothingToAnalyse('no fact is known')", NotebookSkipped),
+                             ("ValueError('broken')", ffnlib.NotebookError)):
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                "language": "python"}})
+        nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                    nbformat.v4.new_code_cell(f"import ffnlib\nraise {raised}")]
+        path = tmp_path / "stops.ipynb"
+        nbformat.write(nb, path)
+        with pytest.raises(expected) as info:
+            execute(path, tmp_path / "out.ipynb", {"x": 2})
+        assert (type(info.value) is NotebookSkipped) == (expected is NotebookSkipped)
+    assert "no fact is known" in str(NotebookSkipped("stops.ipynb: no fact is known"))
+
+
+def test_unknown_parameter_is_refused(tmp_path):
+    with pytest.raises(ffnlib.ParameterError, match="no parameter"):
+        execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb", {"scael": "ci"})
+
+
+def test_wrongly_typed_parameter_is_a_clear_error(tmp_path):
+    with pytest.raises(ffnlib.NotebookError, match=r"00_quickstart.ipynb stopped in cell \d+ with ParameterError: "
+                                                   r"Parameter seed='zero' has type str; it must be int") as info:
+        execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb", {"scale": "ci", "seed": "zero"})
+    assert str(tmp_path / "o.ipynb") in str(info.value)  # where to look
+    assert (tmp_path / "o.ipynb").exists() and not list(tmp_path.glob(".*.running.ipynb"))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_papermill_reads_every_parameter(name):
+    """papermill only warns about a line of the parameters cell it cannot parse, and then refuses that
+    parameter: every name the cell assigns must be one papermill reports."""
+    import ast
+
+    import papermill
+
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    assert {"model", "scale", "seed", "results_dir", "device"} <= assigned
+    assert set(papermill.inspect_notebook(str(NOTEBOOK_DIR / name))) == assigned
+
+
+def test_the_suite_streams_what_the_notebooks_print_and_text_progress_bars(tmp_path, caplog, monkeypatch):
+    """``make run`` shows the notebooks' messages and progress bars as text on the console (not as widgets
+    that no one sees): ffnlib.progress gives plain tqdm bars under FFNLIB_PROGRESS=text."""
+    import io
+    import logging
+
+    from tqdm.std import tqdm as text_bar
+
+    from ffnlib import progress
+
+    monkeypatch.setenv("FFNLIB_PROGRESS", "text")
+    bar = progress.tqdm(range(3), file=io.StringIO())
+    assert type(bar) is text_bar and bar.mininterval == 30
+    monkeypatch.delenv("FFNLIB_PROGRESS")
+    assert type(progress.tqdm(range(3), disable=True)) is not text_bar  # Jupyter: tqdm.auto's choice
+    with caplog.at_level(logging.INFO, logger="papermill"):
+        execute(NOTEBOOK_DIR / "00_quickstart.ipynb", tmp_path / "o.ipynb",
+                {"scale": "ci", "results_dir": str(tmp_path)}, stream=True)
+    assert "largest relative error of sum_i m_i v_i" in caplog.text
+
+
+def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder(smollm, tmp_path):
+    """OPT is the family with the paper's own FFN form (plain, ReLU, with biases); its FFN runs on
+    (batch * tokens, d). The whole suite, as ``make run MODEL=<folder> SCALE=ci`` runs it, on a tiny random
+    OPT saved with save_pretrained. Its weights are random, so judged against its random-weights control
+    (another random initialisation) no finding may hold."""
+    import torch
+    from tiny_models import CASE_IDS, CASES, build_config
+
+    from ffnlib.report import load_summaries
+    from ffnlib.suite import SUITE, run_suite
+
+    case = CASES[CASE_IDS.index("opt")]
+    torch.manual_seed(11)  # not the control's seed (0): the control must be another random initialisation
+    folder = tmp_path / "tiny-opt"
+    case.model_cls(build_config(case, vocab=len(smollm.tokenizer), positions=512)).save_pretrained(folder)
+    smollm.tokenizer.save_pretrained(folder)
+    run_dir = run_suite(model=str(folder), scale="ci", results=str(tmp_path / "results"), log=lambda *a: None)
+    summaries = load_summaries(run_dir)
+    assert set(summaries) == set(SUITE)
+    model = summaries["03_aggregation"]["model"]  # loaded.describe()
+    assert (model["family"], model["gated"], model["layers"], model["d_ff"]) == ("opt", False, 2, case.d_ff)
+    report = (run_dir / "report.md").read_text()
+    assert "plain FFN" in report and "OPTForCausalLM" in report
+    if summaries["06_knowledge_neurons"].get("skipped"):  # a random model knows no facts: 06 stops, the suite goes on
+        assert "`06_knowledge_neurons` stopped with nothing to analyse" in report
+        assert {f["verdict"] for f in summaries["06_knowledge_neurons"]["findings"]} == {"not measured"}
+    # the suite's sanity check: a random model judged against its random-weights control holds nothing. The
+    # findings judged against their own baselines only (06, 07: method comparisons within one model) may hold
+    # on a random model too (k-means experts beat random ones there as well), so they are not part of it.
+    from ffnlib.findings import finding
+
+    verdicts = [f["verdict"] for s in summaries.values() for f in s["findings"] if finding(f["key"]).controlled]
+    assert len(verdicts) >= 20 and "holds" not in verdicts, verdicts
+    assert all(f["control"] not in ("", "no control") for s in summaries.values() for f in s["findings"]
+               if f["verdict"] != "not measured")
+
+
+def test_the_control_parameter_reaches_the_notebooks_that_take_it(tmp_path):
+    import papermill
+
+    from ffnlib.suite import SUITE, run_suite, suite_notebooks
+
+    takes = {nb.stem for nb in suite_notebooks(SUITE) if "control" in papermill.inspect_notebook(str(nb))}
+    assert {"01_keys", "02_values", "03_aggregation", "09_ff_attention_maps"} <= takes
+    for nb in ("01_keys", "02_values", "03_aggregation", "09_ff_attention_maps"):
+        assert papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"))["control"]["default"] == '"random-init"'
+    with pytest.raises(ffnlib.ParameterError, match="control must be one of"):
+        run_suite(scale="ci", results=str(tmp_path), control="shuffled", log=lambda *a: None)
