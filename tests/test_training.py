@@ -175,6 +175,35 @@ def test_the_sweep_measures_give_known_answers_on_a_made_up_sweep():
     assert "256 slots: +0.300" in details["softmax_worse"]
 
 
+def test_the_ffn_to_residual_ratio_is_read_per_layer_from_the_model_s_own_modules(tokenizer, tmp_path):
+    """memory_measures' ‖FFN output‖² / ‖residual‖², against forward hooks on the GPT-2 modules themselves: the
+    residual the FFN is added to is ln_2's input, the FFN output the MLP's. ``variance_ratio`` averages every
+    layer, ``variance_ratio_upper`` the layers after the first."""
+    from ffnlib.corpus import load_corpus
+    from ffnlib.related import relu_softmax as rs
+
+    spec = tr.TrainSpec(variant="relu", **TINY)
+    model = tr.build_model(spec, tokenizer).eval()
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    got = rs.memory_measures(tmp_path, n_blocks=1, heldout_sentences=spec.heldout_sentences)
+    texts = load_corpus("wiki", split="heldout", seed=0, max_sentences=spec.heldout_sentences)["text"].tolist()
+    ids = tr.blocks(tokenizer, texts, spec.context)[0][None]
+    seen, hooks = {}, []
+    for i, block in enumerate(model.transformer.h):
+        hooks.append(block.ln_2.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(("r", i), args[0])))
+        hooks.append(block.mlp.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(("f", i), out)))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    ratio = [float((seen["f", i].pow(2).sum(-1) / seen["r", i].pow(2).sum(-1)).mean()) for i in range(2)]
+    assert got.loc[0, "variance_ratio"] == pytest.approx(np.mean(ratio), rel=1e-5)
+    assert got.loc[0, "variance_ratio_upper"] == pytest.approx(ratio[1], rel=1e-5)
+
+
 def test_top_mass_on_a_hand_worked_row():
     from ffnlib.related.relu_softmax import _top_mass
 

@@ -13,7 +13,9 @@ scale, for every seed, at a fixed width, depth and token budget. One trained mod
 
 - held-out loss per block (log-perplexity), from training;
 - :func:`memory_measures`, per model and block, averaged over the block's tokens and the layers:
-  ``variance_ratio`` = ‖FFN output‖² / ‖residual the FFN is added to‖²; ``top_mass`` = the share of Σ|m_i| in the
+  ``variance_ratio`` = ‖FFN output‖² / ‖residual the FFN is added to‖²; ``variance_ratio_upper``, the same over
+  the layers after the first only (the first layer's FFN is added to the bare embeddings, which are small in these
+  models with tied embeddings, so its ratio is thousands and dominates the mean over layers); ``top_mass`` = the share of Σ|m_i| in the
   top 0.2% of the slots (at least one slot); ``active_share`` = the share of slots with m_i > 0 (ReLU's sparsity;
   every slot is positive under softmax).
 - :func:`measures`: the findings' numbers (registry entries ``08_relu_vs_softmax.*``), each with a 95% interval
@@ -123,11 +125,13 @@ def memory_measures(folder, n_blocks: int, heldout_sentences: int = 2000, corpus
     for b, ids in enumerate(data):
         with capture(loaded, None, what=("coefficients", "ffn_output", "residual_before")) as acts:
             loaded.model(ids[None], attention_mask=torch.ones_like(ids[None]))
-        ratio = np.mean([float((acts.ffn_output[l].pow(2).sum(-1) / acts.residual_before[l].pow(2).sum(-1)).mean())
-                         for l in layers])
+        ratios = [float((acts.ffn_output[l].pow(2).sum(-1) / acts.residual_before[l].pow(2).sum(-1)).mean())
+                  for l in layers]
         top = np.nanmean([float(_top_mass(acts.coefficients[l][0]).nanmean()) for l in layers])
         active = np.mean([float((acts.coefficients[l][0] > 0).float().mean()) for l in layers])
-        rows.append({"block": b, "variance_ratio": ratio, "top_mass": top, "active_share": active})
+        rows.append({"block": b, "variance_ratio": float(np.mean(ratios)),
+                     "variance_ratio_upper": float(np.mean(ratios[1:])) if len(ratios) > 1 else float("nan"),
+                     "top_mass": top, "active_share": active})
     return pd.DataFrame(rows)
 
 
@@ -155,7 +159,8 @@ def summary_table(table: pd.DataFrame, memory: pd.DataFrame | None = None) -> pd
                                                  ppl_min=("perplexity", "min"), ppl_max=("perplexity", "max"),
                                                  seeds=("seed", "size")).reset_index()
     if memory is not None:
-        means = memory.groupby(["variant", "slots"])[["variance_ratio", "top_mass", "active_share"]].mean()
+        columns = [c for c in ("variance_ratio", "variance_ratio_upper", "top_mass", "active_share") if c in memory]
+        means = memory.groupby(["variant", "slots"])[columns].mean()
         out = out.merge(means.reset_index(), on=["variant", "slots"], how="left")
     order = {v: i for i, v in enumerate(VARIANTS)}
     return out.sort_values(["variant", "slots"], key=lambda c: c.map(order) if c.name == "variant" else c
