@@ -30,17 +30,20 @@ def wiki():
     return wiki_sentences()
 
 
-
 # the test files marked xdist_group("ci-results")
 CI_RESULTS_GROUP = ("tests/test_browser.py", "tests/test_notebooks.py", "tests/test_site.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist (or -p no:xdist) never calls it
 def pytest_xdist_node_collection_finished(node, ids):
     """`make test` runs with ``--dist loadgroup`` so that tests/test_browser.py, test_notebooks.py and test_site.py
     share one worker and one ci-results folder, and the ci-scale notebooks run once. pytest-xdist marks a grouped
     test by appending ``@<group>`` to its node id; under pytest 9.2 that no longer takes effect (pytest-xdist#1386):
     the groups were silently split and every notebook ran two or three times. Refuse to run split groups."""
     shared = [i for i in ids if i.partition("::")[0] in CI_RESULTS_GROUP]
+    workers = node.config.getoption("numprocesses", None)
+    if isinstance(workers, int) and workers < 2:  # one worker: nothing can be split
+        return
     if node.config.getvalue("dist") == "loadgroup" and any("@" not in i.rpartition("]")[2] for i in shared):
         raise pytest.UsageError(
             "pytest-xdist's --dist loadgroup is not grouping the tests marked xdist_group: this pytest drops xdist's "

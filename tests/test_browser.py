@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-# one pytest-xdist worker runs both files: test_browser reuses the notebooks' ci-scale results folder
+# one pytest-xdist worker runs this file, tests/test_notebooks.py and tests/test_site.py (--dist loadgroup): they
+# share one ci-scale results folder, which this file's fixture mines first
 pytestmark = pytest.mark.xdist_group("ci-results")
 
 ROOT = Path(__file__).resolve().parents[1]

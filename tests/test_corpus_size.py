@@ -159,9 +159,11 @@ def test_target_ranks_equal_the_projection_s_ranks_with_several_targets_per_valu
     sets = [grid.assign(token=rng.integers(-1, 49152, size=len(grid))) for _ in range(2)]
     sets.append(sets[0].assign(token=np.where(rng.random(len(grid)) < 0.5, sets[0]["token"], sets[1]["token"])))
     # the third set repeats the first two's (memory, token) pairs: each is ranked once, and given to every row
-    ranks = target_ranks(tiny, pd.concat([t.assign(set=i) for i, t in enumerate(sets)], ignore_index=True))
+    # 2 MB: about 5 values per chunk, so every layer's 24 values take several chunks (start > 0 is exercised)
+    ranks = target_ranks(tiny, pd.concat([t.assign(set=i) for i, t in enumerate(sets)], ignore_index=True),
+                         memory_limit_mb=2)
     for i, targets in enumerate(sets):
-        expected = project_values(tiny, targets=targets, progress=False).memories
+        expected = project_values(tiny, targets=targets, memory_limit_mb=2, progress=False).memories
         got = ranks[ranks["set"] == i].merge(expected[["layer", "memory", "sign", "target_rank"]],
                                              on=["layer", "memory", "sign"], suffixes=("", "_projection"))
         assert len(got) == len(grid) and (got["target_rank"] == got["target_rank_projection"]).all()

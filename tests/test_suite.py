@@ -1,6 +1,6 @@
 """The suite runner (ffnlib.suite): parameters, errors, skipped notebooks, streaming, and the whole suite on a model
-folder of the paper's FFN form. Each test has its own results folder (the notebooks at scale="ci" in the shared
-one are tests/test_notebooks.py)."""
+folder of the paper's FFN form. Each test has its own results folder; the ci-scale notebooks that share one results
+folder are in tests/test_notebooks.py."""
 
 import nbformat
 import pytest

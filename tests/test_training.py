@@ -178,11 +178,11 @@ def test_the_sweep_measures_give_known_answers_on_a_made_up_sweep():
 def test_the_ffn_to_residual_ratio_is_read_per_layer_from_the_model_s_own_modules(tokenizer, tmp_path):
     """memory_measures' ‖FFN output‖² / ‖residual‖², against forward hooks on the GPT-2 modules themselves: the
     residual the FFN is added to is ln_2's input, the FFN output the MLP's. ``variance_ratio`` averages every
-    layer, ``variance_ratio_upper`` the layers after the first."""
+    layer, ``variance_ratio_upper`` the layers after the first (three layers, so that differs from the last one)."""
     from ffnlib.corpus import load_corpus
     from ffnlib.related import relu_softmax as rs
 
-    spec = tr.TrainSpec(variant="relu", **TINY)
+    spec = tr.TrainSpec(variant="relu", **dict(TINY, n_layers=3))
     model = tr.build_model(spec, tokenizer).eval()
     for p in model.parameters():
         p.data += 0.05 * torch.randn_like(p)
@@ -199,9 +199,11 @@ def test_the_ffn_to_residual_ratio_is_read_per_layer_from_the_model_s_own_module
         model(ids)
     for h in hooks:
         h.remove()
-    ratio = [float((seen["f", i].pow(2).sum(-1) / seen["r", i].pow(2).sum(-1)).mean()) for i in range(2)]
+    ratio = [float((seen["f", i].pow(2).sum(-1) / seen["r", i].pow(2).sum(-1)).mean())
+             for i in range(len(model.transformer.h))]
+    assert len(ratio) == 3 and abs(ratio[1] - ratio[2]) > 1e-3 * ratio[2]  # the mean over 1..2 is not layer 2's
     assert got.loc[0, "variance_ratio"] == pytest.approx(np.mean(ratio), rel=1e-5)
-    assert got.loc[0, "variance_ratio_upper"] == pytest.approx(ratio[1], rel=1e-5)
+    assert got.loc[0, "variance_ratio_upper"] == pytest.approx(np.mean(ratio[1:]), rel=1e-5)
 
 
 def test_top_mass_on_a_hand_worked_row():

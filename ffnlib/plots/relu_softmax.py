@@ -40,7 +40,8 @@ def plot_perplexity(summary: pd.DataFrame, title: str = "") -> Figure:
 def plot_memories(summary: pd.DataFrame, title: str = "") -> Figure:
     """Inside the memories: the share of Σ|m| in the top 0.2% of the slots (Shen et al.: > 85% under softmax),
     the share of active slots (m > 0), and ‖FFN output‖² / ‖residual‖² in the layers after the first (the first
-    adds to the bare embeddings, and its ratio would hide the others), against the number of slots."""
+    adds to the embeddings and one attention output, often orders of magnitude smaller, and its ratio would hide
+    the others), against the number of slots."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     panels = (("top_mass", "share of Σ|m| in the top 0.2% of slots"), ("active_share", "share of slots with m > 0"),
               ("variance_ratio_upper", "‖FFN output‖² / ‖residual‖² (log)\nin the layers after the first"))

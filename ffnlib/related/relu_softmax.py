@@ -14,8 +14,9 @@ scale, for every seed, at a fixed width, depth and token budget. One trained mod
 - held-out loss per block (log-perplexity), from training;
 - :func:`memory_measures`, per model and block, averaged over the block's tokens and the layers:
   ``variance_ratio`` = ‖FFN output‖² / ‖residual the FFN is added to‖²; ``variance_ratio_upper``, the same over
-  the layers after the first only (the first layer's FFN is added to the bare embeddings, which are small in these
-  models with tied embeddings, so its ratio is thousands and dominates the mean over layers); ``top_mass`` = the share of Σ|m_i| in the
+  the layers after the first only (the first FFN is added to the embeddings plus the first attention output,
+  small in these models with tied embeddings: its ratio reaches the hundreds or thousands in most variants at 256
+  slots or more, and then the mean over layers is that layer's); ``top_mass`` = the share of Σ|m_i| in the
   top 0.2% of the slots (at least one slot); ``active_share`` = the share of slots with m_i > 0 (ReLU's sparsity;
   every slot is positive under softmax).
 - :func:`measures`: the findings' numbers (registry entries ``08_relu_vs_softmax.*``), each with a 95% interval
@@ -110,7 +111,8 @@ def _top_mass(m: torch.Tensor, share: float = TOP_SHARE) -> torch.Tensor:
 @torch.no_grad()
 def memory_measures(folder, n_blocks: int, heldout_sentences: int = 2000, corpus: str = "wiki") -> pd.DataFrame:
     """Per held-out block of the model in ``folder``: variance_ratio, top_mass and active_share, each averaged
-    over the block's tokens and the model's layers (see the module docstring)."""
+    over the block's tokens and the model's layers, and variance_ratio_upper over the layers after the first (NaN
+    for a one-layer model; see the module docstring)."""
     from ..capture import capture
     from ..corpus import load_corpus
     from ..models import load_model
