@@ -17,10 +17,14 @@ Rows (all measured in this run):
   full LM. The miner's time is its end-to-end wall time minus the time spent in them, so a machine whose speed
   drifts during the run (these shared machines drift by 5-18% within minutes) weighs on both sides alike;
 - padding share of the miner's batches (target < 5%);
+- a batch's fixed cost, in padded tokens: the miner (hooked, k, both signs) runs the same tokens, sentences of
+  one length, as one batch of ``batch_tokens`` and as eight batches of an eighth, alternating, several times;
+  (eight small − one big) / 7 over the time per token. It checks ``mining.BATCH_COST``, the cost per batch that
+  the miner's batch plan (``mining.plan_least_padding``) weighs against padding;
 - the snapshots at every doubling of the corpus (notebook 10): the miner's own time taking them (flushing its
-  pools, saving each as a prefix run's result, the checkpoint only they need) as a share of its mining time,
-  plus the extra padded tokens of batching within each prefix rather than over the whole corpus (a count, not
-  a timing); target: at most 2% in all;
+  pools, saving each as a prefix run's top-k state) as a share of its mining time, plus the extra work of
+  planning batches within each prefix rather than over the whole corpus, counted: extra padded tokens plus the
+  extra batches at the measured cost per batch (a count, not a timing); target: at most 2% in all;
 - peak memory at N and 10N sentences: a fresh process each; after the model is loaded and has run once,
   ``/proc/self/clear_refs`` resets the peak RSS (VmHWM); we report VmHWM during mining (model included) and the
   growth from N to 10N (target <= +10%);
@@ -94,7 +98,7 @@ hooks = [a.down(layer).register_forward_pre_hook(lambda m, args, layer=layer: ca
 pad = loaded.tokenizer.pad_token_id or 0
 order = []
 with torch.inference_mode():
-    for rows in mining.plan_batches(lengths, {batch_tokens}):
+    for rows in mining.plan_least_padding(lengths, {batch_tokens}):  # the miner's plan without snapshots
         width = int(lengths[rows].max())
         ids = torch.full((len(rows), width), pad)
         for i, r in enumerate(rows):
@@ -130,6 +134,43 @@ def miner_plan(lengths, batch_tokens: int, k: int) -> list:
 
     sizes = mining.doubling_sizes(len(lengths), keys.auto_snapshot_floor(len(lengths), k))
     return mining.plan_prefix_batches(lengths, batch_tokens, sizes)[0]
+
+
+def batch_cost(loaded, token_ids, batch_tokens: int, k: int, repeats: int = 5) -> tuple[float, int, float]:
+    """A miner's batch's fixed cost in padded tokens: (cost, width, seconds per token). The same
+    ``batch_tokens`` tokens (sentences cut to one width) mined as one batch and as eight, alternating."""
+    import numpy as np
+    import torch
+
+    from ffnlib import mining
+
+    width = 32
+    rows = [list(t[:width]) for t in token_ids if len(t) >= width][: max(8, batch_tokens // width)]
+    rows = rows[: len(rows) // 8 * 8]
+    if not rows:
+        raise SystemExit(f"the batch-cost row needs at least 8 sentences of {width} tokens or more")
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    ids = torch.arange(len(rows))
+    pad = loaded.tokenizer.pad_token_id or 0
+    state = mining.TopKState.empty(list(range(loaded.adapter.n_layers)), [1, -1], loaded.adapter.d_ff, k,
+                                   device=loaded.device)
+    one, eight = [], []
+    with mining.hooked(loaded, state) as miner, torch.inference_mode():
+        miner.mine(loaded.model, rows, ids, pad)  # warm up
+        step = len(rows) // 8
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            miner.mine(loaded.model, rows, ids, pad)
+            sync()
+            one.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for first in range(0, len(rows), step):
+                miner.mine(loaded.model, rows[first: first + step], ids[first: first + step], pad)
+            sync()
+            eight.append(time.perf_counter() - start)
+    per_token = float(np.median(one)) / (len(rows) * width)
+    return (float(np.median(eight)) - float(np.median(one))) / 7 / per_token, width, per_token
 
 
 def padded_tokens(lengths, batches) -> int:
@@ -268,21 +309,29 @@ def main() -> None:
          "note": f"model included; above the post-load RSS: {(little['peak'] - little['before']) / 2**20:,.0f} -> "
                  f"{(big['peak'] - big['before']) / 2**20:,.0f} MiB"},
     ]
-    # The snapshots (notebook 10): the time the miner spends taking them (flush, save, the checkpoint only they
-    # need), and the extra padding of batching within each doubling prefix instead of over the whole corpus,
-    # counted as that share of forward work (both measured in this run, not as two timed runs).
+    # The snapshots (notebook 10): the time the miner spends taking them (flush, save their states), and the extra
+    # work of planning within each doubling prefix instead of over the whole corpus, counted as padded tokens plus
+    # the batches at the measured cost each (measured in this run, not as two timed runs).
     import numpy as np
 
     lengths = np.array([len(t) for t in token_ids])
-    single = padded_tokens(lengths, mining.plan_batches(lengths, args.batch_tokens))
-    segmented = padded_tokens(lengths, miner_plan(lengths, args.batch_tokens, args.k))
-    taking, extra = snapshot_seconds / ours[0], segmented / single - 1
+    cost, width, per_token = batch_cost(loaded, token_ids, args.batch_tokens, args.k)
+    rows.append({"row": "a miner's batch's fixed cost, in padded tokens", "ours": f"{cost:.0f}",
+                 "baseline": f"mining.BATCH_COST = {mining.BATCH_COST}", "ratio": cost / mining.BATCH_COST,
+                 "target": "—", "met": None,
+                 "note": f"one batch of {args.batch_tokens} tokens vs eight (width {width}), "
+                         f"{per_token * 1e3:.2f} ms per token"})
+    whole = mining.plan_least_padding(lengths, args.batch_tokens)  # the plan of a run without snapshots
+    segments = miner_plan(lengths, args.batch_tokens, args.k)
+    single, segmented = padded_tokens(lengths, whole), padded_tokens(lengths, segments)
+    taking = snapshot_seconds / ours[0]
+    extra = (segmented + cost * len(segments)) / (single + cost * len(whole)) - 1
     rows.append({"row": "snapshots at every doubling (corpus size): share of the mining time",
                  "ours": f"{taking + extra:.2%}", "baseline": "no snapshots", "ratio": 1 + taking + extra,
                  "target": "<= 1.02", "met": taking + extra <= 0.02,
-                 "note": f"taking them {snapshot_seconds:.1f} s of {ours[0]:.0f} s ({taking:.2%}); batching within "
-                         f"the prefixes {extra:+.2%} padded tokens ({segmented:,} vs {single:,}); "
-                         f"sizes {ex.stats['snapshots']}"})
+                 "note": f"taking them {snapshot_seconds:.1f} s of {ours[0]:.0f} s ({taking:.2%}); planning within "
+                         f"the prefixes {extra:+.2%} ({segmented:,} vs {single:,} padded tokens, {len(segments)} "
+                         f"vs {len(whole)} batches at {cost:.0f} tokens each); sizes {ex.stats['snapshots']}"})
     if not args.skip_usual:
         need = 4 * loaded.adapter.n_layers * loaded.adapter.d_ff * (ours[1] / args.repeats) * 1.1
         if need > 0.6 * psutil.virtual_memory().available:

@@ -465,10 +465,10 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
     table, request, name, layer_list, signs = req.table, req.request, req.name, req.layers, req.signs
     folder = ensure_dir(out_dir) if out_dir is not None else None
     if folder is not None:
-        cached = _keys.load_trigger_examples(folder, name, request)
+        cached = _keys.load_cached_triggers(folder, name, request, table)
         if cached is not None:
-            _say(f"Loaded cached trigger examples from {folder / name}.parquet (same model, corpus and "
-                 "parameters); not recomputing.", progress)
+            _say(f"Loaded cached trigger examples from {folder / name} (same model, corpus and parameters); "
+                 "not recomputing.", progress)
             return cached
 
     lengths = np.array([len(t) for t in table["token_ids"]])
@@ -491,7 +491,8 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
             return None
         first, end = shards[index]
         return {"folder": str(shard_folder), "name": f"shard-{index:05d}-of-{len(shards):05d}",
-                "manifest": {**request, "batch_tokens": req.batch_tokens, "shard": index, "shards": len(shards),
+                "manifest": {**request, "batch_tokens": req.batch_tokens, "plan": _keys.MINING_PLAN,
+                             "shard": index, "shards": len(shards),
                              "first_batch": first, "end_batch": end, "part": "top-k state"}}
 
     cached_states = {}
@@ -534,7 +535,8 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
             done["shards"] += 1
             if shard in snapshot_after:
                 _keys._keep_snapshot(snapshots, snapshot_after[shard], merged[0], table, request,
-                                     {"tokens": done["tokens"]}, folder)
+                                     {"tokens": done["tokens"]}, folder,
+                                     {"batch_tokens": req.batch_tokens, "plan": _keys.MINING_PLAN})
 
     with connect(cluster, n_workers, connect_timeout, progress) if missing else contextlib.nullcontext() as client:
         computed = _run_shards(client, _mine_shard, shards, missing, build, cached_states, on_result,

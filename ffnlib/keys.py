@@ -23,7 +23,10 @@ which can be negative: the most negative coefficients make the memory write ``-v
 from __future__ import annotations
 
 import html
+import io
+import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,14 +37,18 @@ import torch
 
 from .config import check_int
 from .errors import CorpusError, ParameterError
-from .mining import (EMPTY, MAX_POSITION, PER_SENTENCE, POSITION_BITS, Checkpoint, TopKState, corpus_fingerprint,
-                     doubling_sizes, hooked, merge, plan_batches, plan_prefix_batches, prepare_sentences,
-                     read_coefficients)
+from .mining import (BATCH_COST, EMPTY, MAX_POSITION, PER_SENTENCE, POSITION_BITS, Checkpoint, TopKState,
+                     corpus_fingerprint, doubling_sizes, hooked, merge, plan_batches, plan_prefix_batches,
+                     prepare_sentences, read_coefficients)
 from .progress import say
 from .stats import N_BOOT, Estimate, bootstrap, share
-from .storage import ensure_dir, fingerprint, load_result, read_json, save_result, write_json
+from .storage import (atomic_write_bytes, ensure_dir, fingerprint, load_result, read_json, save_result, sha256_bytes,
+                      write_json)
 
 RESULT_VERSION = 1  # bump when what the miner computes changes
+# the miner's batch plan (mining.plan_prefix_batches): part of a checkpoint's identity, since a checkpoint
+# counts the batches done
+MINING_PLAN = f"least padding + {BATCH_COST} tokens per batch, per prefix segment"
 SNAPSHOT_FLOOR = 250  # the first snapshot's sentences ("auto": fewer on a small corpus, never fewer than k)
 TRIGGER_COLUMNS = ["layer", "memory", "sign", "rank", "coefficient", "sentence_id", "position", "next_token"]
 
@@ -219,10 +226,10 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
     table, request, name = req.table, req.request, req.name
     folder = ensure_dir(out_dir) if out_dir is not None else None
     if folder is not None:
-        cached = load_trigger_examples(folder, name, request)
+        cached = load_cached_triggers(folder, name, request, table)
         if cached is not None:
-            say(f"Loaded cached trigger examples from {folder / name}.parquet (same model, corpus and "
-                "parameters); not recomputing.", progress)
+            say(f"Loaded cached trigger examples from {folder / name} (same model, corpus and parameters); "
+                "not recomputing.", progress)
             return cached
 
     lengths = np.array([len(t) for t in table["token_ids"]])
@@ -231,15 +238,29 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
     snapshot_at = dict(zip(ends[:-1], sizes[:-1]))  # batches done -> sentences of the prefix it completes
     snapshots: dict[int, TopKState] = {}
     state = TopKState.empty(req.layers, req.signs, loaded.adapter.d_ff, req.k, device=loaded.device)
-    checkpoint = Checkpoint(folder, name, {**request, "batch_tokens": req.batch_tokens})
+    plan = {"batch_tokens": req.batch_tokens, "plan": MINING_PLAN}  # a checkpoint counts batches of this plan
+    checkpoint = Checkpoint(folder, name, {**request, **plan})
     done = {"batches": 0, "sentences": 0, "tokens": 0, "padded": 0}
-    resumed = checkpoint.load()
+    resumed, source = checkpoint.load(), f"the checkpoint {checkpoint.meta}"
     if resumed is not None:
-        tensors, done = resumed
-        state.scores.copy_(tensors["scores"])
-        state.keys.copy_(tensors["keys"])
-        say(f"Resuming from the checkpoint {checkpoint.meta}: {done['sentences']} of {len(table)} sentences "
-            f"already done (resumed_from={done['sentences']}).", progress)
+        done = resumed[1]
+    if folder is not None:  # a snapshot saved past the checkpoint is the state after its prefix: resume there
+        for size, end in reversed(list(zip(sizes[:-1], ends[:-1]))):
+            if size <= done["sentences"]:
+                break
+            saved = load_snapshot_state(folder, *snapshot_request(request, table, size)[::-1], plan=plan)
+            if saved is not None:
+                real = int(lengths[:size].sum())
+                done = {"batches": end, "sentences": size, "tokens": real,
+                        "padded": sum(len(rows) * int(lengths[rows].max()) for rows in batches[:end]) - real}
+                resumed = ({"scores": saved[0].scores, "keys": saved[0].keys}, done)
+                source = f"the saved snapshot of the first {size} sentences"
+                break
+    if resumed is not None:
+        state.scores.copy_(resumed[0]["scores"])
+        state.keys.copy_(resumed[0]["keys"])
+        say(f"Resuming from {source}: {done['sentences']} of {len(table)} sentences already done "
+            f"(resumed_from={done['sentences']}).", progress)
     resumed_from = int(done["sentences"])
 
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -250,7 +271,7 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
     bar = tqdm(total=int(lengths.sum()), initial=int(done["tokens"]), unit="tok", unit_scale=True,
                desc="Mining trigger examples", disable=not progress)
     started, tokens_here, last_checkpoint = time.perf_counter(), 0, done["sentences"]
-    snapshot_seconds = 0.0  # taking the snapshots (and the checkpoints only they need): their cost
+    snapshot_seconds = 0.0  # taking the snapshots: their cost
     try:
         with hooked(loaded, state, req.per_sentence) as miner, torch.inference_mode():
             for index in range(done["batches"], len(batches)):
@@ -264,13 +285,11 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
                 bar.update(real)
                 bar.set_postfix(sentences=f"{done['sentences']}/{len(table)}")
                 size = snapshot_at.get(index + 1)
-                if size is not None:  # a prefix of the corpus is done: its snapshot, then a checkpoint
+                if size is not None:  # a prefix of the corpus is done: its snapshot (a run resumes from it too)
                     snapshot_started = time.perf_counter()
                     miner.flush()
-                    _keep_snapshot(snapshots, size, state, table, request, done, folder)
-                    if index + 1 < len(batches) and done["sentences"] - last_checkpoint < checkpoint_every:
-                        checkpoint.save({"scores": state.scores, "keys": state.keys}, done)  # for the snapshot only
-                        last_checkpoint = done["sentences"]
+                    _keep_snapshot(snapshots, size, state, table, request, done, folder, plan)
+                    last_checkpoint = done["sentences"]
                     snapshot_seconds += time.perf_counter() - snapshot_started
                 if done["sentences"] - last_checkpoint >= checkpoint_every and index + 1 < len(batches):
                     miner.flush()
@@ -297,20 +316,68 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
 
 
 def _keep_snapshot(snapshots: dict, size: int, state: TopKState, table: pd.DataFrame, request: dict,
-                   done: dict, folder: Path | None) -> None:
+                   done: dict, folder: Path | None, plan: dict) -> None:
     """The state after the first ``size`` sentences: saved as the result of a run on that prefix (with
-    ``folder``), else kept in memory."""
+    ``folder``; as its top-k state, :func:`save_snapshot_state`, naming the batch ``plan`` it was mined with),
+    else kept in memory."""
     if folder is None:
         snapshots[size] = state.to("cpu").clone()
         return
     prefix_request, prefix_name = snapshot_request(request, table, size)
-    if load_trigger_examples(folder, prefix_name, prefix_request) is not None:  # saved whole before an interruption
-        return
     sizes = doubling_sizes(size, request["snapshot_floor"])
     stats = {"sentences": size, "tokens": int(done["tokens"]), "snapshot_of": request["corpus"],
              "snapshots": sizes[:-1], "from_cache": False}
-    save_trigger_examples(folder, prefix_name,
-                          trigger_examples_from_state(state, table.iloc[:size], prefix_request, stats))
+    save_snapshot_state(folder, prefix_name, state, prefix_request, stats, plan)
+
+
+def save_snapshot_state(folder: Path, name: str, state: TopKState, request: dict, stats: dict,
+                        plan: dict | None = None) -> None:
+    """A snapshot as the result of a run on its corpus prefix, kept as the top-k state itself (far quicker to
+    write than its trigger table, which :func:`load_cached_triggers` builds when it is read):
+    ``<name>.state.pt`` (scores and keys), then ``<name>.state.json`` (the request, the batch plan, the run's
+    statistics and the data's SHA-256). Each is written atomically, the data first, so a snapshot is whole
+    or ignored. ``plan`` (batch_tokens and the planner) decides whether a longer run may resume from it."""
+    buf = io.BytesIO()
+    # each tensor on its own compact storage: equal states give equal bytes, however they were computed
+    torch.save({"scores": state.scores.cpu().contiguous().clone(), "keys": state.keys.cpu().contiguous().clone()}, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(folder / f"{name}.state.pt", data)
+    write_json(folder / f"{name}.state.json", {"request": request, "plan": plan, "layers": list(state.layers),
+                                               "signs": list(state.signs), "stats": stats,
+                                               "sha256": sha256_bytes(data)})
+
+
+def load_snapshot_state(folder: Path, name: str, request: dict, plan: dict | None = None
+                        ) -> tuple[TopKState, dict] | None:
+    """(state, stats) of a snapshot saved by :func:`save_snapshot_state` for exactly ``request`` (and, when
+    given, mined with the batch ``plan``: to resume a run from it), else None (absent, of another request or
+    plan, or damaged: a damaged one is reported and ignored)."""
+    meta_path, path = Path(folder) / f"{name}.state.json", Path(folder) / f"{name}.state.pt"
+    if not meta_path.exists():
+        return None
+    normal = lambda obj: json.loads(json.dumps(obj, sort_keys=True, default=str))  # noqa: E731 (as write_json)
+    try:
+        meta = read_json(meta_path)
+        if meta.get("request") != normal(request) or (plan is not None and meta.get("plan") != normal(plan)):
+            return None
+        data = path.read_bytes()
+        if sha256_bytes(data) != meta.get("sha256"):
+            raise ValueError("its checksum does not match (corrupted or truncated)")
+        tensors = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:
+        warnings.warn(f"Ignoring the saved snapshot {path}: {exc}; it is mined again.", stacklevel=2)
+        return None
+    return TopKState(meta["layers"], meta["signs"], tensors["scores"], tensors["keys"]), meta["stats"]
+
+
+def load_cached_triggers(folder, name: str, request: dict, table: pd.DataFrame) -> TriggerExamples | None:
+    """A cached mining result for ``request`` on ``table`` (its prepared sentences): a snapshot saved by a
+    longer run on the same corpus (its top-k state, read into trigger examples; first, since it is the latest
+    pass's) or a run's saved result (:func:`load_trigger_examples`); else None."""
+    saved = load_snapshot_state(folder, name, request)
+    if saved is not None:
+        return trigger_examples_from_state(saved[0], table, request, {**saved[1], "from_cache": True})
+    return load_trigger_examples(folder, name, request)
 
 
 def snapshot_sizes(examples: TriggerExamples) -> list[int]:
@@ -335,7 +402,7 @@ def trigger_snapshot(examples: TriggerExamples, size: int, out_dir=None) -> Trig
                                             "tokens": int(table["token_ids"].map(len).sum())})
     if out_dir is not None:
         request, name = snapshot_request(examples.manifest, examples.sentences, size)
-        found = load_trigger_examples(Path(out_dir), name, request)
+        found = load_cached_triggers(Path(out_dir), name, request, examples.sentences.iloc[:size])
         if found is not None:
             return found
     raise ParameterError(f"The snapshot of {size} sentences is neither in memory nor in {out_dir}: pass the "
@@ -870,6 +937,7 @@ def summarise_annotations(annotations: pd.DataFrame, n_layers: int | None = None
 
 
 __all__ = ["TopKState", "merge", "TriggerExamples", "mine_trigger_examples", "load_trigger_examples",
+           "load_cached_triggers", "save_snapshot_state", "load_snapshot_state",
            "prepare_sentences", "corpus_fingerprint", "plan_batches", "trigger_table", "trigger_html",
            "read_coefficients", "removal_experiment", "removal_summary", "key_measures", "key_pattern_measures",
            "random_triggers", "layer_pattern_measures", "key_pattern_table", "pattern_trend", "section3_measures",

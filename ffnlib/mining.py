@@ -3,8 +3,9 @@
 Section 3 (:mod:`ffnlib.keys`) and the Dask path (:mod:`ffnlib.distributed`) build on these parts:
 
 - :func:`prepare_sentences` checks and tokenizes a sentence table; :func:`plan_batches` cuts it into
-  batches of similar length (little padding, a bounded number of tokens each), :func:`make_batch` pads one.
-  :func:`plan_prefix_batches` does so within each *prefix segment* of the corpus (its first 250 sentences,
+  batches of similar length (a bounded padding share and number of tokens each, greedily),
+  :func:`plan_least_padding` at the least padding plus a cost per batch, :func:`make_batch` pads one.
+  The miner's :func:`plan_prefix_batches` plans within each *prefix segment* of the corpus (its first 250 sentences,
   the next 250, the next 500, ... doubling, :func:`doubling_sizes`), so that the state after each segment
   is exactly the result of a run on that prefix of the corpus: a *snapshot* (issue: findings against
   corpus size).
@@ -172,6 +173,39 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float =
     return batches
 
 
+BATCH_COST = 32  # the miner's fixed cost of one batch, in padded tokens (benchmarks/README.md: "batch plans")
+
+
+def plan_least_padding(lengths: Sequence[int], batch_tokens: int, batch_cost: int = BATCH_COST) -> list[np.ndarray]:
+    """Cut sequences into batches of similar length at the least cost: the plan that minimises the padded
+    tokens plus ``batch_cost`` per batch, each batch within ``batch_tokens`` padded tokens (a sequence
+    longer than that gets a batch of its own). Exact, by dynamic programming over the sequences sorted
+    longest first (the batches are runs of that order). Returns row indices per batch, longest first.
+
+    Unlike :func:`plan_batches`' greedy bound on each batch's padding, it pads little even on a few hundred
+    sentences, where few share a length: the miner's snapshots plan each corpus prefix segment alone.
+    Ties in length keep the input order and ties in cost take the earliest cut, so the plan is a
+    deterministic function of the lengths."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    width = lengths[order]  # a batch order[j:i] is padded to width[j]
+    n = len(order)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(n):  # extend the best plan of the first j sequences by the batch order[j:i]
+        ends = np.arange(j + 1, min(n, j + max(1, batch_tokens // max(int(width[j]), 1))) + 1)
+        cost = best[j] + (ends - j) * width[j] + batch_cost
+        better = cost < best[ends]
+        best[ends[better]] = cost[better]
+        cut[ends[better]] = j
+    batches, end = [], n
+    while end > 0:
+        batches.append(order[cut[end]:end])
+        end = cut[end]
+    return batches[::-1]
+
+
 def doubling_sizes(n: int, floor: int | None) -> list[int]:
     """Prefix sizes of the snapshots of a corpus of ``n`` sentences: ``floor``, 2·floor, 4·floor, ... below
     ``n``, then ``n`` itself (``[n]`` alone when ``floor`` is None or at least ``n``)."""
@@ -187,15 +221,15 @@ def doubling_sizes(n: int, floor: int | None) -> list[int]:
 
 
 def plan_prefix_batches(lengths: Sequence[int], batch_tokens: int, sizes: Sequence[int],
-                        max_padding: float = 0.05) -> tuple[list[np.ndarray], list[int]]:
-    """:func:`plan_batches` within each prefix segment ``[sizes[j-1], sizes[j])`` of the rows (row order is
-    the corpus order). Returns the batches (row indices) and, per size, how many batches complete that
-    prefix. A run on the first ``sizes[j]`` rows with the same ``sizes[:j+1]`` plans exactly the same
-    batches, so its result equals the state after those batches, bit for bit."""
+                        batch_cost: int = BATCH_COST) -> tuple[list[np.ndarray], list[int]]:
+    """The miner's plan: :func:`plan_least_padding` within each prefix segment ``[sizes[j-1], sizes[j])`` of
+    the rows (row order is the corpus order). Returns the batches (row indices) and, per size, how many
+    batches complete that prefix. A run on the first ``sizes[j]`` rows with the same ``sizes[:j+1]`` plans
+    exactly the same batches, so its result equals the state after those batches, bit for bit."""
     lengths = np.asarray(lengths, dtype=np.int64)
     batches, ends, start = [], [], 0
     for size in sizes:
-        batches += [rows + start for rows in plan_batches(lengths[start:size], batch_tokens, max_padding)]
+        batches += [rows + start for rows in plan_least_padding(lengths[start:size], batch_tokens, batch_cost)]
         ends.append(len(batches))
         start = size
     if start != len(lengths):

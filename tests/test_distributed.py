@@ -104,7 +104,9 @@ def mined(tiny, sentences, cluster, tmp_path_factory):
 
 
 def _parquet_checksums(folder: Path) -> dict:
-    return {p.name: read_json(p)["sha256"] for p in sorted(folder.glob("triggers-*.manifest.json"))}
+    """The saved results' checksums: the Parquet files' (in their manifests) and the snapshots' top-k states'."""
+    return {p.name: read_json(p)["sha256"] for p in sorted(folder.glob("triggers-*.manifest.json"))
+            + sorted(folder.glob("triggers-*.state.json"))}
 
 
 def _same_triggers(a: keys.TriggerExamples, b: keys.TriggerExamples) -> None:
@@ -158,7 +160,9 @@ def test_mining_on_a_cluster_address_equals_the_single_process_result(mined, sin
     assert info["shards"] >= 4 and sorted(info["computed_shards"]) == list(range(info["shards"]))
     assert info["address"] == cluster[0]
     _same_triggers(result, reference)
-    assert _parquet_checksums(out) == _parquet_checksums(ref_out)  # the saved Parquet files are byte-identical
+    # the saved Parquet files and snapshot states are byte-identical
+    assert _parquet_checksums(out) == _parquet_checksums(ref_out)
+    assert len([name for name in _parquet_checksums(out) if name.endswith(".state.json")]) == 2
     assert len({t["pid"] for t in info["shard_timings"]}) == 2  # both workers took shards
     # each worker process loaded the model once and kept it for all its shards
     stats = cluster[1].run(dist.worker_stats)

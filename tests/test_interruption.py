@@ -9,7 +9,9 @@ at the end:
 - nothing started over: a checkpoint or result, once finished, is never written again
   (so each rerun resumed from the last checkpoint before the kill).
 
-Mining has its own SIGKILL test in test_keys.py (kills at batch boundaries and inside checkpoints).
+Mining has its own SIGKILL test in test_keys.py (kills at batch boundaries and inside checkpoints); in the whole
+suite below, at scale ci, mining saves its corpus-size snapshots and no checkpoint (fewer sentences than
+``checkpoint_every`` after the last snapshot), so it is killed while saving a snapshot and resumes from the one before.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import transformers as tf
 import ffnlib
 from ffnlib import storage
 from ffnlib.models import load_model
+from ffnlib.storage import read_json
 from ffnlib.values import project_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +183,7 @@ def test_the_whole_suite_killed_at_five_points(model_dir, tmp_path):
                "--notebooks", "01_keys", "02_values", "03_aggregation", "04_compare_models"]
     ref = run(command + ["--results", str(tmp_path / "ref")], tmp_path / "ref.log", timeout=600)
     assert ref.returncode == 0, ref.stderr[-4000:]
-    kills = ["*.checkpoint.json@2",          # mining (01), between its second checkpoint's data and JSON
+    kills = ["*.state.json@2",               # mining (01), between its second snapshot's data and JSON
              "layer-003.parquet@1~half",      # value projection (02)
              "batch-00001.manifest.json@1",   # aggregation (03)
              "03_fig8_*.png@1~half",          # 03's figures, after its result was saved
@@ -193,6 +196,10 @@ def test_the_whole_suite_killed_at_five_points(model_dir, tmp_path):
     assert_never_redone(log, r"batch-\d+\.manifest\.json$")
     assert_never_redone(log, r"/(triggers|values|aggregation)-[0-9a-f]+\.manifest\.json$")
     assert_never_redone(log, r"/removal-[0-9a-f]+\.manifest\.json$")
+    assert_never_redone(log, r"/triggers-[0-9a-f]+\.state\.json$")  # the snapshots (the second after its kill)
+    states = [{str(p.relative_to(folder)): read_json(p)["sha256"] for p in folder.rglob("*.state.json")}
+              for folder in (tmp_path / "ref", out)]
+    assert states[0] and states[0] == states[1]
     assert "## " in next(out.rglob("report.md")).read_text()
     assert not list(out.rglob(".*.running.ipynb"))  # every executed notebook was renamed into place
 

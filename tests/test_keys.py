@@ -9,6 +9,7 @@ removal experiment against a direct recomputation and against a model whose answ
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -234,6 +235,32 @@ def test_plan_batches_by_length_and_budget():
     assert sorted(np.concatenate(batches).tolist()) == list(range(7))
 
 
+def test_the_least_padding_plan_is_optimal_and_keeps_the_budget():
+    rng = np.random.default_rng(0)
+    for n, cost in ((7, 0), (9, 5), (10, 40)):
+        lengths = rng.integers(1, 20, size=n)
+        plan = mining.plan_least_padding(lengths, 48, batch_cost=cost)
+        assert sorted(np.concatenate(plan).tolist()) == list(range(n))
+        assert all(len(b) == 1 or len(b) * lengths[b].max() <= 48 for b in plan)
+        total = sum(len(b) * int(lengths[b].max()) + cost for b in plan)
+        # brute force: every way to cut the longest-first order into runs within the budget
+        order, best = np.argsort(-lengths, kind="stable"), None
+        for cuts in itertools.product((0, 1), repeat=n - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+            runs = [order[a:b] for a, b in zip(bounds, bounds[1:])]
+            if all(len(r) == 1 or len(r) * lengths[r].max() <= 48 for r in runs):
+                found = sum(len(r) * int(lengths[r].max()) + cost for r in runs)
+                best = found if best is None else min(best, found)
+        assert total == best, (n, cost, total, best)
+    assert [len(b) for b in mining.plan_least_padding([100, 3, 3], 48, batch_cost=0)] == [1, 2]  # too long: alone
+    assert mining.plan_least_padding([], 48) == []
+    # on a few hundred sentences (a snapshot's prefix segment) it pads less than the greedy 5% bound, in fewer batches
+    lengths = rng.integers(4, 120, size=250)
+    least, greedy = mining.plan_least_padding(lengths, 2048), mining.plan_batches(lengths, 2048)
+    padded = lambda plan: sum(len(b) * int(lengths[b].max()) for b in plan) - int(lengths.sum())  # noqa: E731
+    assert padded(least) < padded(greedy) and len(least) < len(greedy)
+
+
 # ---- resume, cache, corruption --------------------------------------------------------------------------
 def _result_files(folder: Path) -> tuple[Path, Path]:
     """The whole corpus's result (the snapshots of its prefixes are saved beside it)."""
@@ -300,17 +327,17 @@ def test_cache_is_reused_only_for_the_same_manifest(tiny, sentences, tmp_path, c
 
 
 def test_corrupted_checkpoint_is_detected_and_recomputed(tiny, sentences, tmp_path, monkeypatch):
-    ref = _mine(tiny, sentences)
+    ref = _mine(tiny, sentences, snapshot_floor=None)  # no snapshot to resume from instead
     monkeypatch.setattr(keys, "_after_batch", _interrupt_at(7))
     with pytest.raises(Interrupt):
-        _mine(tiny, sentences, out_dir=tmp_path, checkpoint_every=6)
+        _mine(tiny, sentences, out_dir=tmp_path, checkpoint_every=6, snapshot_floor=None)
     monkeypatch.setattr(keys, "_after_batch", lambda *a: None)
     (data,) = tmp_path.glob("*.checkpoint-*.pt")
     blob = bytearray(data.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     data.write_bytes(bytes(blob))
     with pytest.warns(UserWarning, match=re.escape(data.name)):
-        again = _mine(tiny, sentences, out_dir=tmp_path, checkpoint_every=6)
+        again = _mine(tiny, sentences, out_dir=tmp_path, checkpoint_every=6, snapshot_floor=None)
     assert again.stats["resumed_from"] == 0
     pd.testing.assert_frame_equal(again.triggers, ref.triggers)
 
@@ -365,36 +392,57 @@ def test_snapshots_survive_an_interruption(tiny, sentences, tmp_path, monkeypatc
     monkeypatch.setattr(keys, "_after_batch", _interrupt_at(ends[1] + 1))  # past the second snapshot
     with pytest.raises(Interrupt):
         _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
+    assert not list((tmp_path / "run").glob("*.checkpoint*"))  # no checkpoint was due: the snapshots are
     monkeypatch.setattr(keys, "_after_batch", lambda *a: None)
     again = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
-    assert again.stats["resumed_from"] == 16  # a checkpoint is taken at every snapshot
-    names = sorted(p.name for p in (tmp_path / "ref").glob("triggers-*.parquet"))
-    assert len(names) == 8 and names == sorted(p.name for p in (tmp_path / "run").glob("triggers-*.parquet"))
-    for name in names:
-        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "run" / name).read_bytes()
+    assert again.stats["resumed_from"] == 16  # the run resumes from its last saved snapshot
+    pd.testing.assert_frame_equal(again.triggers, ref.triggers, check_exact=True)
+    for stat in ("tokens", "padding_share", "batches"):  # its bookkeeping resumed too
+        assert again.stats[stat] == ref.stats[stat], stat
+    # a snapshot resumes a run only under the batch plan it was mined with (it still serves as a cached result)
+    name, request = keys.snapshot_request(ref.manifest, ref.sentences, 16)[::-1]
+    plan = {"batch_tokens": 160, "plan": keys.MINING_PLAN}
+    assert keys.load_snapshot_state(tmp_path / "run", name, request, plan=plan) is not None
+    assert keys.load_snapshot_state(tmp_path / "run", name, request, plan={**plan, "batch_tokens": 128}) is None
+    assert keys.load_snapshot_state(tmp_path / "run", name, request, plan={**plan, "plan": "greedy"}) is None
+    # one saved result (two Parquet files) and three snapshots, saved as top-k states
+    for folder in (tmp_path / "ref", tmp_path / "run"):
+        assert len(list(folder.glob("triggers-*.parquet"))) == 2 and len(list(folder.glob("*.state.pt"))) == 3
+    for size in (8, 16, 32):
+        pd.testing.assert_frame_equal(keys.trigger_snapshot(again, size, tmp_path / "run").triggers,
+                                      keys.trigger_snapshot(ref, size, tmp_path / "ref").triggers, check_exact=True)
 
 
 def test_a_snapshot_cut_short_while_saving_is_saved_again(tiny, sentences, tmp_path, monkeypatch):
     ref = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "ref")
-    real, calls = keys.save_result, []
+    real, calls = keys.write_json, []
 
-    def save_result(folder, name, frame, manifest):
-        path = real(folder, name, frame, manifest)
-        calls.append(name)
-        if name.endswith("-sentences") and len([c for c in calls if c.endswith("-sentences")]) == 2:
-            raise Interrupt  # the second snapshot's triggers are written, its sentences too, its stats not
-        return path
+    def write_json(path, obj):
+        if str(path).endswith(".state.json"):
+            calls.append(path)
+            if len(calls) == 2:
+                raise Interrupt  # the second snapshot's data is written, its JSON not
+        return real(path, obj)
 
-    monkeypatch.setattr(keys, "save_result", save_result)
+    monkeypatch.setattr(keys, "write_json", write_json)
     with pytest.raises(Interrupt):
         _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
-    (tmp_path / "run").joinpath(f"{calls[-1]}.parquet").unlink()  # and a kill took the sentences file as well
-    monkeypatch.setattr(keys, "save_result", real)
+    monkeypatch.setattr(keys, "write_json", real)
     again = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
-    assert again.stats["resumed_from"] == 8
+    assert again.stats["resumed_from"] == 8  # from the first snapshot; the second is mined and saved again
     for size in (8, 16, 32):
         pd.testing.assert_frame_equal(keys.trigger_snapshot(again, size, tmp_path / "run").triggers,
                                       keys.trigger_snapshot(ref, size, tmp_path / "ref").triggers, check_exact=True)
+    # a damaged snapshot is reported and ignored: the prefix run mines again, to the same result
+    data = calls[0].with_name(calls[0].name.replace(".state.json", ".state.pt"))  # the first snapshot's
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning, match="checksum does not match"):
+        prefix = _mine(tiny, sentences.iloc[:8], snapshot_floor=8, out_dir=tmp_path / "run")
+    assert not prefix.stats["from_cache"]
+    pd.testing.assert_frame_equal(prefix.triggers, keys.trigger_snapshot(ref, 8, tmp_path / "ref").triggers,
+                                  check_exact=True)
 
 
 KILL_SCRIPT = textwrap.dedent("""

@@ -1088,10 +1088,10 @@ def cached_trigger_examples(loaded, sentences: pd.DataFrame, k: int, out_dir):
     """Notebook 01's mined trigger examples if they are cached in ``out_dir`` (the same request as notebook 01's:
     model, corpus, k, one prefix per sentence, all layers, its snapshots), ``None`` if they are not there (nothing
     is mined here: mining takes most of notebook 01's time)."""
-    from ..keys import load_trigger_examples, trigger_request
+    from ..keys import load_cached_triggers, trigger_request
 
     request = trigger_request(loaded, sentences, k)
-    return load_trigger_examples(out_dir, request.name, request.request)
+    return load_cached_triggers(out_dir, request.name, request.request, request.table)
 
 
 def trigger_view(loaded, neurons: pd.DataFrame, prompts: pd.DataFrame, triggers, top: int = 25,
