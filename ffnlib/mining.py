@@ -173,7 +173,7 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float =
     return batches
 
 
-BATCH_COST = 32  # the miner's fixed cost of one batch, in padded tokens (benchmarks/README.md: "batch plans")
+BATCH_COST = 20  # the miner's fixed cost of one batch, in padded tokens: measured 14-26 (benchmarks/README.md, "Batch plans")
 
 
 def plan_least_padding(lengths: Sequence[int], batch_tokens: int, batch_cost: int = BATCH_COST) -> list[np.ndarray]:
