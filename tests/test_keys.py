@@ -392,7 +392,7 @@ def test_snapshots_survive_an_interruption(tiny, sentences, tmp_path, monkeypatc
     monkeypatch.setattr(keys, "_after_batch", _interrupt_at(ends[1] + 1))  # past the second snapshot
     with pytest.raises(Interrupt):
         _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
-    assert not list((tmp_path / "run").glob("*.checkpoint*"))  # no checkpoint was due: the snapshots are
+    assert not list((tmp_path / "run").glob("*.checkpoint*"))  # no checkpoint was due; the snapshots serve as ones
     monkeypatch.setattr(keys, "_after_batch", lambda *a: None)
     again = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
     assert again.stats["resumed_from"] == 16  # the run resumes from its last saved snapshot
