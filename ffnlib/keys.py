@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import torch
 from .config import check_int
 from .errors import CorpusError, ParameterError
 from .mining import (BATCH_COST, EMPTY, MAX_POSITION, PER_SENTENCE, POSITION_BITS, Checkpoint, TopKState,
-                     corpus_fingerprint, doubling_sizes, hooked, merge, plan_batches, plan_prefix_batches,
+                     _json_normal, corpus_fingerprint, doubling_sizes, hooked, merge, plan_batches, plan_prefix_batches,
                      prepare_sentences, read_coefficients)
 from .progress import say
 from .stats import N_BOOT, Estimate, bootstrap, share
@@ -355,10 +354,9 @@ def load_snapshot_state(folder: Path, name: str, request: dict, plan: dict | Non
     meta_path, path = Path(folder) / f"{name}.state.json", Path(folder) / f"{name}.state.pt"
     if not meta_path.exists():
         return None
-    normal = lambda obj: json.loads(json.dumps(obj, sort_keys=True, default=str))  # noqa: E731 (as write_json)
     try:
         meta = read_json(meta_path)
-        if meta.get("request") != normal(request) or (plan is not None and meta.get("plan") != normal(plan)):
+        if meta.get("request") != _json_normal(request) or (plan is not None and meta.get("plan") != _json_normal(plan)):
             return None
         data = path.read_bytes()
         if sha256_bytes(data) != meta.get("sha256"):
