@@ -688,17 +688,23 @@ def removal_summary(removal: pd.DataFrame, n_layers: int | None = None) -> pd.Da
 # =====================================================================================================
 def _with_tokens(examples: TriggerExamples, frame: pd.DataFrame) -> pd.DataFrame:
     """Add last_token, previous_token (or -1 at the first real token) and topic to trigger rows."""
-    index = examples.token_index()
-    last, prev = [], []
-    nb = examples.n_bos
-    for sid, pos in zip(frame["sentence_id"].tolist(), frame["position"].tolist()):
-        ids = index[sid]
-        last.append(int(ids[pos]))
-        prev.append(int(ids[pos - 1]) if pos - 1 >= nb else -1)
-    topics = dict(zip(examples.sentences["sentence_id"].astype("int64"), examples.sentences["topic"]))
+    sentences = examples.sentences
+    lengths = sentences["token_ids"].map(len).to_numpy(np.int64)
+    flat = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in sentences["token_ids"]] or [np.zeros(0, np.int64)])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    row = pd.Index(sentences["sentence_id"].astype("int64")).get_indexer(frame["sentence_id"].astype("int64"))
+    pos = frame["position"].to_numpy(np.int64)
+    bad = (row < 0) | (pos < 0) | (pos >= np.where(row >= 0, lengths[row], 0))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ParameterError(f"Trigger row {first} (sentence {int(frame['sentence_id'].iloc[first])}, position "
+                             f"{int(pos[first])}) is not a token of the mined sentences: were the triggers and the "
+                             "sentences mined together?")
+    at = starts[row] + pos
     out = frame.copy()
-    out["last_token"], out["previous_token"] = last, prev
-    out["topic"] = [topics.get(int(s)) for s in frame["sentence_id"]]
+    out["last_token"] = flat[at]
+    out["previous_token"] = np.where(pos - 1 >= examples.n_bos, flat[np.maximum(at - 1, 0)], -1)
+    out["topic"] = sentences["topic"].to_numpy(dtype=object)[row]
     return out
 
 

@@ -344,6 +344,7 @@ def target_ranks(model, targets: pd.DataFrame, memory_limit_mb: float = 512, pro
     ranks = np.full(len(out), -1, dtype=np.int64)
     chunk = projection_chunk_rows(vocab, adapter.d_model, memory_limit_mb, softcap=bool(adapter.softcap))
     groups = out.groupby(["layer", "sign"]).indices
+    buf = None
     for (layer, sign), index in tqdm(sorted(groups.items()), desc="Target ranks", unit="layer", disable=not progress):
         values = adapter.written_values(int(layer))
         d_ff, d_model = values.shape
@@ -363,17 +364,33 @@ def target_ranks(model, targets: pd.DataFrame, memory_limit_mb: float = 512, pro
                 inp[n:].zero_()
             inp[:n].copy_(values[start:start + n])
             logits = adapter.logits_from_values(inp if sign == 1 else -inp)
+            if buf is None or buf.shape != logits.shape:
+                buf = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
             # a value's target is often the same token in several snapshots: rank each (memory, token) pair once
             pairs, inverse = np.unique(np.stack([memory_of[here] - start, token_of[here]]), axis=1,
                                        return_inverse=True)
-            row = torch.as_tensor(pairs[0], device=logits.device)
-            tok = torch.as_tensor(pairs[1], device=logits.device)
-            picked = logits[row]  # (distinct targets here, vocab)
-            counted = torch.gt(picked, picked.gather(1, tok[:, None])).sum(-1).long().cpu().numpy()
-            ranks[here] = counted[inverse.reshape(-1)]
-            del logits, picked
+            ranks[here] = _ranks_in_rows(logits, pairs[0], pairs[1], buf)[inverse.reshape(-1)]
+            del logits
     out["target_rank"] = ranks
     return out
+
+
+def _ranks_in_rows(logits: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, buf: torch.Tensor) -> np.ndarray:
+    """The rank of ``tokens[j]`` in row ``rows[j]`` of ``logits`` (the number of larger logits), for pairs
+    sorted by row with no pair twice. Each pass compares every row with one of its targets (+inf for rows
+    with fewer), in ``buf`` (the logits' shape, float32: sums of ones are exact below 2**24): as many passes as
+    the most targets of one row, instead of a copy of the logits' row for every pair."""
+    index = torch.as_tensor(rows, device=logits.device)
+    target_logit = logits[index, torch.as_tensor(tokens, device=logits.device)]
+    slot = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")  # a row's first, second, ... target
+    ranks = np.empty(len(rows), dtype=np.int64)
+    for s in range(int(slot.max(initial=-1)) + 1):
+        chosen = np.flatnonzero(slot == s)
+        at = torch.as_tensor(rows[chosen], device=logits.device)
+        threshold = torch.full((logits.shape[0], 1), float("inf"), dtype=logits.dtype, device=logits.device)
+        threshold[at, 0] = target_logit[torch.as_tensor(chosen, device=logits.device)]
+        ranks[chosen] = torch.gt(logits, threshold, out=buf).sum(-1)[at].long().cpu().numpy()
+    return ranks
 
 
 def _summarise(logits: torch.Tensor, buf: torch.Tensor, top_k: int, target: torch.Tensor | None):

@@ -152,6 +152,18 @@ def test_the_report_shows_the_corpus_size_section(tmp_path):
     assert "![corpus size](figures/10_corpus_size.png)" in text
 
 
+def test_ranks_in_rows_count_strictly_larger_logits_for_any_number_of_targets_per_row():
+    from ffnlib.values import _ranks_in_rows
+
+    rng = np.random.default_rng(1)
+    logits = torch.from_numpy(rng.integers(0, 20, size=(6, 50)).astype(np.float32))  # many ties
+    pairs = sorted({(int(r), int(t)) for r, t in zip(rng.integers(0, 5, 40), rng.integers(0, 50, 40))})  # row 5: none
+    rows, tokens = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    got = _ranks_in_rows(logits, rows, tokens, torch.empty(6, 50))
+    expected = [(logits[r] > logits[r, t]).sum().item() for r, t in pairs]
+    assert got.tolist() == expected and np.bincount(rows).max() > 3
+
+
 def test_target_ranks_equal_the_projection_s_ranks_with_several_targets_per_value(tiny):
     rng = np.random.default_rng(0)
     grid = pd.MultiIndex.from_product([range(4), range(24), (1, -1)], names=["layer", "memory", "sign"]).to_frame(

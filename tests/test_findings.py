@@ -155,6 +155,37 @@ def test_bootstrap_is_seeded_and_repeatable_and_covers_the_value():
     assert 0.03 < a.high - a.low < 0.12  # about 4 standard errors of a share of 0.3 over 500 units
 
 
+def test_resample_counts_are_reused_exactly_and_bounded(monkeypatch):
+    """The multinomial counts of a (seed, units, resamples) request are kept and given again: the resamples
+    equal a fresh draw (the rng as it was), whatever the cache holds, and a caller cannot alter them."""
+    from ffnlib import stats
+
+    def fresh(n_units, n_boot, seed):
+        rng = np.random.default_rng([seed, 0xB007])
+        return rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_boot).astype(np.float64)
+
+    def first_rows(w):  # each resample's counts of the first three units
+        out = w[:, :3].copy()
+        w[:] = -1  # a caller scribbling on its weights must not reach the cache
+        return out
+
+    stats._COUNTS.clear()
+    monkeypatch.setattr(stats, "MAX_BOOT_CELLS", 700)  # chunks of 7 resamples of 100 units
+    expected = fresh(100, 30, 4)[:, :3]
+    assert np.array_equal(stats.bootstrap_samples(first_rows, 100, 30, 4), expected)
+    assert (4, 100, 30) in stats._COUNTS
+    assert np.array_equal(stats.bootstrap_samples(first_rows, 100, 30, 4), expected)  # from the cache
+    assert not np.array_equal(stats.bootstrap_samples(first_rows, 100, 30, 5), expected)
+    monkeypatch.setattr(stats, "COUNTS_CACHE_BYTES", 100 * 30)  # room for one request: the oldest goes
+    stats.bootstrap_samples(first_rows, 100, 30, 6)
+    assert list(stats._COUNTS) == [(6, 100, 30)]
+    monkeypatch.setattr(stats, "COUNTS_CACHE_BYTES", 0)  # nothing kept, the same numbers
+    stats._COUNTS.clear()
+    assert np.array_equal(stats.bootstrap_samples(first_rows, 100, 30, 4), expected) and not stats._COUNTS
+    x = np.random.default_rng(3).random(500) < 0.3
+    assert share(x, "u", seed=7) == share(x, "u", seed=7)
+
+
 def test_bootstrap_interval_has_its_nominal_coverage():
     """Over many samples of a known share, the 95% interval contains it about 95% of the time."""
     rng = np.random.default_rng(0)

@@ -649,6 +649,25 @@ def test_key_measures_on_a_hand_built_table():
     assert one["shallow_token"] == pytest.approx(0.4)
 
 
+def test_trigger_tokens_are_read_from_each_trigger_s_own_sentence(tiny, sentences):
+    """``_with_tokens`` (vectorised) against reading each row's sentence one by one; a row that is not a
+    token of the mined sentences is an error, not a token of the next sentence."""
+    ex = keys.mine_trigger_examples(tiny, sentences, k=4)
+    got = keys._with_tokens(ex, ex.triggers)
+    index, topics = ex.token_index(), dict(zip(ex.sentences["sentence_id"], ex.sentences["topic"]))
+    for row in got.sample(200, random_state=0).itertuples():
+        ids = index[row.sentence_id]
+        assert row.last_token == ids[row.position]
+        assert row.previous_token == (ids[row.position - 1] if row.position - 1 >= ex.n_bos else -1)
+        assert row.topic == topics[row.sentence_id] or (pd.isna(row.topic) and pd.isna(topics[row.sentence_id]))
+    assert (got["previous_token"] == -1).any()  # triggers at the first real token
+    too_far = ex.triggers.head(1).assign(position=len(index[int(ex.triggers["sentence_id"].iloc[0])]))
+    with pytest.raises(ParameterError, match="not a token of the mined sentences"):
+        keys._with_tokens(ex, too_far)
+    with pytest.raises(ParameterError, match="not a token of the mined sentences"):
+        keys._with_tokens(ex, ex.triggers.head(1).assign(sentence_id=-5))
+
+
 def test_layer_measures_and_trend():
     ex = _hand_built()
     measures = keys.layer_pattern_measures(ex, n_layers=1, random_keys=50)
