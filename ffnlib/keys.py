@@ -692,9 +692,13 @@ def _with_tokens(examples: TriggerExamples, frame: pd.DataFrame) -> pd.DataFrame
     lengths = sentences["token_ids"].map(len).to_numpy(np.int64)
     flat = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in sentences["token_ids"]] or [np.zeros(0, np.int64)])
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    row = pd.Index(sentences["sentence_id"].astype("int64")).get_indexer(frame["sentence_id"].astype("int64"))
+    ids = pd.Index(sentences["sentence_id"].astype("int64"))
+    if not ids.is_unique:
+        raise ParameterError("The mined sentences repeat a sentence_id: each sentence must have its own id.")
+    row = ids.get_indexer(frame["sentence_id"].astype("int64"))
     pos = frame["position"].to_numpy(np.int64)
-    bad = (row < 0) | (pos < 0) | (pos >= np.where(row >= 0, lengths[row], 0))
+    length = lengths[np.maximum(row, 0)] if len(lengths) else np.zeros(len(row), np.int64)
+    bad = (row < 0) | (pos < 0) | (pos >= length)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise ParameterError(f"Trigger row {first} (sentence {int(frame['sentence_id'].iloc[first])}, position "

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -27,6 +28,7 @@ N_BOOT = 1000  # bootstrap resamples
 MAX_BOOT_CELLS = 20_000_000  # resamples x units drawn at once (bounded memory)
 COUNTS_CACHE_BYTES = 128 * 2**20  # resample counts kept for reuse (see _resample_counts)
 _COUNTS: OrderedDict = OrderedDict()
+_COUNTS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -76,30 +78,36 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def _resample_counts(n_units: int, n_boot: int, seed: int) -> list[np.ndarray]:
-    """The multinomial counts of ``n_boot`` seeded resamples of ``n_units`` units, in chunks of at most
-    ``MAX_BOOT_CELLS`` cells, as small unsigned integers. A report computes many measures over the same units
-    with the same seed (every Section 4 measure resamples the same memories), and numpy draws a multinomial
-    one binomial at a time (seconds for 46,080 memories x 1,000 resamples), so the counts of recent requests
-    are kept (:data:`COUNTS_CACHE_BYTES` in all) and given again: the same numbers a fresh draw gives."""
-    key = (seed, n_units, n_boot)
-    if key in _COUNTS:
-        _COUNTS.move_to_end(key)
-        return _COUNTS[key]
+def _draw_counts(n_units: int, n_boot: int, seed: int, rows: int):
+    """The multinomial counts of ``n_boot`` seeded resamples of ``n_units`` units, ``rows`` resamples at a time."""
     rng = np.random.default_rng([seed, 0xB007])
-    rows = max(1, MAX_BOOT_CELLS // max(n_units, 1))
-    dtype = np.uint8  # a unit drawn more than 255 times in one resample widens it (about 10 at most for 46,080)
-    chunks, done = [], 0
+    done = 0
     while done < n_boot:
         take = min(rows, n_boot - done)
-        counts = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=take)
-        if counts.max(initial=0) > np.iinfo(dtype).max:
-            dtype = np.uint32
-            chunks = [c.astype(dtype) for c in chunks]
-        chunks.append(counts.astype(dtype))
+        yield rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=take)
         done += take
-    size = sum(c.nbytes for c in chunks)
-    if size <= COUNTS_CACHE_BYTES:
+
+
+def _resample_counts(n_units: int, n_boot: int, seed: int):
+    """The counts of :func:`_draw_counts`, in chunks of at most ``MAX_BOOT_CELLS`` cells.
+
+    A report computes many measures over the same units with the same seed (every Section 4 measure resamples
+    the same memories), and numpy draws a multinomial one binomial at a time (seconds for 46,080 memories x
+    1,000 resamples), so the counts of recent requests are kept as small unsigned integers
+    (:data:`COUNTS_CACHE_BYTES` in all) and given again: the numbers a fresh draw gives. A request larger
+    than the whole cache is drawn chunk by chunk as it is used, as before (memory bounded by
+    ``MAX_BOOT_CELLS``)."""
+    rows = max(1, MAX_BOOT_CELLS // max(n_units, 1))
+    key = (seed, n_units, n_boot, rows)
+    with _COUNTS_LOCK:
+        if key in _COUNTS:
+            _COUNTS.move_to_end(key)
+            return _COUNTS[key]
+    if n_units * n_boot > COUNTS_CACHE_BYTES:
+        return _draw_counts(n_units, n_boot, seed, rows)
+    chunks = [counts.astype(np.uint8 if counts.max(initial=0) <= 255 else np.uint32)
+              for counts in _draw_counts(n_units, n_boot, seed, rows)]
+    with _COUNTS_LOCK:
         _COUNTS[key] = chunks
         while sum(c.nbytes for v in _COUNTS.values() for c in v) > COUNTS_CACHE_BYTES:
             _COUNTS.popitem(last=False)

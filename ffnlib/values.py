@@ -377,14 +377,23 @@ def target_ranks(model, targets: pd.DataFrame, memory_limit_mb: float = 512, pro
 
 def _ranks_in_rows(logits: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, buf: torch.Tensor) -> np.ndarray:
     """The rank of ``tokens[j]`` in row ``rows[j]`` of ``logits`` (the number of larger logits), for pairs
-    sorted by row with no pair twice. Each pass compares every row with one of its targets (+inf for rows
-    with fewer), in ``buf`` (the logits' shape, float32: sums of ones are exact below 2**24): as many passes as
-    the most targets of one row, instead of a copy of the logits' row for every pair."""
+    sorted by row with no pair twice, counted in ``buf`` (the logits' shape, float32: sums of ones are exact
+    below 2**24). Each pass compares every row with one of its targets (+inf for rows with fewer): as many
+    passes as the most targets of one row. Where that would compare far more rows than there are pairs (few
+    rows with targets), the pairs' rows are compared instead, as many at a time as ``buf`` holds."""
     index = torch.as_tensor(rows, device=logits.device)
     target_logit = logits[index, torch.as_tensor(tokens, device=logits.device)]
     slot = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")  # a row's first, second, ... target
     ranks = np.empty(len(rows), dtype=np.int64)
-    for s in range(int(slot.max(initial=-1)) + 1):
+    passes = int(slot.max(initial=-1)) + 1
+    if passes * logits.shape[0] > 2 * len(rows):
+        for start in range(0, len(rows), logits.shape[0]):
+            part = slice(start, start + logits.shape[0])
+            picked = logits[index[part]]
+            n = picked.shape[0]
+            ranks[part] = torch.gt(picked, target_logit[part, None], out=buf[:n]).sum(-1).long().cpu().numpy()
+        return ranks
+    for s in range(passes):
         chosen = np.flatnonzero(slot == s)
         at = torch.as_tensor(rows[chosen], device=logits.device)
         threshold = torch.full((logits.shape[0], 1), float("inf"), dtype=logits.dtype, device=logits.device)

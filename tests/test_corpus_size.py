@@ -159,9 +159,15 @@ def test_ranks_in_rows_count_strictly_larger_logits_for_any_number_of_targets_pe
     logits = torch.from_numpy(rng.integers(0, 20, size=(6, 50)).astype(np.float32))  # many ties
     pairs = sorted({(int(r), int(t)) for r, t in zip(rng.integers(0, 5, 40), rng.integers(0, 50, 40))})  # row 5: none
     rows, tokens = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
-    got = _ranks_in_rows(logits, rows, tokens, torch.empty(6, 50))
-    expected = [(logits[r] > logits[r, t]).sum().item() for r, t in pairs]
-    assert got.tolist() == expected and np.bincount(rows).max() > 3
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        typed = logits.to(dtype)
+        got = _ranks_in_rows(typed, rows, tokens, torch.empty(6, 50))
+        expected = [(typed[r] > typed[r, t]).sum().item() for r, t in pairs]
+        assert got.tolist() == expected and np.bincount(rows).max() > 3
+    # few rows with targets (one row with many): the pairs' rows are compared instead of every row per pass
+    few = np.array([[2] * 7 + [4], [1, 3, 5, 8, 13, 21, 34, 40]])
+    got = _ranks_in_rows(logits, few[0], few[1], torch.empty(6, 50))
+    assert got.tolist() == [(logits[r] > logits[r, t]).sum().item() for r, t in few.T]
 
 
 def test_target_ranks_equal_the_projection_s_ranks_with_several_targets_per_value(tiny):

@@ -666,6 +666,9 @@ def test_trigger_tokens_are_read_from_each_trigger_s_own_sentence(tiny, sentence
         keys._with_tokens(ex, too_far)
     with pytest.raises(ParameterError, match="not a token of the mined sentences"):
         keys._with_tokens(ex, ex.triggers.head(1).assign(sentence_id=-5))
+    with pytest.raises(ParameterError, match="not a token of the mined sentences"):
+        keys._with_tokens(ex, ex.triggers.head(1).assign(position=-1))
+    assert keys._with_tokens(ex, ex.triggers.head(0)).empty
 
 
 def test_layer_measures_and_trend():
