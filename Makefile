@@ -1,7 +1,8 @@
 # ffnlib: two commands do everything on a fresh machine with only Python 3.
 #   make run    set up .venv, then run the notebook suite on the default embedded model (results/)
 #   make test   set up .venv, then run the tests (what CI runs)
-#   make publish  copy results/<model>/<scale>/report.md and its figures to docs/reports/<model>-<scale>/
+#   make publish  copy results/<model>/<scale>/report.md, its figures and summaries to docs/reports/<model>-<scale>/
+#                 (ADD="DIR ...": first add the notebooks of other runs or published parts: a report made in parts)
 #   make book     the course site (notebooks at scale=ci, exercises, reports) in _build/book/html, offline
 #   make exercises  regenerate the exercises' student copies (exercises/release/) from their sources (nbgrader)
 # Options: MODEL=gemma3-270m  SCALE=ci|default|full  DEVICE=cpu|cuda  RESULTS=results  CONTROL=random-init|none
@@ -14,6 +15,7 @@ MODEL ?= smollm2-135m
 SCALE ?= default
 DEVICE ?= cpu
 RESULTS ?= results
+ADD ?=
 CONTROL ?= random-init
 TEST_WORKERS ?= 2
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
@@ -37,7 +39,7 @@ test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 publish: setup
-	$(PY) -m ffnlib.report $(RESULTS)/$(MODEL)/$(SCALE) --publish docs/reports/$(MODEL)-$(SCALE)
+	$(PY) -m ffnlib.report $(RESULTS)/$(MODEL)/$(SCALE) $(addprefix --add ,$(ADD)) --publish docs/reports/$(MODEL)-$(SCALE)
 
 book: setup
 	$(PY) -m ffnlib.book --model $(MODEL) --results $(RESULTS) --out _build/book

@@ -195,7 +195,12 @@ def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
              f"- Run folder: `{run_dir.parent.name}/{run_dir.name}` (model / scale)",
              "- Paper: Geva, Schuster, Berant & Levy, *Transformer Feed-Forward Layers Are Key-Value Memories*, "
              "EMNLP 2021 (16-layer ReLU LM on WikiText-103).",
-             "- Our corpus is ~1% of WikiText-103 (embedded Wikipedia text); see each notebook for sizes.", ""]
+             "- Our corpus is ~1% of WikiText-103 (embedded Wikipedia text); see each notebook for sizes."]
+    parts = [f"`{name}` from `{summary['added_from']}`" for name, summary in summaries.items() if summary.get("added_from")]
+    if parts:
+        lines.append(f"- Made in parts: {', '.join(parts)}; the rest from this run. Each part's manifests say what "
+                     "it was computed from.")
+    lines.append("")
     counts = {v: 0 for v in VERDICTS}
     table = ["| section | finding | paper | ours [95% CI] | random-init control [95% CI] | verdict |",
              "|---|---|---|---|---|---|"]
@@ -277,12 +282,14 @@ def render_html(run_dir: str | Path, summaries: dict[str, dict]) -> str:
         sections.append(f"<h2>Findings against corpus size</h2><p>{esc(CORPUS_SIZE_TEXT.replace('**', ''))}</p>"
                         f"<table><tr>{head}</tr>{body}</table>"
                         f"<figure><img src='{esc(corpus['corpus_size']['figure'])}'></figure>")
+    added = [f"{name} from {summary['added_from']}" for name, summary in summaries.items() if summary.get("added_from")]
+    parts = f"<p>Made in parts: {esc(', '.join(added))}; the rest from this run.</p>" if added else ""
     rules_html = "<h2>How the findings are judged</h2><pre style='white-space:pre-wrap'>" + esc(RULES_TEXT) + "</pre>"
     if rules:
         rules_html += "<ul>" + "".join(rules) + "</ul>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ffnlib report</title><style>{style}</style>"
             f"</head><body><h1>ffnlib report: the paper versus ours</h1><p>Model: {esc(_model_line(summaries))}</p>"
-            f"<p>Control: {esc(_control_line(summaries))}</p>"
+            f"<p>Control: {esc(_control_line(summaries))}</p>{parts}"
             f"<table><tr><th>section</th><th>finding</th><th>paper</th><th>ours [95% CI]</th>"
             f"<th>random-init control [95% CI]</th><th>verdict</th></tr>"
             f"{''.join(rows)}</table>{''.join(sections)}{rules_html}</body></html>")
@@ -301,9 +308,51 @@ def write_report(run_dir: str | Path) -> list[Path]:
     return [md, page]
 
 
+def _run_identity(folder: Path) -> tuple[str, str]:
+    """(model, scale) of a run folder (``results/<model>/<scale>``) or of a published copy (its ``run.json``)."""
+    stamp = folder / "run.json"
+    if stamp.exists():
+        run = json.loads(stamp.read_text())
+        return str(run["model"]), str(run["scale"])
+    return folder.parent.name, folder.name
+
+
+def add_summaries(run_dir: str | Path, source: str | Path) -> list[str]:
+    """Add to a run the notebooks that ``source`` summarised and the run has not: for a report made in parts, when
+    no one machine runs the whole suite (each part is a run of some notebooks, ``--notebooks``). ``source`` is
+    another run folder of the same model and scale, or a copy published with its summaries. The run's own
+    summaries win; each added one keeps its manifests and records where it came from (``added_from``, shown in
+    the report), and the figures it names are copied with it. Returns the notebooks added."""
+    run_dir, source = Path(run_dir), Path(source)
+    theirs = sorted((source / "summaries").glob("*.json"))
+    if not theirs:
+        raise ResultsError(f"{source} has no summaries/*.json to add: give a run folder (results/<model>/<scale>) "
+                           "or a report published with its summaries (python -m ffnlib.report RUN --publish DEST).")
+    ours, its = _run_identity(run_dir), _run_identity(source)
+    if ours != its:
+        raise ResultsError(f"{source} holds {its[0]} at scale {its[1]}, and {run_dir} is {ours[0]} at scale "
+                           f"{ours[1]}: a report is made of one model at one scale.")
+    have = {p.stem for p in (run_dir / "summaries").glob("*.json")}
+    added = []
+    for path in theirs:
+        if path.stem in have:
+            continue
+        text = path.read_text()
+        for name in sorted(set(re.findall(r"figures/[^\"\s)]+\.png", text))):
+            if (source / name).exists():  # a figure the source's report did not show may not have been published
+                atomic_write_bytes(run_dir / name, (source / name).read_bytes())
+        summary = json.loads(text)
+        summary.setdefault("added_from", str(source))
+        atomic_write_bytes(run_dir / "summaries" / path.name, json.dumps(summary, indent=1).encode())
+        added.append(path.stem)
+    return added
+
+
 def publish_report(run_dir: str | Path, dest: str | Path) -> Path:
     """Copy a run's ``report.md`` and the PNG figures it shows into ``dest`` (e.g. ``docs/reports/<model>-<scale>``),
-    so that readers see the findings, figures included, without running anything. Returns the copied report."""
+    so that readers see the findings, figures included, without running anything. The summaries it was made from
+    go with it (``summaries/``, and the run's model and scale in ``run.json``), so that a later run can add to it
+    (:func:`add_summaries`). Returns the copied report."""
     run_dir, dest = Path(run_dir), Path(dest)
     report = run_dir / "report.md"
     if not report.exists():
@@ -317,19 +366,30 @@ def publish_report(run_dir: str | Path, dest: str | Path) -> Path:
         shutil.rmtree(dest)  # a stale copy's figures must not linger
     for name in shown:
         atomic_write_bytes(dest / name, (run_dir / name).read_bytes())
+    for path in sorted((run_dir / "summaries").glob("*.json")):
+        atomic_write_bytes(dest / "summaries" / path.name, path.read_bytes())
+    model, scale = _run_identity(run_dir)
+    atomic_write_bytes(dest / "run.json", json.dumps({"model": model, "scale": scale}).encode())
     atomic_write_bytes(dest / "report.md", text.encode())
     return dest / "report.md"
 
 
 def main(argv=None) -> int:
-    """``python -m ffnlib.report RUN_DIR [--publish DEST]``: (re)write a run's report, and optionally copy it."""
+    """``python -m ffnlib.report RUN_DIR [--add DIR ...] [--publish DEST]``: (re)write a run's report, with the
+    notebooks of other runs of the same model and scale added where asked, and optionally copy it."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("run_dir", help="results/<model>/<scale>")
-    parser.add_argument("--publish", metavar="DEST", help="also copy report.md and its figures to DEST")
+    parser.add_argument("--publish", metavar="DEST", help="also copy report.md, its figures and summaries to DEST")
+    parser.add_argument("--add", metavar="DIR", action="append", default=[],
+                        help="first add the notebooks summarised in DIR (a run folder or a published copy of the "
+                             "same model and scale) that this run has not run: a report made in parts")
     args = parser.parse_args(argv)
     try:
+        for source in args.add:
+            added = add_summaries(args.run_dir, source)
+            print(f"added from {source}: {', '.join(added) or 'nothing (this run has all its notebooks)'}")
         paths = write_report(args.run_dir)
         if args.publish:
             paths.append(publish_report(args.run_dir, args.publish))

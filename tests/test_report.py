@@ -77,3 +77,49 @@ def test_publish_copies_the_report_with_exactly_the_figures_it_shows(tmp_path):
     with pytest.raises(ffnlib.ResultsError, match=r"figures/b.png"):
         publish_report(run_dir, dest)
     assert main([str(tmp_path / "nowhere")]) == 2  # no summaries: a clear error, exit code 2
+
+
+def test_a_report_made_in_parts_adds_the_other_parts_notebooks_with_their_figures(tmp_path):
+    """Two runs of the same model and scale, each of some notebooks (as on machines that cannot run the whole
+    suite): the second adds the first's published part, its own summaries win, and the figures come along."""
+    from ffnlib.report import add_summaries, main, publish_report
+
+    def make_run(root, notebooks, model="m", scale="default"):
+        run = root / model / scale
+        (run / "summaries").mkdir(parents=True)
+        (run / "figures").mkdir()
+        for name, ours in notebooks.items():
+            (run / "figures" / f"{name}.png").write_bytes(f"{root.name}-{name}".encode())
+            (run / "summaries" / f"{name}.json").write_text(json.dumps({
+                "model": {"model": model, "layers": 2, "d_ff": 4},
+                "comparison": [{"finding": f"finding of {name}", "paper": "1", "ours": ours, "verdict": "holds",
+                                "figure": f"figures/{name}.png"}]}))
+        return run
+
+    first = make_run(tmp_path / "a", {"06_kn": "6.0", "09_maps": "9.0"})
+    write_report(first)
+    published = tmp_path / "docs" / "m-default"
+    publish_report(first, published)
+    assert json.loads((published / "run.json").read_text()) == {"model": "m", "scale": "default"}
+    assert sorted(p.name for p in (published / "summaries").iterdir()) == ["06_kn.json", "09_maps.json"]
+
+    second = make_run(tmp_path / "b", {"01_keys": "1.0", "09_maps": "9.5"})
+    assert add_summaries(second, published) == ["06_kn"]
+    text = write_report(second)[0].read_text()
+    for row in ("| finding of 01_keys | 1 | 1.0 |", "| finding of 06_kn | 1 | 6.0 |", "| finding of 09_maps | 1 | 9.5 |"):
+        assert row in text
+    assert "9.0" not in text  # the run's own 09 wins over the added one
+    assert f"Made in parts: `06_kn` from `{published}`" in text
+    assert (second / "figures" / "06_kn.png").read_bytes() == b"a-06_kn"  # the added part's figure
+    assert (second / "figures" / "09_maps.png").read_bytes() == b"b-09_maps"  # the run's own
+    assert add_summaries(second, published) == []  # added once
+
+    other_scale = make_run(tmp_path / "c", {"01_keys": "1.0"}, scale="ci")
+    with pytest.raises(ffnlib.ResultsError, match="holds m at scale default.*m at scale ci"):
+        add_summaries(other_scale, published)
+    with pytest.raises(ffnlib.ResultsError, match="no summaries"):
+        add_summaries(second, tmp_path / "nowhere")
+    third = make_run(tmp_path / "d", {"01_keys": "1.0"})
+    assert main([str(third), "--add", str(published), "--publish", str(tmp_path / "out")]) == 0
+    assert "finding of 06_kn" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "figures" / "06_kn.png").exists()
