@@ -2,14 +2,16 @@
 the random-weights control, and the control's share of it.
 
     python benchmarks/bench_suite.py [--model smollm2-135m] [--scales ci default] [--control random-init|none]
-                                     [--keep RESULTS_DIR]
+                                     [--keep RESULTS_DIR] [--notebooks 00_quickstart 01_keys ...]
 
 Each scale runs in a fresh results folder (nothing cached but the dense model copy and the sentence table;
 ``--keep`` keeps it, e.g. to publish its report). Notebooks 01-03 time the cells that compute the control
 and 09 time the cells that compute the control (``summaries/*.json`` ``control.seconds``): the row "with the control
 vs without" divides the suite's wall time by the same run's wall time less those seconds, so both figures come from
 one run. The same ratio is given for the paper's part alone (notebooks 00-04, from the suite's per-notebook times),
-since the related-work notebooks 06 and 07 have no control and would dilute it.
+since the related-work notebooks 06 and 07 have no control and would dilute it. ``--notebooks`` runs a subset
+(e.g. the paper's part, 00-04, whose ratio is the target's, without notebook 08's two-hour sweep on a fresh
+machine).
 """
 
 from __future__ import annotations
@@ -44,14 +46,16 @@ def control_seconds(run_dir: Path, notebooks=None) -> float:
     return total
 
 
-def run(model: str, device: str, scales, control: str = "random-init", keep: str | None = None) -> list[dict]:
+def run(model: str, device: str, scales, control: str = "random-init", keep: str | None = None,
+        notebooks=None) -> list[dict]:
     rows = []
     for scale in scales:
         results = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="ffnlib-bench-suite-"))
         try:
             start = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "ffnlib.suite", "--model", model, "--scale", scale,
-                                   "--device", device, "--results", str(results), "--control", control, "--quiet"],
+                                   "--device", device, "--results", str(results), "--control", control, "--quiet",
+                                   *(["--notebooks", *notebooks] if notebooks else [])],
                                   check=True, capture_output=True, text=True)
             wall = time.perf_counter() - start
             run_dirs = [p for p in results.glob(f"*/{scale}") if p.parent.name != "controls"]
@@ -63,7 +67,8 @@ def run(model: str, device: str, scales, control: str = "random-init", keep: str
         finally:
             if not keep:
                 shutil.rmtree(results, ignore_errors=True)
-        rows.append({"row": f"Notebook suite, scale={scale}, control={control}", "ours": f"{wall / 60:.1f} min",
+        which = f"notebooks {', '.join(n[:2] for n in notebooks)}" if notebooks else "Notebook suite"
+        rows.append({"row": f"{which}, scale={scale}, control={control}", "ours": f"{wall / 60:.1f} min",
                      "baseline": f"limit {LIMITS[scale] / 60:.0f} min", "ratio": wall / LIMITS[scale],
                      "target": f"< {LIMITS[scale] / 60:.0f} min", "met": wall < LIMITS[scale],
                      "note": f"fresh results folder; executes {', '.join(per_notebook) or 'the suite'} with papermill"})
@@ -91,6 +96,7 @@ if __name__ == "__main__":
     parser.add_argument("--scales", nargs="*", default=["ci", "default"])
     parser.add_argument("--control", default="random-init", choices=["random-init", "none"])
     parser.add_argument("--keep", help="run in this results folder and keep it (one scale at a time)")
+    parser.add_argument("--notebooks", nargs="*", help="run only these notebooks (default: the whole suite)")
     args = parser.parse_args()
     print(machine(args.device))
-    print(table(run(args.model, args.device, args.scales, args.control, args.keep)))
+    print(table(run(args.model, args.device, args.scales, args.control, args.keep, args.notebooks)))
