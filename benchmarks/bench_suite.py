@@ -28,6 +28,8 @@ from pathlib import Path
 
 from common import machine, table
 
+from ffnlib.suite import SUITE
+
 LIMITS = {"ci": 600, "default": 45 * 60}
 CONTROL_RATIO = 1.6  # the suite with its control: at most 1.6x the suite without it
 
@@ -98,5 +100,8 @@ if __name__ == "__main__":
     parser.add_argument("--keep", help="run in this results folder and keep it (one scale at a time)")
     parser.add_argument("--notebooks", nargs="*", help="run only these notebooks (default: the whole suite)")
     args = parser.parse_args()
+    unknown = sorted(set(args.notebooks or ()) - set(SUITE))
+    if unknown:
+        parser.error(f"no notebook(s) {unknown} in the suite: choose from {', '.join(SUITE)}")
     print(machine(args.device))
     print(table(run(args.model, args.device, args.scales, args.control, args.keep, args.notebooks)))

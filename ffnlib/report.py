@@ -310,6 +310,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
 
 def _run_identity(folder: Path) -> tuple[str, str]:
     """(model, scale) of a run folder (``results/<model>/<scale>``) or of a published copy (its ``run.json``)."""
+    folder = folder.resolve()
     stamp = folder / "run.json"
     if stamp.exists():
         run = json.loads(stamp.read_text())
@@ -317,12 +318,30 @@ def _run_identity(folder: Path) -> tuple[str, str]:
     return folder.parent.name, folder.name
 
 
+def _figures_named(obj) -> set[str]:
+    """The figures (``figures/....png``) a summary names, anywhere in it."""
+    if isinstance(obj, str):
+        return {obj} if obj.startswith("figures/") and obj.endswith(".png") else set()
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    return set().union(*(_figures_named(v) for v in values)) if values else set()
+
+
+def _shown_path(path: Path) -> str:
+    """A path as the report records it: relative to the working folder when it lies under it (no machine's
+    absolute paths in committed reports)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def add_summaries(run_dir: str | Path, source: str | Path) -> list[str]:
     """Add to a run the notebooks that ``source`` summarised and the run has not: for a report made in parts, when
     no one machine runs the whole suite (each part is a run of some notebooks, ``--notebooks``). ``source`` is
     another run folder of the same model and scale, or a copy published with its summaries. The run's own
-    summaries win; each added one keeps its manifests and records where it came from (``added_from``, shown in
-    the report), and the figures it names are copied with it. Returns the notebooks added."""
+    summaries win, and a notebook added earlier is replaced (the other part may have been run again); each added
+    one keeps its manifests and records where it came from (``added_from``, shown in the report), and the figures
+    it names are copied with it, never over a figure of the run's own notebooks. Returns the notebooks added."""
     run_dir, source = Path(run_dir), Path(source)
     theirs = sorted((source / "summaries").glob("*.json"))
     if not theirs:
@@ -332,17 +351,21 @@ def add_summaries(run_dir: str | Path, source: str | Path) -> list[str]:
     if ours != its:
         raise ResultsError(f"{source} holds {its[0]} at scale {its[1]}, and {run_dir} is {ours[0]} at scale "
                            f"{ours[1]}: a report is made of one model at one scale.")
-    have = {p.stem for p in (run_dir / "summaries").glob("*.json")}
+    own = {}  # the run's own summaries (not added from elsewhere) and the figures they name
+    for path in (run_dir / "summaries").glob("*.json"):
+        summary = json.loads(path.read_text())
+        if not summary.get("added_from"):
+            own[path.stem] = _figures_named(summary)
+    own_figures = set().union(*own.values()) if own else set()
     added = []
     for path in theirs:
-        if path.stem in have:
+        if path.stem in own:
             continue
-        text = path.read_text()
-        for name in sorted(set(re.findall(r"figures/[^\"\s)]+\.png", text))):
+        summary = json.loads(path.read_text())
+        for name in sorted(_figures_named(summary) - own_figures):
             if (source / name).exists():  # a figure the source's report did not show may not have been published
                 atomic_write_bytes(run_dir / name, (source / name).read_bytes())
-        summary = json.loads(text)
-        summary.setdefault("added_from", str(source))
+        summary["added_from"] = summary.get("added_from") or _shown_path(source)
         atomic_write_bytes(run_dir / "summaries" / path.name, json.dumps(summary, indent=1).encode())
         added.append(path.stem)
     return added

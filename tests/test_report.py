@@ -79,7 +79,7 @@ def test_publish_copies_the_report_with_exactly_the_figures_it_shows(tmp_path):
     assert main([str(tmp_path / "nowhere")]) == 2  # no summaries: a clear error, exit code 2
 
 
-def test_a_report_made_in_parts_adds_the_other_parts_notebooks_with_their_figures(tmp_path):
+def test_a_report_made_in_parts_adds_the_other_parts_notebooks_with_their_figures(tmp_path, monkeypatch):
     """Two runs of the same model and scale, each of some notebooks (as on machines that cannot run the whole
     suite): the second adds the first's published part, its own summaries win, and the figures come along."""
     from ffnlib.report import add_summaries, main, publish_report
@@ -112,7 +112,26 @@ def test_a_report_made_in_parts_adds_the_other_parts_notebooks_with_their_figure
     assert f"Made in parts: `06_kn` from `{published}`" in text
     assert (second / "figures" / "06_kn.png").read_bytes() == b"a-06_kn"  # the added part's figure
     assert (second / "figures" / "09_maps.png").read_bytes() == b"b-09_maps"  # the run's own
-    assert add_summaries(second, published) == []  # added once
+    assert "Made in parts: 06_kn from" in (second / "report.html").read_text()
+
+    # the first part is run again with a new number and republished: adding again replaces the added notebook
+    summary = json.loads((first / "summaries" / "06_kn.json").read_text())
+    summary["comparison"][0]["ours"] = "6.5"
+    summary["comparison"][0]["figure"] = "figures/01_keys.png"  # names a figure of the second run's own notebook
+    (first / "summaries" / "06_kn.json").write_text(json.dumps(summary))
+    (first / "figures" / "01_keys.png").write_bytes(b"a-01_keys")
+    write_report(first)
+    publish_report(first, published)
+    assert add_summaries(second, published) == ["06_kn"]  # the run's own 01 and 09 are never replaced
+    text = write_report(second)[0].read_text()
+    assert "| finding of 06_kn | 1 | 6.5 |" in text and "| finding of 06_kn | 1 | 6.0 |" not in text
+    assert (second / "figures" / "01_keys.png").read_bytes() == b"b-01_keys"  # not overwritten by the added part
+
+    monkeypatch.chdir(second)  # a run folder given as "." has the same model and scale
+    assert add_summaries(".", published) == ["06_kn"]
+    monkeypatch.chdir(tmp_path)  # a source under the working folder is recorded relative to it
+    add_summaries(second, published)
+    assert json.loads((second / "summaries" / "06_kn.json").read_text())["added_from"] == "docs/m-default"
 
     other_scale = make_run(tmp_path / "c", {"01_keys": "1.0"}, scale="ci")
     with pytest.raises(ffnlib.ResultsError, match="holds m at scale default.*m at scale ci"):
@@ -122,4 +141,4 @@ def test_a_report_made_in_parts_adds_the_other_parts_notebooks_with_their_figure
     third = make_run(tmp_path / "d", {"01_keys": "1.0"})
     assert main([str(third), "--add", str(published), "--publish", str(tmp_path / "out")]) == 0
     assert "finding of 06_kn" in (tmp_path / "out" / "report.md").read_text()
-    assert (tmp_path / "out" / "figures" / "06_kn.png").exists()
+    assert (tmp_path / "out" / "figures" / "09_maps.png").read_bytes() == b"a-09_maps"
