@@ -61,8 +61,8 @@ def run(model: str, device: str, scales, control: str = "random-init", keep: str
                                   check=True, capture_output=True, text=True)
             wall = time.perf_counter() - start
             run_dirs = [p for p in results.glob(f"*/{scale}") if p.parent.name != "controls"]
-            spent = sum(control_seconds(p) for p in run_dirs)
-            spent_paper = sum(control_seconds(p, PAPER) for p in run_dirs)
+            spent = sum(control_seconds(p, notebooks) for p in run_dirs)  # only what this run ran (--keep)
+            spent_paper = sum(control_seconds(p, [n for n in PAPER if not notebooks or n in notebooks]) for p in run_dirs)
             per_notebook = {m[1]: float(m[2]) for m in re.finditer(r"\[ffnlib\] (\S+)\.ipynb done in (\d+) s",
                                                                     done.stdout)}
             print("per notebook (s):", json.dumps(per_notebook), file=sys.stderr)
