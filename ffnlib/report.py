@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FFNLibError, ResultsError
-from .storage import atomic_write_bytes
+from .storage import atomic_write_bytes, write_json
 
 from .findings import ARCHITECTURAL, SIZE_SHARE, VERDICTS
 
@@ -187,6 +187,11 @@ CORPUS_SIZE_TEXT = ("Notebook 10 re-reads notebook 01's mining pass at every dou
                     "extrapolation.")
 
 
+def _added_parts(summaries: dict[str, dict]) -> list[tuple[str, str]]:
+    """(notebook, where it came from) for each summary added from another run (:func:`add_summaries`)."""
+    return [(name, summary["added_from"]) for name, summary in summaries.items() if summary.get("added_from")]
+
+
 def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
     run_dir = Path(run_dir)
     lines = ["# ffnlib report: the paper versus ours", "",
@@ -196,7 +201,7 @@ def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
              "- Paper: Geva, Schuster, Berant & Levy, *Transformer Feed-Forward Layers Are Key-Value Memories*, "
              "EMNLP 2021 (16-layer ReLU LM on WikiText-103).",
              "- Our corpus is ~1% of WikiText-103 (embedded Wikipedia text); see each notebook for sizes."]
-    parts = [f"`{name}` from `{summary['added_from']}`" for name, summary in summaries.items() if summary.get("added_from")]
+    parts = [f"`{name}` from `{source}`" for name, source in _added_parts(summaries)]
     if parts:
         lines.append(f"- Made in parts: {', '.join(parts)}; the rest from this run. Each part's manifests say what "
                      "it was computed from.")
@@ -282,7 +287,7 @@ def render_html(run_dir: str | Path, summaries: dict[str, dict]) -> str:
         sections.append(f"<h2>Findings against corpus size</h2><p>{esc(CORPUS_SIZE_TEXT.replace('**', ''))}</p>"
                         f"<table><tr>{head}</tr>{body}</table>"
                         f"<figure><img src='{esc(corpus['corpus_size']['figure'])}'></figure>")
-    added = [f"{name} from {summary['added_from']}" for name, summary in summaries.items() if summary.get("added_from")]
+    added = [f"{name} from {source}" for name, source in _added_parts(summaries)]
     parts = f"<p>Made in parts: {esc(', '.join(added))}; the rest from this run.</p>" if added else ""
     rules_html = "<h2>How the findings are judged</h2><pre style='white-space:pre-wrap'>" + esc(RULES_TEXT) + "</pre>"
     if rules:
@@ -366,7 +371,7 @@ def add_summaries(run_dir: str | Path, source: str | Path) -> list[str]:
             if (source / name).exists():  # a figure the source's report did not show may not have been published
                 atomic_write_bytes(run_dir / name, (source / name).read_bytes())
         summary["added_from"] = summary.get("added_from") or _shown_path(source)
-        atomic_write_bytes(run_dir / "summaries" / path.name, json.dumps(summary, indent=1).encode())
+        write_json(run_dir / "summaries" / path.name, summary)
         added.append(path.stem)
     return added
 
@@ -392,7 +397,7 @@ def publish_report(run_dir: str | Path, dest: str | Path) -> Path:
     for path in sorted((run_dir / "summaries").glob("*.json")):
         atomic_write_bytes(dest / "summaries" / path.name, path.read_bytes())
     model, scale = _run_identity(run_dir)
-    atomic_write_bytes(dest / "run.json", json.dumps({"model": model, "scale": scale}).encode())
+    write_json(dest / "run.json", {"model": model, "scale": scale})
     atomic_write_bytes(dest / "report.md", text.encode())
     return dest / "report.md"
 
