@@ -395,9 +395,13 @@ def check_examples(n_examples) -> int:
     return int(n_examples)
 
 
-def resolve_examples(n_examples, scale) -> int:
-    """A notebook's ``n_examples`` parameter: ``None`` means the scale's ``aggregation_examples``."""
-    return scale.aggregation_examples if n_examples is None else check_examples(n_examples)
+def resolve_examples(n_examples, scale, control: bool = False) -> int:
+    """A notebook's ``n_examples`` parameter: ``None`` means the scale's ``aggregation_examples`` (for the
+    random-weights control, ``control=True``: the scale's ``control_aggregation_examples``, fewer at the
+    default scale to keep the suite's time within budget); a number given by the user is used for both."""
+    if n_examples is None:
+        return scale.control_aggregation_examples if control else scale.aggregation_examples
+    return check_examples(n_examples)
 
 
 def check_settings(loaded, active_threshold, active_rule, norm_share, batch_tokens) -> dict:

@@ -25,6 +25,7 @@ class Scale:
     aggregation_examples: int  # held-out prefixes for Section 5 (paper: 4,000)
     checkpoint_every: int  # sentences between mining checkpoints
     control_removal_keys: int  # keys per layer in the random-weights control's removal experiment
+    control_aggregation_examples: int  # held-out prefixes for the control's Section 5
     corpus: str = "wiki"  # the embedded corpus: "wiki", or "wiki+" (plus BIG-bench's Wikipedia paragraphs, a download)
 
     def as_dict(self) -> dict:
@@ -33,11 +34,11 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "ci": Scale("ci", mining_sentences=160, top_k=50, removal_keys=10, aggregation_examples=64,
-                checkpoint_every=64, control_removal_keys=10),
+                checkpoint_every=64, control_removal_keys=10, control_aggregation_examples=64),
     "default": Scale("default", mining_sentences=8000, top_k=50, removal_keys=100, aggregation_examples=4000,
-                     checkpoint_every=1000, control_removal_keys=25),
+                     checkpoint_every=1000, control_removal_keys=10, control_aggregation_examples=1000),
     "full": Scale("full", mining_sentences=None, top_k=50, removal_keys=100, aggregation_examples=4000,
-                  checkpoint_every=2000, control_removal_keys=100, corpus="wiki+"),
+                  checkpoint_every=2000, control_removal_keys=100, control_aggregation_examples=4000, corpus="wiki+"),
 }
 
 CORE_PARAMETERS = {"model": str, "scale": str, "seed": int, "results_dir": str, "device": str}

@@ -123,8 +123,30 @@ def _control_line(summaries: dict[str, dict]) -> str:
     names = sorted({f.get("control_name") for s in summaries.values() for f in s["findings"] if f.get("control_name")})
     if not names:
         return "none (verdicts against each finding's own baseline only)"
+    sizes = _control_sizes(summaries)
     return (f"the same architecture with random weights (its own initialiser from its config, seeded; "
-            f"{', '.join(names)}), run on the same corpus with the same parameters")
+            f"{', '.join(names)}), run on the same corpus with the same parameters"
+            + (f", on smaller samples: {sizes}" if sizes else ""))
+
+
+def _control_sizes(summaries: dict[str, dict]) -> str:
+    """The control's sample sizes where they differ from the trained model's (the default scale samples the
+    control's removal experiment and Section 5 more sparsely, to keep the suite within its time budget)."""
+    parts = []
+    keys_summary = summaries.get("01_keys") or {}
+    theirs = (keys_summary.get("control") or {}).get("removal_keys")
+    ours = keys_summary.get("removal_keys")
+    if theirs and theirs != ours:
+        parts.append(f"{theirs} keys per layer in the removal experiment" + (f" (ours {ours})" if ours else ""))
+    aggregation = summaries.get("03_aggregation") or {}
+
+    def examples(summary: dict) -> int | None:
+        return ((summary.get("manifests") or {}).get("aggregation") or {}).get("n_examples")
+
+    theirs, ours = examples(aggregation.get("control") or {}), examples(aggregation)
+    if theirs and theirs != ours:
+        parts.append(f"the first {theirs:,} held-out examples in Section 5" + (f" (ours {ours:,})" if ours else ""))
+    return "; ".join(parts)
 
 
 RULES_TEXT = f"""Each "ours" number carries a 95% interval: a seeded bootstrap (1,000 resamples) over the unit that was

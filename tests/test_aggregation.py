@@ -417,6 +417,20 @@ def test_other_bad_inputs(tiny_result, tiny):
         agg.resolve_examples(2.5, get_scale("ci"))
 
 
+def test_the_control_reads_the_first_of_the_same_heldout_examples(tiny):
+    """The random-weights control's Section 5 reads fewer examples at the default scale (to keep the suite
+    within its time budget), and they are the first of the trained model's: same sentences, same positions."""
+    default = get_scale("default")
+    assert agg.resolve_examples(None, default, control=True) == default.control_aggregation_examples
+    assert default.control_aggregation_examples < default.aggregation_examples
+    assert agg.resolve_examples(None, get_scale("full"), control=True) == get_scale("full").aggregation_examples
+    assert agg.resolve_examples(300, default, control=True) == 300  # a number the user gives is used for both
+    few, many = agg.sample_examples(tiny, 8, seed=3), agg.sample_examples(tiny, 32, seed=3)
+    columns = ["sentence_id", "position", "next_token"]
+    pd.testing.assert_frame_equal(few[columns], many[columns].iloc[:len(few)].reset_index(drop=True))
+    assert len(few) >= 6  # most sentences give an example: the comparison is not vacuous
+
+
 def test_memory_top_tokens_reuse_notebook_02s_projection(tiny, tmp_path, capsys):
     """Section 5 reads the values' top tokens from a finished projection in the run's folder instead of
     projecting every value again; the tokens are the same."""

@@ -142,3 +142,29 @@ def test_a_report_made_in_parts_adds_the_other_parts_notebooks_with_their_figure
     assert main([str(third), "--add", str(published), "--publish", str(tmp_path / "out")]) == 0
     assert "finding of 06_kn" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "figures" / "09_maps.png").read_bytes() == b"a-09_maps"
+
+
+def test_the_control_line_states_the_controls_smaller_samples(tmp_path):
+    """At the default scale the control's removal experiment and Section 5 sample less than the trained
+    model's; the report says so next to the control (and says nothing where the sizes are equal)."""
+    from ffnlib.findings import findings_rows
+    from ffnlib.stats import Estimate
+
+    def write(run, control_keys, control_examples):
+        (run / "summaries").mkdir(parents=True)
+        ours = {"last_hurts_most": Estimate(-0.4, -0.45, -0.35, 100, "keys", "bootstrap")}
+        theirs = {"last_hurts_most": Estimate(-0.1, -0.15, -0.05, 25, "keys", "bootstrap")}
+        rows = findings_rows("01_keys", ours, theirs, {}, "random-init-abc")
+        (run / "summaries" / "01_keys.json").write_text(json.dumps({
+            "findings": rows, "removal_keys": 100, "control": {"name": "random-init-abc", "removal_keys": control_keys},
+            "model": {"model": "m", "layers": 2, "d_ff": 4}}))
+        (run / "summaries" / "03_aggregation.json").write_text(json.dumps({
+            "findings": [], "manifests": {"aggregation": {"n_examples": 4000}},
+            "control": {"name": "random-init-abc", "manifests": {"aggregation": {"n_examples": control_examples}}}}))
+        md, _ = write_report(run)
+        return next(line for line in md.read_text().splitlines() if line.startswith("- Control:"))
+
+    smaller = write(tmp_path / "a" / "m" / "default", 10, 1000)
+    assert smaller.endswith("on smaller samples: 10 keys per layer in the removal experiment (ours 100); "
+                            "the first 1,000 held-out examples in Section 5 (ours 4,000)")
+    assert "smaller samples" not in write(tmp_path / "b" / "m" / "full", 100, 4000)
