@@ -25,11 +25,15 @@ import nbformat
 
 from .errors import FFNLibError
 
+__all__ = ["ROOT", "BOOK_DIR", "NOTEBOOK_DIR", "EXERCISE_DIR", "DOCS_DIR", "REPORT_DIR", "INTERACTIVE",
+           "WIDGET_VIEW", "Part", "COURSE", "pages", "stage", "build", "main"]
+
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_DIR = ROOT / "book"
 NOTEBOOK_DIR = ROOT / "notebooks"
 EXERCISE_DIR = ROOT / "exercises" / "release"
-REPORT_DIR = ROOT / "docs" / "reports"
+DOCS_DIR = ROOT / "docs"  # the user guide, verdict rules, reports, scaling, teaching and the API reference
+REPORT_DIR = DOCS_DIR / "reports"
 INTERACTIVE = ("05_explorer",)  # shown without outputs: its widgets need a running kernel
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -37,7 +41,7 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 @dataclass(frozen=True)
 class Part:
     """One part of the course: its pages in order (``notebooks/<name>``, ``exercises/<name>``,
-    ``reports/<name>/report``), what a student should be able to do after it, and how long it takes."""
+    ``docs/reports/<name>/report``), what a student should be able to do after it, and how long it takes."""
 
     title: str
     goals: tuple[str, ...]
@@ -92,8 +96,8 @@ COURSE: tuple[Part, ...] = (
     Part("Reports: the paper's findings on our three models",
          ("read a verdict (holds, partly, does not hold) together with its control and interval.",
           "say which findings hold on the paper's kind of FFN (plain ReLU) and not on the gated models."),
-         ("reports/smollm2-135m-default/report", "reports/gemma3-270m-default/report",
-          "reports/wiki-relu-lm-default/report"),
+         ("docs/reports/smollm2-135m-default/report", "docs/reports/gemma3-270m-default/report",
+          "docs/reports/wiki-relu-lm-default/report"),
          "45 min", "reading, alongside parts 1-3."),
 )
 
@@ -119,15 +123,17 @@ def _index() -> str:
         # the sidebar's section for the part (hidden here: the list above shows its pages)
         lines += ["", "```{toctree}", ":hidden:", f":caption: {part.title.split(' · ')[0]}", ""]
         lines += list(part.pages) + ["```", ""]
-    lines += ["```{toctree}", ":hidden:", "", "instructors", "```", ""]
+    lines += ["## The library's documentation", "",
+              "The [user guide, verdict rules, reports and API reference](docs/index.md) of the `ffnlib` package "
+              "the notebooks are built on.", "",
+              "```{toctree}", ":hidden:", "", "instructors", "docs/index", "```", ""]
     return "\n".join(lines)
 
 
 def _parts_table() -> str:
     rows = ["| part | pages | time | assign |", "|---|---|---|---|"]
     for part in COURSE:
-        names = ", ".join(f"[{Path(p).name if not p.endswith('/report') else p.split('/')[1]}]({p}.md)"
-                          if p.startswith("reports/") else f"[{Path(p).name}]({p}.ipynb)" for p in part.pages)
+        names = ", ".join(f"[{p.split('/')[2]}]({p}.md)" if p.startswith("docs/reports/") else f"[{Path(p).name}]({p}.ipynb)" for p in part.pages)
         rows.append(f"| {part.title.split(' · ')[0]} | {names} | {part.time} | {part.assign} |")
     return "\n".join(rows) + "\n"
 
@@ -161,13 +167,16 @@ def _notebook(name: str, executed: Path) -> nbformat.NotebookNode:
 
 
 def stage(executed: Path, src: Path) -> Path:
-    """Lay out the site's sources in ``src``: configuration, index, instructors' page, notebooks, exercises,
-    reports with their figures."""
+    """Lay out the site's sources in ``src``: configuration, index, instructors' page, notebooks, exercises, and
+    docs/ (user guide, reports with their figures, the API reference's page)."""
     if src.exists():
         shutil.rmtree(src)
     src.mkdir(parents=True)
     for name in ("conf.py", "instructors.md"):
         shutil.copy(BOOK_DIR / name, src / name)
+    shutil.copytree(BOOK_DIR / "_templates", src / "_templates")
+    # the docs keep the repository's layout (docs/..., notebooks/...), so their relative links work in both
+    shutil.copytree(DOCS_DIR, src / "docs", ignore=shutil.ignore_patterns("generated", "_build"))
     (src / "index.md").write_text(_index())
     (src / "_parts.md").write_text(_parts_table())
     for page in pages():
@@ -179,11 +188,10 @@ def stage(executed: Path, src: Path) -> Path:
             if not path.exists():
                 raise FFNLibError(f"No student copy {path}: run `make exercises`.")
             nb = nbformat.read(path, as_version=4)
-        else:
-            report = REPORT_DIR / rest.split("/")[0]
-            if not (report / "report.md").exists():
-                raise FFNLibError(f"No committed report {report / 'report.md'}: run `make run` and `make publish`.")
-            shutil.copytree(report, src / "reports" / report.name)
+        else:  # a committed report, copied with docs/
+            report = ROOT / f"{page}.md"
+            if not report.exists():
+                raise FFNLibError(f"No committed report {report}: run `make run` and `make publish`.")
             continue
         _clean(nb)
         (src / kind).mkdir(exist_ok=True)
@@ -212,10 +220,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="_build/book")
     parser.add_argument("--rerun", action="store_true", help="run the ci-scale notebooks again even if executed")
     args = parser.parse_args(argv)
-    from .notebook import _slug
+    from .notebook import slug
     from .suite import SUITE, run_suite
 
-    executed = Path(args.results) / _slug(args.model) / "ci" / "notebooks"
+    executed = Path(args.results) / slug(args.model) / "ci" / "notebooks"
     missing = [n for n in SUITE if not (executed / f"{n}.ipynb").exists()]
     try:
         if missing or args.rerun:

@@ -2,8 +2,8 @@
 
 Every notebook has a cell tagged ``parameters`` with at least ``model``, ``scale``, ``seed``,
 ``results_dir`` and ``device``, so ``papermill NB OUT -p scale ci`` always works. ``scale`` picks the
-sizes below: ``"ci"`` is small and fast (tests), ``"default"`` is the main job (about half an hour on
-a 2-core CPU for the whole suite), ``"full"`` uses the whole of the larger corpus ``"wiki+"``: the embedded
+sizes below: ``"ci"`` is small and fast (tests), ``"default"`` is the main job (hours on a 2-core CPU
+for the whole suite the first time; benchmarks/README.md has the measured times), ``"full"`` uses the whole of the larger corpus ``"wiki+"``: the embedded
 text plus BIG-bench's English Wikipedia paragraphs (a 358 MB download the first time, ``ffnlib.corpus``).
 """
 
@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import ParameterError
+
+__all__ = ["Scale", "SCALES", "CORE_PARAMETERS", "get_scale", "check_parameters", "check_int"]
 
 
 @dataclass(frozen=True)

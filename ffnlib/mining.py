@@ -7,8 +7,8 @@ Section 3 (:mod:`ffnlib.keys`) and the Dask path (:mod:`ffnlib.distributed`) bui
   :func:`plan_least_padding` at the least padding plus a cost per batch, :func:`make_batch` pads one.
   The miner's :func:`plan_prefix_batches` plans within each *prefix segment* of the corpus (its first 250 sentences,
   the next 250, the next 500, ... doubling, :func:`doubling_sizes`), so that the state after each segment
-  is exactly the result of a run on that prefix of the corpus: a *snapshot* (issue: findings against
-  corpus size).
+  is exactly the result of a run on that prefix of the corpus: a *snapshot* (notebook 10 reads the findings
+  against corpus size from them).
 - :class:`TopKState` holds the running top-k candidates of every memory of several layers, for one or two
   signs, in a total order (score, then sentence id, then position), so that :func:`merge` of two partial
   states (e.g. two corpus shards) is exact.
@@ -40,6 +40,11 @@ from .capture import StopForward, forward_until_stop, hook_coefficients
 from .errors import CorpusError, ParameterError
 from .progress import say, tqdm
 from .storage import atomic_write_bytes, read_json, sha256_bytes, write_json
+
+__all__ = ["PER_SENTENCE", "POSITION_BITS", "MAX_POSITION", "MAX_SENTENCE_ID", "EMPTY", "DENSE_PAIRS_SHARE",
+           "MAX_GROUP_VIEWS", "SPARE_SLOTS", "prepare_sentences", "corpus_fingerprint", "Batch", "make_batch",
+           "plan_batches", "BATCH_COST", "plan_least_padding", "doubling_sizes", "plan_prefix_batches", "TopKState",
+           "merge", "Miner", "hooked", "Checkpoint", "read_coefficients"]
 
 PER_SENTENCE = ("max", "all")
 POSITION_BITS = 20  # a candidate is stored as one int64: sentence_id << 20 | position

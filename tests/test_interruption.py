@@ -1,4 +1,4 @@
-"""Issue 7, interruption: SIGKILL at five or more points of each long step, then run it again.
+"""Interruption: SIGKILL at five or more points of each long step, then run it again.
 
 Each step runs in its own process group with the fault hooks of ``tests/faults/sitecustomize.py``:
 the whole group is killed at a chosen write (half a temporary file left behind, or a data file

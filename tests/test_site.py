@@ -1,7 +1,8 @@
 """The course site (``make book``, ffnlib.book): built offline from the notebooks executed at scale="ci" (those
 tests/test_notebooks.py ran in this session, or run here), the exercises' student copies and the committed
-reports; then opened page by page in headless Chromium (Playwright), with every request that leaves 127.0.0.1
-blocked: every page opens, every figure loads, every internal link leads to a page, math is typeset by the
+reports, the docs pages (user guide, verdict rules, reports' provenance, scaling, teaching) and the API reference
+generated from the docstrings; then opened page by page in headless Chromium (Playwright), with every request that
+leaves 127.0.0.1 blocked: every page opens, every figure loads, every internal link leads to a page, math is typeset by the
 bundled MathJax, and the exercise pages show their check cells.
 
 ``FFNLIB_TEST_RESULTS=<results_dir>`` builds from ``<results_dir>/executed/`` (as tests/test_browser.py reuses it).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import pkgutil
 import threading
 import urllib.parse
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+import ffnlib
 from ffnlib import book
 from ffnlib.errors import FFNLibError
 from ffnlib.suite import NOTEBOOK_DIR, SUITE, execute
@@ -35,7 +38,7 @@ def test_the_course_has_every_notebook_exercise_set_and_report_once():
     assert notebooks == {p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")}
     exercises = {p.split("/")[1] for p in pages if p.startswith("exercises/")}
     assert exercises == {f"{d.name}_exercises" for d in (ROOT / "exercises" / "source").iterdir() if d.is_dir()}
-    reports = {p.split("/")[1] for p in pages if p.startswith("reports/")}
+    reports = {p.split("/")[2] for p in pages if p.startswith("docs/reports/")}
     assert reports == {d.name for d in (ROOT / "docs" / "reports").iterdir() if (d / "report.md").exists()}
     assert all(part.goals and part.time for part in book.COURSE)
     # each exercise set sits in the same part as the notebook it practises
@@ -58,6 +61,24 @@ def test_widget_outputs_are_dropped_and_their_text_kept():
     nb.cells = [cell]
     book._clean(nb)
     assert "widgets" not in nb.metadata and cell.outputs[0]["data"] == {"text/plain": "100%|##| 3/3"}
+
+
+def docs_pages() -> list[str]:
+    """The docs/ pages of the site (user guide, verdicts, reports' provenance, scaling, teaching, API reference) and
+    the API reference's generated module pages: one per module of the package."""
+    pages = sorted(f"docs/{p.relative_to(ROOT / 'docs').with_suffix('').as_posix()}"
+                   for p in (ROOT / "docs").rglob("*.md") if "reports" not in p.parts)
+    modules = sorted(m.name for m in pkgutil.walk_packages(ffnlib.__path__, "ffnlib."))
+    return pages + [f"docs/generated/{name}" for name in ["ffnlib", *modules]]
+
+
+def test_the_docs_pages_and_the_api_reference_are_part_of_the_site(site):
+    for name in docs_pages():
+        assert (site / f"{name}.html").exists(), f"{name} was not built"
+    for name in ("index", "install", "verdicts", "reports", "scaling", "teaching", "api", "guide/index"):
+        assert f"docs/{name}" in docs_pages(), f"docs/{name}.md is missing"
+    guides = {p.split("/")[-1] for p in docs_pages() if p.startswith("docs/guide/")} - {"index"}
+    assert guides == {p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")}, "a user guide page per notebook"
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +135,7 @@ def test_every_page_opens_with_its_figures_links_math_and_checks_in_a_browser(se
             outside.append(r.request.url)
             r.abort()
 
-    pages = ["index", "instructors"] + book.pages()
+    pages = ["index", "instructors"] + book.pages() + docs_pages()
     seen_links: set[str] = set()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -127,7 +148,7 @@ def test_every_page_opens_with_its_figures_links_math_and_checks_in_a_browser(se
                 images = page.eval_on_selector_all(
                     "img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth > 0])")
                 assert all(ok for _, ok in images), (name, [src for src, ok in images if not ok])
-                if name.startswith("reports/") or name in ("notebooks/01_keys", "notebooks/02_values"):
+                if name.startswith("docs/reports/") or name in ("notebooks/01_keys", "notebooks/02_values"):
                     assert images, f"{name} shows no figure"
                 for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)"):
                     if href.startswith(served):
@@ -142,6 +163,13 @@ def test_every_page_opens_with_its_figures_links_math_and_checks_in_a_browser(se
                     assert body.count("raise NotImplementedError()") >= len(checks)  # a stub per exercise
                 if name == "notebooks/00_quickstart":  # the bundled MathJax typeset the formulas
                     page.wait_for_selector("mjx-container", timeout=15000)
+                if name.startswith("docs/generated/"):  # an API page: the module's name, docstring and members
+                    module = name.split("/")[-1]
+                    assert page.inner_text("article h1").startswith(module), name
+                    assert len(body) > len(module) + 40, f"{name} is empty"
+                if name == "docs/generated/ffnlib.models":
+                    for member in ("ffnlib.models.load_model", "ffnlib.models.check_model", "ffnlib.models.LoadedModel"):
+                        assert page.locator(f'dt[id="{member}"]').count() == 1, member
             for href in sorted(seen_links):  # every internal link leads to a page of the site
                 path = urllib.parse.urlsplit(href).path
                 target = site / urllib.parse.unquote(path).lstrip("/")

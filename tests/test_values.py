@@ -161,7 +161,7 @@ def test_memory_bound_sets_the_chunk_size(tiny, monkeypatch):
     bytes_per_row = 4 * (2 * vocab + d)
     assert rows == int(0.05 * 2**20) // bytes_per_row
     assert rows * bytes_per_row <= 0.05 * 2**20 < (rows + 1) * bytes_per_row
-    assert rows * vocab * 4 <= 0.05 * 2**20  # the brief's rule: one chunk's logits fit in the bound
+    assert rows * vocab * 4 <= 0.05 * 2**20  # one chunk's logits fit in the memory bound
     assert projection_chunk_rows(vocab, d, 0.05, softcap=True) < rows  # soft-capping needs two more buffers
     seen = []
     original = tiny.adapter.logits_from_values
