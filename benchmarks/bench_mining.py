@@ -13,7 +13,7 @@ Rows (all measured in this run):
   never fire in it). Ratio = ours / bare (target >= 0.9). A second row compares with the transformer body only
   (every layer, no final norm and head), since the miner stops the forward pass after the last layer's FFN: that
   is the stricter comparison. The baselines run *interleaved* with the miner: after each of the miner's batches
-  (through ``keys._after_batch``) the dense batches that catch up with the tokens it has mined so far, body then
+  (through the miner's ``on_batch`` callback) the dense batches that catch up with the tokens it has mined so far, body then
   full LM. The miner's time is its end-to-end wall time minus the time spent in them, so a machine whose speed
   drifts during the run (these shared machines drift by 5-18% within minutes) weighs on both sides alike;
 - padding share of the miner's batches (target < 5%);
@@ -178,7 +178,7 @@ def padded_tokens(lengths, batches) -> int:
 
 
 class InterleavedBaselines:
-    """The bare forward passes, run between the miner's batches: install as ``keys._after_batch``.
+    """The bare forward passes, run between the miner's batches: pass as ``on_batch`` to ``keys.mine_trigger_examples``.
 
     The tokens are the miner's, in corpus order, packed into dense rows of the mean sentence length and batches of
     ``batch_tokens``. After the miner's batch ``b``, dense batches run until they have covered as many tokens as
@@ -273,14 +273,10 @@ def main() -> None:
     snapshot_seconds = 0.0
     for repeat in range(args.repeats):
         baselines = InterleavedBaselines(loaded, token_ids, args.batch_tokens, args.k)
-        after_batch, keys._after_batch = keys._after_batch, baselines
-        try:
-            start = time.perf_counter()
-            ex = keys.mine_trigger_examples(loaded, sentences, k=args.k, batch_tokens=args.batch_tokens,
-                                            out_dir=tempfile.mkdtemp(), progress=False)
-            ours[0] += time.perf_counter() - start - baselines.seconds
-        finally:
-            keys._after_batch = after_batch
+        start = time.perf_counter()
+        ex = keys.mine_trigger_examples(loaded, sentences, k=args.k, batch_tokens=args.batch_tokens,
+                                        out_dir=tempfile.mkdtemp(), progress=False, on_batch=baselines)
+        ours[0] += time.perf_counter() - start - baselines.seconds
         ours[1] += ex.stats["tokens"]
         padding = ex.stats["padding_share"]
         snapshot_seconds += ex.stats["snapshot_seconds"]

@@ -27,6 +27,8 @@ from torch import nn
 
 from .errors import ParameterError, UnsupportedModelError
 
+__all__ = ["FamilySpec", "FAMILIES", "ENCODER_ONLY", "supported_families", "find_family", "Adapter", "get_adapter"]
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -257,7 +259,7 @@ class Adapter:
         weight = weight.detach()
         return 1.0 + weight if self.family.gemma_norm else weight
 
-    def _is_layernorm(self) -> bool:
+    def is_layernorm(self) -> bool:
         """Whether the final norm centres (LayerNorm, OLMo's weightless LayerNorm) rather than RMS-scales."""
         return isinstance(self.final_norm, nn.LayerNorm) or type(self.final_norm).__name__.endswith("LayerNorm")
 
@@ -278,7 +280,7 @@ class Adapter:
         value's own direction, not of ``logits_from_residual(v)``.
         """
         vectors = vectors.to(self.head.weight.dtype)
-        if self._is_layernorm():
+        if self.is_layernorm():
             vectors = vectors - vectors.mean(dim=-1, keepdim=True)
         return self._head(vectors * self.norm_gain())
 

@@ -71,6 +71,13 @@ from .reference import PAPER_LAYERS, paper_reference, relative_depth
 from .stats import N_BOOT, Estimate, bootstrap, share, spearman_with_depth
 from .storage import cache_dir, fingerprint, load_result, save_result
 
+__all__ = ["ACTIVE_RULES", "CASES", "AGAINST", "SHORT_PREFIX", "classify", "memory_counts", "active_mask",
+           "memory_predictions", "agreeing_memories", "sample_examples", "make_batches", "batch_inputs",
+           "memory_top_tokens", "stop_word_flags", "project_tops", "analyse_batch", "AggregationResult",
+           "check_examples", "resolve_examples", "check_settings", "aggregation_request", "load_cached_aggregation",
+           "analyse_aggregation", "layer_summary", "agreement_breakdown", "composition_examples", "paper_curves",
+           "section5_measures", "curves", "side_by_side"]
+
 ACTIVE_RULES = ("auto", "relative", "positive")
 CASES = ("residual", "ffn", "agreement", "composition")
 AGAINST = ("output", "ffn")

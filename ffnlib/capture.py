@@ -31,6 +31,9 @@ from torch import nn
 from .adapters import Adapter, get_adapter
 from .errors import ParameterError
 
+__all__ = ["WHAT", "Activations", "StopForward", "forward_until_stop", "stop_after", "TokenShapes",
+           "hook_coefficients", "capture", "decomposition_check"]
+
 WHAT = ("coefficients", "ffn_input", "ffn_output", "residual_before", "residual_after")
 
 

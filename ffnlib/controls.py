@@ -23,6 +23,8 @@ from .errors import ParameterError
 from .models import LoadedModel
 from .storage import fingerprint
 
+__all__ = ["CONTROLS", "tokenizer_fingerprint", "control_id", "random_init", "cascading", "check_control"]
+
 CONTROLS = ("random-init", "none")
 _IGNORED = {"_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "_commit_hash",
             "name_or_path", "quantization_config"}

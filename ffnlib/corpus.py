@@ -39,6 +39,10 @@ import pandas as pd
 from .errors import CorpusError, ParameterError
 from .storage import cache_dir, fingerprint, write_parquet
 
+__all__ = ["EMBEDDED_CORPORA", "HELDOUT_SHARE", "COLUMNS", "SPLITS", "split_sentences", "wiki_sentences",
+           "ENGLISH_STOPWORD_SHARE", "BIGBENCH_SOURCE", "is_english", "bigbench_documents", "wiki_plus_sentences",
+           "corpus_summary", "text_sentences", "dataset_sentences", "load_corpus", "describe_source"]
+
 EMBEDDED_CORPORA = ("wiki", "wiki+")
 HELDOUT_SHARE = 0.10
 COLUMNS = ["sentence_id", "doc_id", "title", "topic", "source", "text", "heldout"]

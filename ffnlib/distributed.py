@@ -534,7 +534,7 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
             done["tokens"] += int(sum(lengths[rows].sum() for rows in batches[first:end]))
             done["shards"] += 1
             if shard in snapshot_after:
-                _keys._keep_snapshot(snapshots, snapshot_after[shard], merged[0], table, request,
+                _keys.keep_snapshot(snapshots, snapshot_after[shard], merged[0], table, request,
                                      {"tokens": done["tokens"]}, folder,
                                      {"batch_tokens": req.batch_tokens, "plan": _keys.MINING_PLAN})
 

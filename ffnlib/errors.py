@@ -7,6 +7,9 @@ types should surface as a bare ``IndexError`` or ``RuntimeError`` from inside to
 
 from __future__ import annotations
 
+__all__ = ["FFNLibError", "ModelNotFoundError", "UnsupportedModelError", "CorpusError", "ParameterError",
+           "ResultsError", "CheckpointError", "NotebookError", "NothingToAnalyse", "NotebookSkipped"]
+
 
 class FFNLibError(Exception):
     """Base class of every error ffnlib raises on purpose."""
@@ -30,6 +33,11 @@ class ParameterError(FFNLibError, ValueError):
 
 class ResultsError(FFNLibError):
     """A results/cache folder cannot be written, or a stored result is corrupt."""
+
+
+class CheckpointError(ResultsError):
+    """A training checkpoint is not a plain one (tensors, state dicts, numbers, strings, lists and dicts of those)
+    or cannot be read: it is refused, never loaded, since a crafted file could run code when unpickled."""
 
 
 class NotebookError(FFNLibError):

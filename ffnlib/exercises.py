@@ -697,14 +697,14 @@ def check_softmax_memory(fn, seed: int = 0) -> None:
 def check_top_mass(fn, loaded, layer: int, share: float = 0.002,
                    text: str = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.") -> None:
     """``fn(coefficients, share)`` -> (tokens,): the share of Σ|m_i| in the top ``share`` of the slots (at least
-    one), on the model's real coefficients; against :func:`ffnlib.related.relu_softmax` (``_top_mass``)."""
-    from .related.relu_softmax import _top_mass
+    one), on the model's real coefficients; against :func:`ffnlib.related.relu_softmax` (``top_mass``)."""
+    from .related.relu_softmax import top_mass
 
     ids = torch.tensor([loaded.encode(text)], device=loaded.device)
     with torch.no_grad(), capture(loaded, layer, what=("coefficients",)) as acts:
         loaded.model(ids)
     m = acts.coefficients[layer][0].float().cpu()
-    expected = _top_mass(m, share)
+    expected = top_mass(m, share)
     got = _call(fn, m.clone(), share)
     k = max(1, int(round(share * m.shape[-1])))
     signed = m.topk(k, dim=-1).values.sum(-1) / m.sum(-1)

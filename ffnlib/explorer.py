@@ -599,7 +599,7 @@ class ValueIndex:
         if layer not in self._inputs:
             adapter = self.loaded.adapter
             x = adapter.values(layer).float()
-            if adapter._is_layernorm():
+            if adapter.is_layernorm():
                 x = x - x.mean(-1, keepdim=True)
             x = x * adapter.norm_gain().float()
             mean = x @ self.mean + self.bias_mean

@@ -26,6 +26,9 @@ from torch import nn
 
 from .errors import ModelNotFoundError, ParameterError
 
+__all__ = ["CONFIG_FIELD", "SOFTMAX_VARIANTS", "SlotSoftmaxMLP", "ffn_variant", "apply_ffn_variant",
+           "load_variant_model"]
+
 CONFIG_FIELD = "ffnlib_ffn"
 SOFTMAX_VARIANTS = ("softmax", "softmax_ln")
 

@@ -18,6 +18,8 @@ import torch
 from .capture import hook_coefficients
 from .errors import ParameterError
 
+__all__ = ["intervene"]
+
 
 @contextmanager
 def intervene(loaded, edits: Mapping[tuple[int, int], float], scale: bool = False) -> Iterator[None]:

@@ -109,10 +109,6 @@ class TriggerExamples:
         return TopKState(self.layers, signs, scores, keys)
 
 
-def _after_batch(batches_done: int, sentences_done: int) -> None:
-    """Called after every mining batch (and its checkpoint). A no-op; tests patch it to interrupt runs."""
-
-
 @dataclass(frozen=True)
 class TriggerRequest:
     """A checked mining request: the sentence table (tokenized), the layers and signs, and the manifest
@@ -199,7 +195,7 @@ def snapshot_request(request: dict, table: pd.DataFrame, size: int) -> tuple[dic
 def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sentence: str = "max",
                           negative: bool | None = None, layers=None, batch_tokens: int = 2048,
                           checkpoint_every: int = 1000, out_dir=None, progress: bool = True,
-                          snapshot_floor="auto") -> TriggerExamples:
+                          snapshot_floor="auto", on_batch=None) -> TriggerExamples:
     """Mine the top-k trigger examples of every memory of ``layers`` (all by default) over ``sentences``.
 
     - ``per_sentence="max"`` (the authors' code): at most one prefix per sentence per key, ending at the
@@ -217,6 +213,9 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
       ``manifest["snapshot_floor"]``: ``"auto"`` on the prefix alone would resolve to a smaller one);
       :func:`trigger_snapshot` reads it. With ``out_dir`` each is saved as that prefix run's result (so such
       a run, given that floor, loads it). With snapshots the row order is part of the request.
+
+    - ``on_batch(batches_done, sentences_done)``, when given, is called after every batch and its checkpoint:
+      a benchmark runs its baselines there, a test interrupts the run there. It is not part of the request.
 
     The engine (top-k state, miner, batches) is :mod:`ffnlib.mining`.
     """
@@ -287,14 +286,15 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
                 if size is not None:  # a prefix of the corpus is done: its snapshot (a run resumes from it too)
                     snapshot_started = time.perf_counter()
                     miner.flush()
-                    _keep_snapshot(snapshots, size, state, table, request, done, folder, plan)
+                    keep_snapshot(snapshots, size, state, table, request, done, folder, plan)
                     last_checkpoint = done["sentences"]
                     snapshot_seconds += time.perf_counter() - snapshot_started
                 if done["sentences"] - last_checkpoint >= checkpoint_every and index + 1 < len(batches):
                     miner.flush()
                     checkpoint.save({"scores": state.scores, "keys": state.keys}, done)
                     last_checkpoint = done["sentences"]
-                _after_batch(done["batches"], done["sentences"])
+                if on_batch is not None:
+                    on_batch(done["batches"], done["sentences"])
             miner.flush()
     finally:
         bar.close()
@@ -314,7 +314,7 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
     return result
 
 
-def _keep_snapshot(snapshots: dict, size: int, state: TopKState, table: pd.DataFrame, request: dict,
+def keep_snapshot(snapshots: dict, size: int, state: TopKState, table: pd.DataFrame, request: dict,
                    done: dict, folder: Path | None, plan: dict) -> None:
     """The state after the first ``size`` sentences: saved as the result of a run on that prefix (with
     ``folder``; as its top-k state, :func:`save_snapshot_state`, naming the batch ``plan`` it was mined with),

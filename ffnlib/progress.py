@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+__all__ = ["tqdm", "say"]
+
 log = logging.getLogger("ffnlib")
 
 

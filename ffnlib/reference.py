@@ -12,6 +12,8 @@ import numpy as np
 
 from .errors import ParameterError
 
+__all__ = ["DATA_DIR", "PAPER_LAYERS", "paper_reference", "relative_depth"]
+
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 PAPER_LAYERS = 16  # the paper's model had 16 layers
 

@@ -28,6 +28,10 @@ from .storage import atomic_write_bytes, write_json
 
 from .findings import ARCHITECTURAL, SIZE_SHARE, VERDICTS
 
+__all__ = ["SECTION_OF", "COLUMNS", "Finding", "normalise_verdict", "load_summaries", "RULES_TEXT",
+           "CORPUS_SIZE_HEADER", "CORPUS_SIZE_TEXT", "render_markdown", "render_html", "write_report",
+           "add_summaries", "publish_report", "main"]
+
 SECTION_OF = {"01": "Sec. 3", "02": "Sec. 4", "03": "Sec. 5"}  # notebook number -> paper section
 COLUMNS = ("section", "finding", "paper", "ours", "control", "verdict")
 

@@ -23,6 +23,10 @@ import pandas as pd
 
 from .errors import ResultsError
 
+__all__ = ["CACHE_ENV", "cache_dir", "ensure_dir", "atomic_write_bytes", "atomic_write", "write_json", "read_json",
+           "sha256_file", "sha256_bytes", "fingerprint", "library_versions", "write_parquet", "save_result",
+           "load_result"]
+
 CACHE_ENV = "FFNLIB_CACHE"
 
 

@@ -60,6 +60,12 @@ from .reference import PAPER_LAYERS, relative_depth
 from .stats import LEVEL, N_BOOT, Estimate, binomial, bootstrap, bootstrap_samples, share, shift
 from .storage import fingerprint, load_result, read_json, save_result, sha256_bytes
 
+__all__ = ["KEYS", "END_OF_SENTENCE", "BINNINGS", "PAPER_UPPER_FROM", "value_logits", "value_top_tokens",
+           "ValueProjection", "projection_chunk_rows", "top_trigger_targets", "project_values",
+           "cached_projection_tops", "target_ranks", "check_next_tokens", "value_agreement", "agreement_by_layer",
+           "agreement_by_depth", "agreement_by_confidence", "confident_values", "confident_summary",
+           "confident_examples", "section4_measures"]
+
 KEYS = ["layer", "memory", "sign"]
 END_OF_SENTENCE = ("disagree", "exclude")
 BINNINGS = ("quantile", "uniform")

@@ -250,7 +250,7 @@ def test_tied_and_untied_heads_project_through_the_models_own_head(case_id, tied
     embeddings = loaded.model.get_input_embeddings().weight
     assert (adapter.head.weight.data_ptr() == embeddings.data_ptr()) == tied
     values = adapter.values(1)[:6]
-    centred = values - values.mean(-1, keepdim=True) if adapter._is_layernorm() else values
+    centred = values - values.mean(-1, keepdim=True) if adapter.is_layernorm() else values
     with torch.no_grad():
         by_head = (centred * adapter.norm_gain()) @ adapter.head.weight.T
         by_embeddings = (centred * adapter.norm_gain()) @ embeddings.T

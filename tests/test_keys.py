@@ -286,11 +286,9 @@ def _interrupt_at(batch: int):
 def test_resume_after_an_interruption_gives_identical_rows(tiny, sentences, tmp_path, monkeypatch):
     ref = _mine(tiny, sentences, out_dir=tmp_path / "ref", checkpoint_every=6)
     assert ref.stats["resumed_from"] == 0
-    monkeypatch.setattr(keys, "_after_batch", _interrupt_at(7))
     with pytest.raises(Interrupt):
-        _mine(tiny, sentences, out_dir=tmp_path / "run", checkpoint_every=6)
+        _mine(tiny, sentences, out_dir=tmp_path / "run", checkpoint_every=6, on_batch=_interrupt_at(7))
     assert list((tmp_path / "run").glob("*.checkpoint.json"))
-    monkeypatch.setattr(keys, "_after_batch", lambda *a: None)
     again = _mine(tiny, sentences, out_dir=tmp_path / "run", checkpoint_every=6)
     assert 0 < again.stats["resumed_from"] < len(sentences)
     for a, b in zip(_result_files(tmp_path / "ref"), _result_files(tmp_path / "run")):
@@ -328,10 +326,8 @@ def test_cache_is_reused_only_for_the_same_manifest(tiny, sentences, tmp_path, c
 
 def test_corrupted_checkpoint_is_detected_and_recomputed(tiny, sentences, tmp_path, monkeypatch):
     ref = _mine(tiny, sentences, snapshot_floor=None)  # no snapshot to resume from instead
-    monkeypatch.setattr(keys, "_after_batch", _interrupt_at(7))
     with pytest.raises(Interrupt):
-        _mine(tiny, sentences, out_dir=tmp_path, checkpoint_every=6, snapshot_floor=None)
-    monkeypatch.setattr(keys, "_after_batch", lambda *a: None)
+        _mine(tiny, sentences, out_dir=tmp_path, checkpoint_every=6, snapshot_floor=None, on_batch=_interrupt_at(7))
     (data,) = tmp_path.glob("*.checkpoint-*.pt")
     blob = bytearray(data.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
@@ -389,11 +385,10 @@ def test_a_snapshot_equals_a_run_on_that_prefix_of_the_corpus(tiny, sentences, t
 def test_snapshots_survive_an_interruption(tiny, sentences, tmp_path, monkeypatch):
     ref = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "ref")
     batches, ends = mining.plan_prefix_batches([len(t) for t in ref.sentences["token_ids"]], 160, [8, 16, 32, 40])
-    monkeypatch.setattr(keys, "_after_batch", _interrupt_at(ends[1] + 1))  # past the second snapshot
-    with pytest.raises(Interrupt):
-        _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
+    with pytest.raises(Interrupt):  # past the second snapshot
+        _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000,
+              on_batch=_interrupt_at(ends[1] + 1))
     assert not list((tmp_path / "run").glob("*.checkpoint*"))  # no checkpoint was due; the snapshots serve as ones
-    monkeypatch.setattr(keys, "_after_batch", lambda *a: None)
     again = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
     assert again.stats["resumed_from"] == 16  # the run resumes from its last saved snapshot
     pd.testing.assert_frame_equal(again.triggers, ref.triggers, check_exact=True)
@@ -457,8 +452,9 @@ KILL_SCRIPT = textwrap.dedent("""
     mode, _, n = kill.partition(":")
     n = int(n or 0)
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    on_batch = None
     if mode == "batch":  # after a batch (and its checkpoint, if any)
-        keys._after_batch = lambda batches, sentences: die() if batches == n else None
+        on_batch = lambda batches, sentences: die() if batches == n else None
     elif mode in ("data", "meta"):  # during the n-th checkpoint of this run
         real_bytes, real_json, count = mining.atomic_write_bytes, mining.write_json, [0]
         def write_bytes(path, data):
@@ -474,7 +470,7 @@ KILL_SCRIPT = textwrap.dedent("""
         mining.atomic_write_bytes, mining.write_json = write_bytes, write_json  # the checkpoint's writes
     loaded = load_model(model_dir)
     ex = keys.mine_trigger_examples(loaded, pd.read_parquet(corpus), k=5, batch_tokens=64, checkpoint_every=2,
-                                    out_dir=out_dir, progress=False)
+                                    out_dir=out_dir, progress=False, on_batch=on_batch)
     print("DONE", ex.stats["resumed_from"])
 """)
 

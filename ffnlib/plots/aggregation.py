@@ -15,6 +15,9 @@ from matplotlib.figure import Figure
 
 from ..aggregation import CASES
 
+__all__ = ["plot_active_memories", "plot_zero_agreement", "plot_residual_final", "plot_residual_confidence",
+           "plot_ffn_cases"]
+
 _CASE_COLORS = {"residual": "#4c72b0", "ffn": "#dd8452", "agreement": "#55a868", "composition": "#c44e52"}
 
 

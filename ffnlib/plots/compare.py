@@ -8,6 +8,8 @@ from matplotlib.figure import Figure
 
 from ..reference import PAPER_LAYERS, relative_depth
 
+__all__ = ["paper_curve", "overlay_curves"]
+
 
 def paper_curve(values, label: str, ylabel: str | None = None) -> Figure:
     """The paper's per-layer numbers (its 16 layers), drawn as we draw ours."""

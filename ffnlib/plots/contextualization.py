@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+__all__ = ["plot_maps", "plot_contextualization_change", "plot_amplified_classes", "plot_cancellation"]
+
 _COMPONENT_COLORS = {"LN (FFN input)": "#8172b2", "FF": "#dd8452", "LN (FFN output)": "#937860", "RES": "#4c72b0",
                      "LN": "#55a868", "FF block (FF, norms, RES)": "#222222"}
 _CLASS_COLORS = {"subword": "#dd8452", "capitalised span": "#c44e52", "frequent bigram": "#55a868",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
+__all__ = ["VARIANT_COLORS", "plot_removal", "plot_pattern_measures", "plot_annotation_summary"]
+
 VARIANT_COLORS = {"first": "tab:blue", "last": "tab:red", "random": "tab:green"}
 
 

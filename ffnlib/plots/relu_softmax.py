@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
+__all__ = ["STYLE", "plot_perplexity", "plot_memories"]
+
 STYLE = {"relu": ("ReLU (the paper's FFN)", "#4c72b0", "o"), "gelu": ("GELU", "#8172b3", "v"),
          "swiglu": ("SwiGLU (a Llama block)", "#55a868", "^"), "softmax": ("softmax over the slots", "#c44e52", "s"),
          "softmax_ln": ("softmax + LayerNorm", "#dd8452", "D")}

@@ -15,6 +15,8 @@ from matplotlib.figure import Figure
 from ..reference import relative_depth
 from ..values import PAPER_UPPER_FROM
 
+__all__ = ["plot_agreement", "plot_target_ranks", "plot_agreement_by_confidence", "plot_confident_layers"]
+
 _SIDE = {1: "positive coefficients: v_i", -1: "negative coefficients: -v_i"}
 
 

@@ -87,6 +87,16 @@ from ..progress import tqdm
 from ..stats import Estimate
 from ..storage import fingerprint, load_result, save_result
 
+__all__ = ["MAX_TOKENS", "CHUNK_ELEMENTS", "STAGES", "MAIN_STAGES", "STAGE_LABELS", "COMPONENTS", "CHECKED",
+           "LayerLayout", "VALUE_LAYOUTS", "LAYOUTS", "layout_of", "stages_of", "before_ff", "NormSplit",
+           "path_average", "check_activation", "path_average_table", "gated_ig_coefficients",
+           "elementwise_ig_ratio", "ig_shares_by_riemann", "eager_attention", "Decomposition", "decompose",
+           "token_table", "sample_sentences", "MapsResult", "sentence_maps", "NORMALISE", "CLASSES",
+           "normalised_maps", "CORRELATE", "contextualization_per_sentence", "contextualization_change",
+           "corpus_bigrams", "classify_pairs", "amplification", "amplified_pairs", "amplified_classes",
+           "cancellation_per_sentence", "cancellation", "MEASURE_OF_CLASS", "measures", "map_arrays", "SCALE_SIZES",
+           "notebook_sizes", "curves"]
+
 _VERSION = 1
 MAX_TOKENS = 128  # the default bound on a sentence's length (cost grows as n² per layer)
 CHUNK_ELEMENTS = 1 << 23  # floats in the largest per-chunk tensor (32 MiB in fp32)

@@ -42,6 +42,9 @@ from ..errors import ParameterError
 from ..stats import N_BOOT, Estimate, bootstrap
 from ..training import VARIANTS, TrainSpec, blocks, train_lm
 
+__all__ = ["TOP_SHARE", "SweepSizes", "SIZES", "sweep_sizes", "sweep_specs", "run_sweep", "top_mass",
+           "memory_measures", "measure_sweep", "summary_table", "measures", "pretrainedtop_mass"]
+
 TOP_SHARE = 0.002  # Shen et al.: the top 0.2% of the slots
 
 
@@ -98,7 +101,7 @@ def run_sweep(sizes: SweepSizes, out_dir, seed: int = 0, progress: bool = True) 
 
 
 # ---- inside the trained memories -------------------------------------------------------------------------
-def _top_mass(m: torch.Tensor, share: float = TOP_SHARE) -> torch.Tensor:
+def top_mass(m: torch.Tensor, share: float = TOP_SHARE) -> torch.Tensor:
     """Per token: the share of Σ|m_i| in the top ``share`` of the slots (at least one slot); NaN for a token
     whose coefficients are all zero (a ReLU layer can switch every memory off), which has no mass to share."""
     mass = m.abs().float()
@@ -129,7 +132,7 @@ def memory_measures(folder, n_blocks: int, heldout_sentences: int = 2000, corpus
             loaded.model(ids[None], attention_mask=torch.ones_like(ids[None]))
         ratios = [float((acts.ffn_output[l].pow(2).sum(-1) / acts.residual_before[l].pow(2).sum(-1)).mean())
                   for l in layers]
-        top = np.nanmean([float(_top_mass(acts.coefficients[l][0]).nanmean()) for l in layers])
+        top = np.nanmean([float(top_mass(acts.coefficients[l][0]).nanmean()) for l in layers])
         active = np.mean([float((acts.coefficients[l][0] > 0).float().mean()) for l in layers])
         rows.append({"block": b, "variance_ratio": float(np.mean(ratios)),
                      "variance_ratio_upper": float(np.mean(ratios[1:])) if len(ratios) > 1 else float("nan"),
@@ -206,7 +209,7 @@ def measures(table: pd.DataFrame, losses: dict, memory: pd.DataFrame, n_boot: in
     return ours, details
 
 
-def pretrained_top_mass(loaded, texts: list[str], max_tokens: int = 64) -> float:
+def pretrainedtop_mass(loaded, texts: list[str], max_tokens: int = 64) -> float:
     """The same top-0.2% mass share of |m| on a pretrained model (e.g. the default SmolLM2), for comparison."""
     from ..capture import capture
 
@@ -216,6 +219,6 @@ def pretrained_top_mass(loaded, texts: list[str], max_tokens: int = 64) -> float
             ids = torch.tensor([loaded.encode(text)[:max_tokens]], device=loaded.device)
             with capture(loaded, None, what=("coefficients",)) as acts:
                 loaded.model(ids)
-            values += [float(_top_mass(m[0]).nanmean()) for m in acts.coefficients.values()]
+            values += [float(top_mass(m[0]).nanmean()) for m in acts.coefficients.values()]
     return float(np.nanmean(values))
 

@@ -24,6 +24,8 @@ from ..keys import ANNOTATION_COLUMNS, PATTERN_KINDS, TriggerExamples, read_anno
 from ..reference import DATA_DIR
 from ..storage import atomic_write_bytes
 
+__all__ = ["DEFAULT_PATH", "MIN_COVER", "Pattern", "AnnotationSession", "annotation_widget"]
+
 DEFAULT_PATH = DATA_DIR / "annotations" / "annotations.csv"
 MIN_COVER = 3  # the paper: a pattern needs at least 3 prefixes
 

@@ -20,6 +20,8 @@ from ..explorer import (SEARCH_BY, Explorer, attribution_label, contributor_labe
                         render_error, render_intervention, render_memory_view, render_prompt_analysis,
                         render_search_results, search_label)
 
+__all__ = ["MODES", "ExplorerWidget", "explorer_widget"]
+
 MODES = ("switch off", "set coefficient to")
 
 
