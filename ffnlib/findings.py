@@ -349,8 +349,9 @@ FINDINGS += _uncontrolled((
                                                 "knowledge neurons with Section 4's agreement", our_figure="06_layers"),
     Finding("06_knowledge_neurons.update", KN_SECTION, "Table 5", "Editing the neurons' values updates the fact",
             f"success 34.4% (random neurons 0.0%) {UNVERIFIED}", "greater", paper_value=0.344, baseline=True,
-            unit_note="share of facts whose prediction becomes the new answer; baseline: random same-layer memories",
-            our_figure="06_editing"),
+            unit_note="share of facts whose prediction becomes the new answer while held-out perplexity stays within "
+                      "the bound (default 1.5x the unedited model's; Dai count the prediction only); baseline: random "
+                      "same-layer memories", our_figure="06_editing"),
     Finding("06_knowledge_neurons.erase", KN_SECTION, "Table 6", "Erasing a relation's top-20 neurons raises its "
             "perplexity", f"+106.6% and +128.2% (P19, P106); other relations +1.1..+10.1% {UNVERIFIED}", "greater",
             paper_value=1.066, baseline=True, unit_note="relative change of the answer perplexity of the erased "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from types import SimpleNamespace
 
@@ -241,16 +242,23 @@ def _small_study(loaded):
     return kn.evaluate_prompts(loaded, kn.build_prompts(loaded, facts, templates))
 
 
-def test_the_experiments_leave_the_model_as_it_was():
-    loaded = _tiny("llama", seed=3)
+def _edit_study(seed: int = 3):
+    """A tiny model, its prompts (every fact pretended known, so that every experiment has work), hand-picked
+    neurons and two held-out sentences."""
+    loaded = _tiny("llama", seed=seed)
     prompts = _small_study(loaded)
-    prompts["correct"] = True  # pretend the model knows every fact, so that every experiment has work
+    prompts["correct"] = True
     neurons = pd.DataFrame([{"relation": r, "fact_id": f, "layer": l, "memory": m, "sign": 1}
                             for r, f, l, m in [("capital", 0, 2, 1), ("capital", 0, 2, 5), ("capital", 1, 1, 5),
                                                ("capital", 2, 2, 8), ("official_language", 3, 2, 1),
                                                ("official_language", 4, 0, 3)]])
-    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     heldout = [_ids("The capital of France is Paris"), _ids("people in Spain speak Spanish")]
+    return loaded, prompts, neurons, heldout
+
+
+def test_the_experiments_leave_the_model_as_it_was():
+    loaded, prompts, neurons, heldout = _edit_study()
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     effects = kn.suppress_amplify(loaded, prompts, neurons)
     spec, spec_ppl = kn.specificity(loaded, prompts, neurons, heldout)
     same = kn.same_answer_effect(loaded, prompts, neurons, prompts)
@@ -265,6 +273,9 @@ def test_the_experiments_leave_the_model_as_it_was():
     assert set(spec_ppl["kind"]) == {"knowledge", "random"} and len(spec)
     assert {"self", "same relation, other answer"} <= set(same["group"])
     assert set(edits["kind"]) == {"knowledge", "random"}
+    assert (edits["success"] <= edits["success_unbounded"]).all()  # the bound only takes successes away
+    assert edits["heldout_ppl_ratio"].to_numpy() == pytest.approx(
+        (edits["heldout_ppl_after"] / edits["heldout_ppl_before"]).to_numpy())
     assert len(erase_ppl) == 4 and (erase_ppl["n_neurons"] <= 2).all()
     # the fact update writes lambda-weighted embeddings into the values (checked on one neuron)
     vectors = kn.update_vectors(loaded, [(2, 1, 1)], old_token=_ids("Paris")[0], new_token=_ids("Rome")[0])
@@ -273,6 +284,88 @@ def test_the_experiments_leave_the_model_as_it_was():
     old, new = e[_ids("Paris")[0]], e[_ids("Rome")[0]]
     expected = v - v.norm() / old.norm() * old + 8 * v.norm() / new.norm() * new
     assert torch.allclose(vectors[(2, 1)], expected.float().to(vectors[(2, 1)].dtype), rtol=1e-6)
+
+
+def test_an_edit_that_breaks_perplexity_past_the_bound_is_not_a_success():
+    assert kn.edit_success(0, 30.0, 44.9)  # rank 1, perplexity 1.50x: within the default bound
+    assert not kn.edit_success(0, 30.0, 45.1)  # rank 1, but 1.503x
+    assert not kn.edit_success(0, 29.75, 2.021e10)  # rank 1 and a destroyed model (the committed report's edit)
+    assert kn.edit_success(0, 29.75, 2.021e10, max_ratio=math.inf)  # no bound: rank 1 is enough
+    assert not kn.edit_success(1, 30.0, 30.0)  # the perplexity is fine, the new answer is not on top
+    assert kn.edit_success(0, 30.0, 59.0, max_ratio=2.0) and not kn.edit_success(0, 30.0, 61.0, max_ratio=2.0)
+    for broken in (math.nan, math.inf):  # no finite perplexity: the edit cannot be shown to leave the model working
+        assert not kn.edit_success(0, 30.0, broken) and not kn.edit_success(0, broken, 30.0, max_ratio=math.inf)
+    for bad in (0.9, -1, math.nan, "1.5", True):
+        with pytest.raises(ffnlib.ParameterError, match="max_perplexity_ratio"):
+            kn.edit_success(0, 30.0, 30.0, max_ratio=bad)
+
+
+def test_a_nan_logit_is_never_a_success():
+    """NaN compares false, so ``(final > final[answer]).sum()`` ranks a NaN answer logit first: the ranking must
+    say the row is broken. Checked on NaN logits made in the model (a NaN head row, a NaN value edit)."""
+    loaded, prompts, neurons, heldout = _edit_study(seed=5)
+    row = prompts.iloc[0]
+    head, answer = loaded.adapter.head.weight, int(row.answer_token)
+    with torch.no_grad():
+        saved = head[answer].clone()
+        head[answer] = math.nan  # the answer's logit is NaN: the old ranking gives rank 0, a success
+        try:
+            nan_answer = kn.answer_probabilities(loaded, [row.prompt_ids], [answer])
+            nan_other = kn.answer_probabilities(loaded, [row.prompt_ids], [(answer + 1) % VOCAB])  # a finite answer
+            evaluated = kn.evaluate_prompts(loaded, prompts.iloc[:1])
+        finally:
+            head[answer] = saved
+    for result in (nan_answer, nan_other):
+        assert result["rank"].item() == VOCAB and result["top_token"].item() == -1
+        assert not kn.edit_success(result["rank"].item(), 30.0, 30.0, max_ratio=math.inf)
+    assert not evaluated["correct"].item() and not evaluated["top10"].item()
+    # an update that writes NaN into the values (lambda2 = NaN) makes every logit NaN: never a success, and its
+    # held-out perplexity is NaN, not the 1.0 that a NaN-skipping sum of the NLLs gives
+    edits = kn.edit_facts(loaded, prompts, neurons, prompts, heldout, lambda2=math.nan, n_others=1)
+    assert len(edits) and not edits["success_unbounded"].any() and not edits["success"].any()
+    assert not edits["success_at_5"].any() and edits["heldout_ppl_after"].isna().all()
+
+
+def test_the_lambda2_sweep_has_a_row_per_edit_and_resumes(tmp_path, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    from ffnlib.plots.knowledge_neurons import plot_lambda2_sweep
+
+    loaded, prompts, neurons, heldout = _edit_study()
+    args = (loaded, prompts, neurons, prompts, heldout)
+    reference = kn.lambda2_sweep(*args, lambda2s=(1, 8), n_others=1, progress=False)
+    single = kn.edit_facts(*args, lambda2=8.0, n_others=1)
+    assert len(reference) == 2 * len(single) and set(reference["lambda2"]) == {1.0, 8.0}
+    assert {"lambda2", "kind", "fact_id", "success", "success_unbounded", "heldout_ppl_ratio",
+            "max_perplexity_ratio"} <= set(reference.columns)
+    pd.testing.assert_frame_equal(reference[reference["lambda2"] == 8.0].reset_index(drop=True), single)
+    real, calls = kn.edit_facts, {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kn, "edit_facts", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        kn.lambda2_sweep(*args, lambda2s=(1, 8), n_others=1, out_dir=tmp_path)
+    monkeypatch.setattr(kn, "edit_facts", real)
+    resumed = kn.lambda2_sweep(*args, lambda2s=(1, 8), n_others=1, out_dir=tmp_path)
+    assert "lambda2 = 1 read from its checkpoint" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(resumed, reference)
+    again = kn.lambda2_sweep(*args, lambda2s=(1, 8), n_others=1, out_dir=tmp_path)
+    assert "Loaded the cached lambda2 sweep" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(again, reference)
+    table = kn.sweep_table(reference)
+    assert table[["lambda2", "kind"]].values.tolist() == [[1.0, "knowledge"], [1.0, "random"], [8.0, "knowledge"],
+                                                          [8.0, "random"]]
+    assert {"edits", "success", "success_low", "success_high", "success_unbounded", "ppl_ratio", "ppl_ratio_low",
+            "ppl_ratio_high", "max_perplexity_ratio"} <= set(table.columns)
+    assert (table["edits"] == len(single) // 2).all()
+    assert ((table["success_low"] <= table["success"]) & (table["success"] <= table["success_high"])).all()
+    assert (table["success"] <= table["success_unbounded"]).all()
+    assert isinstance(plot_lambda2_sweep(table), Figure)
 
 
 def test_last_position_factors_match_a_hand_written_hook(tiny):
@@ -477,6 +570,17 @@ def test_measures_are_judged_by_the_registry():
     few = kn.measures({"per_fact": pd.DataFrame({"fact_id": range(12), "n_neurons": [3] * 10 + [0, 0]})}, 30)[0]
     assert judge(finding("06_knowledge_neurons.neurons_per_fact"), few["neurons_per_fact"], None) == "partly"
     assert rows["update"]["verdict"] == "not measured" and "unverified" in rows["suppress"]["paper"]
+    # updates that reach the new answer but wreck held-out perplexity do not hold; the detail gives both rates
+    edits = pd.DataFrame([{"fact_id": f, "kind": k, "success_unbounded": k == "knowledge", "success": False,
+                           "changed": True, "heldout_ppl_before": 30.0, "max_perplexity_ratio": 1.5,
+                           "heldout_ppl_after": 2e10 if k == "knowledge" else 30.5}
+                          for f in range(12) for k in ("knowledge", "random")])
+    ours, details = kn.measures({"edits": edits}, 30)
+    update = {r["key"].split(".")[1]: r for r in findings_rows("06_knowledge_neurons", ours, None, details)}["update"]
+    assert ours["update"].value == 0 and update["verdict"] == "does not hold"
+    assert "rank 1 in 100% of edits" in details["update"] and "0% with held-out perplexity within 1.5x" in \
+        details["update"] and "2e+10" in details["update"]
+    assert kn.measures({"edits": edits.assign(success=edits["success_unbounded"])}, 30)[0]["update"].value == 1
     # the layer finding is judged within the attributed layers: attributing only the top layers proves nothing
     neurons = pd.DataFrame({"fact_id": [0, 0, 1], "layer": [28, 29, 29], "memory": [1, 2, 3]})
     assert "top_layers" not in kn.measures({"neurons": neurons}, 30, layers=[26, 27, 28, 29])[0]

@@ -158,28 +158,33 @@ def plot_values(values: pd.DataFrame, triggers: pd.DataFrame | None = None, titl
 
 def plot_editing(edits: pd.DataFrame, erase: pd.DataFrame, paper_success: float | None = None,
                  title: str = "") -> Figure:
-    """Left: fact updates, success rate (the new answer becomes the top token) for knowledge neurons and random
-    memories (exact binomial 95% intervals). Right: erasing a relation, the change of the answer's perplexity
-    for its own facts and other relations', knowledge neurons against random memories."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    """Left: fact updates, success rate (the new answer becomes the top token and held-out perplexity stays
+    within the bound), the same without the bound (Dai's success, where ``paper_success`` is drawn), new answer
+    in the top 5 and prediction changed, for knowledge neurons and random memories (exact binomial 95%
+    intervals). Right: erasing a relation, the change of the answer's perplexity for its own facts and other
+    relations', knowledge neurons against random memories."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     ax = axes[0]
+    bound = f"{edits['max_perplexity_ratio'].iloc[0]:g}x" if len(edits) else "the bound"
     if len(edits):
         for k, kind in enumerate(("knowledge", "random")):
             rows = edits[edits["kind"] == kind]
-            for j, column in enumerate(("success", "success_at_5", "changed")):
+            for j, column in enumerate(("success", "success_unbounded", "success_at_5", "changed")):
                 hits = rows[column]
                 low, high = binomial_interval(int(hits.sum()), len(hits))
                 mean = hits.mean()
                 ax.bar(j + (k - 0.5) * 0.38, 100 * mean, width=0.36, color=_KIND_COLOURS[kind],
                        yerr=[[100 * (mean - low)], [100 * (high - mean)]], capsize=3,
                        label=_label(kind) if j == 0 else None)
-        ax.set_xticks([0, 1, 2], ["success\n(new answer top)", "new answer\nin top 5", "prediction\nchanged"])
+        ax.set_xticks([0, 1, 2, 3], [f"success (top,\nperplexity <= {bound})", "new answer top\n(any perplexity)",
+                                     "new answer\nin top 5", "prediction\nchanged"], fontsize=8)
         if paper_success is not None:
-            ax.plot([-0.19], [paper_success], "k*", ms=9, label="Dai et al. (unverified)")
+            ax.plot([1 - 0.19], [paper_success], "k*", ms=9, label="Dai et al. (unverified)")
     ax.set_ylabel("% of facts")
     ax.legend(fontsize=7)
-    ax.set_title(f"updating a fact (lambda1 = 1, lambda2 = 8), {edits['fact_id'].nunique() if len(edits) else 0} facts",
-                 fontsize=9)
+    setting = (f"lambda1 = {edits['lambda1'].iloc[0]:g}, lambda2 = {edits['lambda2'].iloc[0]:g}, "
+               f"{edits['fact_id'].nunique()} facts" if len(edits) else "no facts")
+    ax.set_title(f"updating a fact ({setting})", fontsize=9)
     ax = axes[1]
     if len(erase):
         frame = erase.assign(delta=erase["nll_after"] - erase["nll_before"],
@@ -192,5 +197,43 @@ def plot_editing(edits: pd.DataFrame, erase: pd.DataFrame, paper_success: float 
     ax.set_ylabel("change of the answer's perplexity (%)")
     ax.set_title("erasing a relation (its top-20 neurons' values set to 0)", fontsize=9)
     fig.suptitle(title or "Editing with knowledge neurons")
+    fig.tight_layout()
+    return fig
+
+
+def plot_lambda2_sweep(table: pd.DataFrame, title: str = "") -> Figure:
+    """The fact update's trade-off (``sweep_table`` of ``lambda2_sweep``): the median held-out perplexity ratio
+    after / before the edit (log x, bootstrap 95% interval over edits) against the success rate (exact binomial
+    95% intervals), filled: success within the perplexity bound (dotted line), hollow: the new answer on top
+    whatever the perplexity; knowledge neurons against random memories, each point labelled by its lambda2."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for kind in ("knowledge", "random"):
+        rows = table[table["kind"] == kind].sort_values("lambda2")
+        if rows.empty:
+            continue
+        x = rows["ppl_ratio"].to_numpy(float)
+        xerr = np.vstack([x - rows["ppl_ratio_low"].to_numpy(float), rows["ppl_ratio_high"].to_numpy(float) - x])
+        xerr = np.where(np.isfinite(xerr), np.clip(xerr, 0, None), 0)
+        for column, face, style in (("success", _KIND_COLOURS[kind], "-"), ("success_unbounded", "white", ":")):
+            y = 100 * rows[column].to_numpy(float)
+            yerr = np.vstack([y - 100 * rows[f"{column}_low"].to_numpy(float),
+                              100 * rows[f"{column}_high"].to_numpy(float) - y])
+            name = "within the bound" if column == "success" else "new answer top, any perplexity"
+            ax.errorbar(x, y, xerr=xerr if column == "success" else None, yerr=yerr, fmt="o" + style,
+                        color=_KIND_COLOURS[kind], mfc=face, ms=7, capsize=2, lw=1, label=f"{_label(kind)}: {name}")
+        for j, (xi, yi, lam) in enumerate(zip(x, 100 * rows["success"].to_numpy(float), rows["lambda2"])):
+            up = kind == "knowledge"  # labels staggered (random memories' below): points often nearly coincide
+            ax.annotate(f"lambda2={lam:g}", (xi, yi), textcoords="offset points", fontsize=7,
+                        xytext=(5, 5 + 8 * j) if up else (5, -10 - 8 * j), color=_KIND_COLOURS[kind] if up else "grey")
+    if len(table):
+        ax.axvline(table["max_perplexity_ratio"].iloc[0], ls="--", color="black", lw=0.8,
+                   label=f"bound: {table['max_perplexity_ratio'].iloc[0]:g}x the unedited perplexity")
+    ax.set_xscale("log")
+    ax.set_xlabel("held-out perplexity after / before the edit (median over edits, log)")
+    ax.set_ylabel("% of edits")
+    ax.set_ylim(-20 - 8 * (table["lambda2"].nunique() if len(table) else 0), 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    ax.set_title(title or "Fact updates: success against the damage to the model, by lambda2", fontsize=10)
     fig.tight_layout()
     return fig

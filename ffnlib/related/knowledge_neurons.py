@@ -23,13 +23,17 @@ Choices (each a parameter; defaults follow the authors' code, Hunter-DDM/knowled
 - **sign**. Our FFNs are gated: ``m_i = act(gate_i.x)(up_i.x)`` can be negative (the memory then writes
   ``-v_i``). The positive side (``sign=+1``: memories with ``m_i > 0`` and a positive attribution) is Dai's
   and the default; the negative side (``m_i < 0``, positive attribution: writing ``-v_i`` helps the answer)
-  is found and reported separately.
+  is found and reported separately;
+- fact update: lambda1 = 1, lambda2 = 8 (swept by :func:`lambda2_sweep`); a success needs the new answer on
+  top **and** held-out perplexity within ``max_perplexity_ratio`` = 1.5 x the unedited model's (ours, not
+  theirs: :func:`edit_success`; Dai's rank-only count is kept as ``success_unbounded``).
 
 Facts come from the ``countryinfo`` package (offline); our PARAREL-style templates are in
 ``data/knowledge_neurons/templates.json``. The experiments (:func:`suppress_amplify`, :func:`specificity`,
 :func:`same_answer_effect`, :func:`value_view`, :func:`trigger_view`, :func:`layer_view`,
-:func:`edit_facts`, :func:`erase_relations`) return DataFrames; every model change is undone on exit
-(hooks removed, weights restored bit for bit). :func:`findings` turns them into verdicts against controls.
+:func:`edit_facts`, :func:`lambda2_sweep`, :func:`erase_relations`) return DataFrames; every model change is
+undone on exit (hooks removed, weights restored bit for bit). :func:`findings` turns them into verdicts
+against controls.
 """
 
 from __future__ import annotations
@@ -309,6 +313,10 @@ def answer_probabilities(loaded, prompt_ids: Sequence[Sequence[int]], answer_tok
     """For each prompt: the probability of its answer token at the last position (``p_answer``), its rank
     (0 = the model's top token), its negative log-probability (``nll``) and the top token.
 
+    A prompt whose logits are not all finite (NaN or inf, e.g. after an edit that broke the model) gets
+    ``rank`` = the vocabulary size (below every real rank, so never "correct" nor a success) and
+    ``top_token`` = -1: NaN compares false, and would otherwise give rank 0.
+
     ``factors``: one mapping ``{(layer, memory): factor}`` per prompt (or ``None``); each listed coefficient
     is multiplied by its factor **at that prompt's last position only**, as Dai et al.'s suppress (0) and
     amplify (2) do. Prompts are batched by length and right-padded (padding never reaches a real position);
@@ -355,8 +363,10 @@ def answer_probabilities(loaded, prompt_ids: Sequence[Sequence[int]], answer_tok
         answers = torch.tensor([int(answer_tokens[r]) for r in rows], device=final.device)[:, None]
         out["p_answer"][rows] = log_probs.gather(1, answers)[:, 0].exp().cpu().numpy()
         out["nll"][rows] = -log_probs.gather(1, answers)[:, 0].cpu().numpy()
-        out["rank"][rows] = (final > final.gather(1, answers)).sum(-1).cpu().numpy()
-        out["top_token"][rows] = final.argmax(-1).cpu().numpy()
+        broken = ~torch.isfinite(final).all(-1)  # NaN compares false: without this a broken row ranks 0
+        rank = (final > final.gather(1, answers)).sum(-1)
+        out["rank"][rows] = torch.where(broken, final.shape[-1], rank).cpu().numpy()
+        out["top_token"][rows] = torch.where(broken, -1, final.argmax(-1)).cpu().numpy()
     return pd.DataFrame(out)
 
 
@@ -955,7 +965,10 @@ def perplexity(loaded, token_lists: Sequence[Sequence[int]], batch_size: int = 1
 
 
 def _ppl(frame: pd.DataFrame) -> float:
-    return float(math.exp(frame["nll"].sum() / max(frame["tokens"].sum(), 1)))
+    """exp(NLL per token); NaN when a sentence's NLL is NaN (pandas' sum would skip it: a broken model would get
+    perplexity 1), inf past float range."""
+    mean = frame["nll"].to_numpy(np.float64).sum() / max(frame["tokens"].sum(), 1)
+    return math.inf if mean > 700 else float(math.exp(mean))
 
 
 def heldout_token_lists(loaded, sentences: pd.DataFrame, max_tokens: int = 64) -> list[list[int]]:
@@ -1202,10 +1215,31 @@ def update_vectors(loaded, neurons: Sequence[tuple[int, int, int]], old_token: i
     return out
 
 
+MAX_PERPLEXITY_RATIO = 1.5  # an update must leave held-out perplexity within 1.5x the unedited model's (ours)
+
+
+def _check_ratio(max_ratio) -> float:
+    if isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not max_ratio >= 1:
+        raise ParameterError(f"max_perplexity_ratio must be a number >= 1 (math.inf: any finite perplexity), "
+                             f"got {max_ratio!r}.")
+    return float(max_ratio)
+
+
+def edit_success(rank: int, ppl_before: float, ppl_after: float, max_ratio: float = MAX_PERPLEXITY_RATIO) -> bool:
+    """An update succeeds when the new answer is the top token (``rank == 0``) **and** held-out perplexity after
+    the edit is at most ``max_ratio`` x the unedited model's. Dai et al. count rank 1 only and report intra- and
+    inter-relation perplexity beside it, to show that an edit leaves other knowledge alone; an edit that
+    destroys the model is no update, and 1.5x (the default) is a generous bound on "leaves the model working".
+    A perplexity that is not finite (before or after) is a failure."""
+    max_ratio = _check_ratio(max_ratio)
+    return bool(int(rank) == 0 and math.isfinite(ppl_before) and math.isfinite(ppl_after)
+                and ppl_after <= max_ratio * ppl_before)
+
+
 def edit_facts(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts: pd.DataFrame,
                heldout: Sequence[Sequence[int]], lambda1: float = 1.0, lambda2: float = 8.0, seed: int = 0,
-               drop_shared: float = 0.1, n_others: int = 5, max_facts: int | None = None,
-               batch_size: int = 32) -> pd.DataFrame:
+               drop_shared: float = 0.1, n_others: int = 5, max_facts: int | None = None, batch_size: int = 32,
+               max_perplexity_ratio: float = MAX_PERPLEXITY_RATIO) -> pd.DataFrame:
     """Dai's fact update: for each fact, one of its prompts the model gets right (seeded) and a new answer (the
     answer of another fact of the relation, seeded); the fact's neurons (without those of more than
     ``drop_shared`` of the relation's facts, as their code, and at least without those shared with another
@@ -1213,12 +1247,15 @@ def edit_facts(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts
     :func:`update_vectors`, then the edit is undone. The same edit of as many random memories of the same
     layers is the control.
 
-    Rows: fact_id, relation, kind, n_neurons, success (new top token = the new answer's first token),
-    success_at_5, changed (top token no longer the old answer), p_new_before/after, generalisation (share of
-    the fact's other prompts whose top token becomes the new answer), intra/inter (mean NLL of the gold answer
-    over ``n_others`` other facts of the same / other relations, before and after), heldout_ppl (after;
-    ``heldout_ppl_before`` once). ``max_facts``: edit only the first facts (by fact_id) that qualify.
+    Rows: fact_id, relation, kind, n_neurons, lambda1, lambda2, success (:func:`edit_success`: the new answer's
+    first token on top and held-out perplexity within ``max_perplexity_ratio`` x), success_unbounded (on top,
+    whatever the perplexity: Dai's success), success_at_5, changed (top token no longer the old answer),
+    p_new_before/after, generalisation (share of the fact's other prompts whose top token becomes the new
+    answer), intra/inter (mean NLL of the gold answer over ``n_others`` other facts of the same / other
+    relations, before and after), heldout_ppl_before/after, heldout_ppl_ratio (after / before),
+    max_perplexity_ratio. ``max_facts``: edit only the first facts (by fact_id) that qualify.
     """
+    max_perplexity_ratio = _check_ratio(max_perplexity_ratio)
     d_ff = loaded.adapter.d_ff
     relation_counts = {rel: Counter((int(l), int(m)) for l, m in zip(g["layer"], g["memory"]))
                        for rel, g in neurons.groupby("relation")}
@@ -1273,17 +1310,100 @@ def edit_facts(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts
                 after, intra_after, inter_after = measure()
                 ppl = _ppl(perplexity(loaded, heldout)) if len(heldout) else math.nan
             generalised = after.loc[parts == 1, "rank"]
+            rank = int(after["rank"].iloc[0])
             rows.append({"fact_id": fact, "relation": relation, "kind": kind, "n_neurons": len(edit),
+                         "lambda1": float(lambda1), "lambda2": float(lambda2),
                          "prompt_id": int(prompt["prompt_id"]), "old_token": old, "new_token": new,
-                         "success": bool(after["rank"].iloc[0] == 0), "success_at_5": bool(after["rank"].iloc[0] < 5),
+                         "success": edit_success(rank, base_ppl, ppl, max_perplexity_ratio),
+                         "success_unbounded": rank == 0, "success_at_5": rank < 5,
                          "changed": bool(after["top_token"].iloc[0] != old),
                          "p_new_before": float(before["p_answer"].iloc[0]),
                          "p_new_after": float(after["p_answer"].iloc[0]),
                          "generalisation": float((generalised == 0).mean()) if len(generalised) else math.nan,
                          "intra_nll_before": intra_before, "intra_nll_after": intra_after,
                          "inter_nll_before": inter_before, "inter_nll_after": inter_after,
-                         "heldout_ppl_before": base_ppl, "heldout_ppl_after": ppl})
+                         "heldout_ppl_before": base_ppl, "heldout_ppl_after": ppl,
+                         "heldout_ppl_ratio": ppl / base_ppl, "max_perplexity_ratio": max_perplexity_ratio})
     return pd.DataFrame(rows)
+
+
+def lambda2_sweep(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts: pd.DataFrame,
+                  heldout: Sequence[Sequence[int]], lambda2s: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
+                  lambda1: float = 1.0, seed: int = 0, drop_shared: float = 0.1, n_others: int = 5,
+                  max_facts: int | None = None, batch_size: int = 32,
+                  max_perplexity_ratio: float = MAX_PERPLEXITY_RATIO, out_dir=None,
+                  progress: bool = True) -> pd.DataFrame:
+    """:func:`edit_facts` at each lambda2 of ``lambda2s`` (the same facts, prompts, new answers and random
+    controls at each): every edit's row, knowledge neurons and random memories. With ``out_dir`` each lambda2's
+    rows are checkpointed (an interrupted sweep resumes) and the whole is cached with a manifest; a later call
+    with the same request loads it. :func:`sweep_table` summarises it."""
+    max_perplexity_ratio = _check_ratio(max_perplexity_ratio)
+    lambda2s = [float(v) for v in lambda2s]
+    if not lambda2s:
+        raise ParameterError("lambda2s is empty: give at least one lambda2 to sweep.")
+
+    def key(frame, columns):
+        return fingerprint(frame[columns].to_json(orient="values"))
+
+    request = {"analysis": "kn_lambda2_sweep", "version": _VERSION, "model": loaded.name,
+               "file_hash": loaded.file_hash, "dtype": str(next(loaded.model.parameters()).dtype),
+               "prompts": key(prompts, [c for c in ("prompt_id", "fact_id", "prompt_ids", "answer_token", "correct")
+                                        if c in prompts.columns]),
+               "all_prompts": key(all_prompts, ["prompt_id", "fact_id", "relation", "prompt_ids", "answer_token"]),
+               "neurons": key(neurons, ["relation", "fact_id", "layer", "memory", "sign"]),
+               "heldout": fingerprint([[int(t) for t in ids] for ids in heldout]), "lambda1": float(lambda1),
+               "lambda2s": lambda2s, "seed": int(seed), "drop_shared": float(drop_shared), "n_others": int(n_others),
+               "max_facts": max_facts, "max_perplexity_ratio": max_perplexity_ratio}
+    name = f"kn-lambda2-sweep-{fingerprint(request)}"
+    folder = ensure_dir(out_dir) if out_dir is not None else None
+    if folder is not None:
+        cached = load_result(folder, name, request)
+        if cached is not None:
+            if progress:
+                print(f"Loaded the cached lambda2 sweep {folder / name}.parquet; not recomputing.")
+            return cached
+    partial = folder / f"{name}.partial" if folder is not None else None
+    parts = []
+    for index, lambda2 in enumerate(lambda2s):
+        chunk = {**request, "chunk": index}
+        part = load_result(partial, f"lambda2-{index:02d}", chunk) if partial is not None else None
+        if part is None:
+            part = edit_facts(loaded, prompts, neurons, all_prompts, heldout, lambda1, lambda2, seed, drop_shared,
+                              n_others, max_facts, batch_size, max_perplexity_ratio)
+            if partial is not None:
+                save_result(partial, f"lambda2-{index:02d}", part, chunk)
+        elif progress:
+            print(f"Resuming the lambda2 sweep: lambda2 = {lambda2:g} read from its checkpoint in {partial}.")
+        parts.append(part)
+    sweep = pd.concat(parts, ignore_index=True)
+    if folder is not None:
+        import shutil
+
+        save_result(folder, name, sweep, request)
+        shutil.rmtree(partial, ignore_errors=True)
+    return sweep
+
+
+def sweep_table(sweep: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per (lambda2, kind) of :func:`lambda2_sweep`: edits, success (bounded) and success_unbounded with exact
+    binomial 95% intervals, and the median held-out perplexity ratio (after / before; a non-finite ratio counts
+    as infinite) with a bootstrap 95% interval over edits (``ffnlib.stats``)."""
+    columns = ["lambda2", "kind", "edits", "max_perplexity_ratio", "success", "success_low", "success_high",
+               "success_unbounded", "success_unbounded_low", "success_unbounded_high", "ppl_ratio", "ppl_ratio_low",
+               "ppl_ratio_high"]
+    rows = []
+    for (lambda2, kind), group in sweep.groupby(["lambda2", "kind"], sort=True):
+        row = {"lambda2": float(lambda2), "kind": kind, "edits": len(group),
+               "max_perplexity_ratio": float(group["max_perplexity_ratio"].iloc[0])}
+        for column in ("success", "success_unbounded"):
+            rate = binomial(int(group[column].sum()), len(group), "edits")
+            row.update({column: rate.value, f"{column}_low": rate.low, f"{column}_high": rate.high})
+        ratio = group["heldout_ppl_ratio"].to_numpy(np.float64)
+        ratio = np.where(np.isfinite(ratio), ratio, np.inf)
+        interval = resampled(ratio, lambda r: float(np.median(r)), "edits", seed=seed)
+        row.update(ppl_ratio=float(np.median(ratio)), ppl_ratio_low=interval.low, ppl_ratio_high=interval.high)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def erase_relations(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, heldout: Sequence[Sequence[int]],
@@ -1336,12 +1456,13 @@ class KNScale:
     templates: int | None  # templates per relation (the first ones; None: all)
     top_layers: int | None  # attribute only the top layers (None: every layer, as Dai)
     heldout_sentences: int  # held-out sentences for perplexity
+    lambda2_sweep: tuple[float, ...]  # the fact update's lambda2 values of the trade-off sweep
 
 
 KN_SCALES = {
-    "ci": KNScale("ci", ("capital", "official_language"), 8, 2, 3, 4, 4),
-    "default": KNScale("default", None, None, 4, None, None, 24),
-    "full": KNScale("full", None, None, 30, None, None, 200),
+    "ci": KNScale("ci", ("capital", "official_language"), 8, 2, 3, 4, 4, (1.0, 8.0)),
+    "default": KNScale("default", None, None, 4, None, None, 24, (1.0, 2.0, 4.0, 8.0)),
+    "full": KNScale("full", None, None, 30, None, None, 200, (1.0, 2.0, 4.0, 8.0)),
 }
 
 
@@ -1377,7 +1498,8 @@ def measures(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
     ``results`` may hold: ``per_fact`` (:func:`neurons_per_fact`), ``neurons``, ``effects``
     (:func:`suppress_amplify`), ``specificity`` (its facts frame), ``same_answer``, ``values``
     (:func:`value_view`), ``triggers`` (:func:`trigger_view`), ``layers`` (:func:`layer_view`), ``edits``
-    (:func:`edit_facts`), ``erase`` (the facts frame of :func:`erase_relations`). Missing ones are skipped.
+    (:func:`edit_facts`, judged on ``success``: rank 1 within the perplexity bound), ``erase`` (the facts frame
+    of :func:`erase_relations`). Missing ones are skipped.
     ``layers``: the attributed layers (all by default).
     """
     out: dict[str, Estimate] = {}
@@ -1454,12 +1576,15 @@ def measures(results: Mapping[str, pd.DataFrame], n_layers: int, seed: int = 0,
     edits = results.get("edits")
     if edits is not None and len(edits):
         for kind, key in (("knowledge", "update"), ("random", "update/baseline")):
-            rate = edits.loc[edits["kind"] == kind, "success"]
+            rate = edits.loc[edits["kind"] == kind, "success"]  # rank 1 and perplexity within the bound
             out[key] = binomial(int(rate.sum()), len(rate), "facts")
-        kn = edits[edits["kind"] == "knowledge"]
-        details["update"] = (f"prediction changed {kn['changed'].mean():.0%}; held-out perplexity "
-                             f"{kn['heldout_ppl_before'].iloc[0]:.4g} -> {kn['heldout_ppl_after'].median():.4g} (median "
-                             f"over edits; random neurons {edits.loc[edits['kind'] == 'random', 'heldout_ppl_after'].median():.4g})")
+        kn, rnd = edits[edits["kind"] == "knowledge"], edits[edits["kind"] == "random"]
+        details["update"] = (f"new answer at rank 1 in {kn['success_unbounded'].mean():.0%} of edits (random "
+                             f"{rnd['success_unbounded'].mean():.0%}), {kn['success'].mean():.0%} with held-out "
+                             f"perplexity within {kn['max_perplexity_ratio'].iloc[0]:g}x (random "
+                             f"{rnd['success'].mean():.0%}); held-out perplexity {kn['heldout_ppl_before'].iloc[0]:.4g}"
+                             f" -> {kn['heldout_ppl_after'].median():.4g} (median over edits; random neurons "
+                             f"{rnd['heldout_ppl_after'].median():.4g}); prediction changed {kn['changed'].mean():.0%}")
     erase = results.get("erase")
     if erase is not None and len(erase):
         own = erase[erase["same_relation"]].assign(delta=lambda f: f["nll_after"] - f["nll_before"])
