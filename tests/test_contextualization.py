@@ -632,3 +632,29 @@ def test_contribution_panel_plain_function_and_widget(tiny_loaded):
     ui.prompt.value = "w4 " * 200
     ui.maps_button.click()
     assert "max_tokens" in ui.maps_out.value  # shown in the view, not raised
+
+
+@pytest.mark.parametrize("case_id", ["gpt-j", "gpt-neox-parallel"])
+def test_parallel_blocks_amplify_no_pair_and_their_findings_are_not_measured(case_id):
+    """A parallel block's FFN reads the block's input: its map is diagonal, so no pair j < i is FF-amplified. The
+    by-layer table still has a row per layer and class (no empty table for the plot), and the three class findings
+    are "not measured", with the reason; the cancellation findings are still measured."""
+    from ffnlib.plots.contextualization import plot_amplified_classes
+
+    case = CASES[CASE_IDS.index(case_id)]
+    model = _tiny(case)
+    model.requires_grad_(False)
+    loaded = LoadedModel(case_id, model, make_tokenizer(), Adapter(model), "random init", "tiny-seed0", False, [1])
+    assert loaded.adapter.parallel
+    texts = ["w4 w5 w6 w7 w8", "w9 w4 w5 w10", "w4 w5 w11 w12 w13 w14", "w15 w4 w5 w16"]
+    result = ctx.sentence_maps(loaded, texts, progress=False)
+    bigrams = ctx.corpus_bigrams(loaded, texts, min_count=2, min_pmi=0.0)
+    classes = ctx.amplified_classes(result, bigrams, top_k=2, n_boot=50)
+    by_layer = ctx.amplified_classes(result, bigrams, top_k=2, n_boot=50, by_layer=True)
+    assert classes["n_top_pairs"].sum() == 0 and classes["top_share"].isna().all()
+    assert len(by_layer) == len(result.layers) * len(ctx.CLASSES) and by_layer["n_top_pairs"].sum() == 0
+    plot_amplified_classes(classes, by_layer, top_k=2)  # draws, does not stop on the empty shares
+    ours, details = ctx.measures(classes, ctx.cancellation(result, n_boot=50), top_k=2, seed=0)
+    for key in ctx.MEASURE_OF_CLASS.values():
+        assert not ours[key].measured and "parallel block" in details[key], key
+    assert ours["cancel_block"].measured and ours["cancel_pairwise"].measured

@@ -1266,6 +1266,10 @@ def amplified_classes(result: MapsResult, bigrams: pd.DataFrame | None = None, t
     sentences, and the interval of the paired difference ``top_share − base_rate``; ``n_top_pairs``,
     ``n_candidates`` and ``n_sentences`` count what they rest on. ``by_layer``: one row per (layer, class).
     ``layers``: the layers whose top pairs count (default all).
+
+    In a parallel block (GPT-J, GPT-NeoX with ``use_parallel_residual``) the FFN reads the block's input, not the
+    attention's output, so its map adds weight to each token itself only: no pair ``j < i`` is FF-amplified, the
+    rows' ``n_top_pairs`` are 0 and their shares NaN (the findings are then "not measured").
     """
     n_boot = _check_positive_int("n_boot", n_boot)
     top = amplified_pairs(result, bigrams, top_k, exclude_first, normalise)
@@ -1279,7 +1283,11 @@ def amplified_classes(result: MapsResult, bigrams: pd.DataFrame | None = None, t
     np.add.at(cand, (candidates["sentence"].to_numpy(), candidates["distance"].to_numpy(),
                      candidates["pair_class"].map(class_code).to_numpy()), 1)
     index = _bootstrap_index(n_sent, n_boot, seed)
-    groups = [(None, top)] if not by_layer else list(top.groupby("layer"))
+    if by_layer:  # every layer gets its rows, also one where no pair is FF-amplified (its shares are NaN)
+        shown = [layer for layer in result.layers if layers is None or layer in set(layers)]
+        groups = [(layer, top[top["layer"] == layer]) for layer in shown]
+    else:
+        groups = [(None, top)]
     rows = []
     for layer, part in groups:
         hits = np.zeros((n_sent, max_distance + 1, len(CLASSES)))
@@ -1451,6 +1459,11 @@ def measures(classes: pd.DataFrame, cancel: pd.DataFrame, top_k: int, seed: int 
             continue
         row = rows.iloc[0]
         n = int(row.get("n_sentences", 0))
+        if int(classes["n_top_pairs"].sum()) == 0:  # e.g. parallel blocks: the FFN reads no attention output
+            out[key], out[f"{key}/baseline"] = Estimate.missing("sentences"), Estimate.missing("sentences")
+            details[key] = ("the FFN amplifies no pair j < i in any layer (in a parallel block it reads the block's "
+                            "input, so its map adds weight to each token itself only)")
+            continue
         if row.n_candidates == 0:  # no such pair in the sample: nothing to compare
             out[key], out[f"{key}/baseline"] = Estimate.missing("sentences"), Estimate.missing("sentences")
             details[key] = f"no {name} pair among the sample's candidate pairs"
