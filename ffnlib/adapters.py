@@ -9,7 +9,12 @@ model or to a layer); :class:`Adapter` turns that description into tensors and h
 - ``down(layer)``: the module whose *input* is the coefficient vector m (batch, tokens, d_ff);
 - ``up(layer)``: the module whose *input* is the FFN input (the normalised residual);
 - ``ffn_output_module(layer)``: the module whose *output* is what the FFN adds to the residual;
-- ``final_norm`` / ``head``: the model's own last norm and output head (to project to the vocabulary).
+- ``final_norm`` / ``head``: the model's own last norm and output head (to project to the vocabulary);
+- ``activation(layer)``: the FFN's activation function f (the module the family names, never guessed).
+
+The attention fields of a :class:`FamilySpec` (``attention_value``, ``attention_out``, ``attention_norm``,
+``attention_post_norm``, ``value_layout``) say where the attention keeps what the contribution maps of
+``ffnlib.related.contextualization`` need.
 
 Coefficients: ``m_i = f(x·k_i + b_i)`` for plain FFNs (bias included, as the authors' code did);
 ``m_i = act(gate_i·x)·(up_i·x)`` for gated FFNs, which can be negative (the memory then writes ``-v_i``).
@@ -21,13 +26,18 @@ Adding a family: write one more ``FamilySpec`` in ``FAMILIES`` (see docs/adding-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .errors import ParameterError, UnsupportedModelError
 
-__all__ = ["FamilySpec", "FAMILIES", "ENCODER_ONLY", "supported_families", "find_family", "Adapter", "get_adapter"]
+__all__ = ["FamilySpec", "VALUE_LAYOUTS", "FAMILIES", "ENCODER_ONLY", "supported_families", "find_family", "submodule",
+           "Adapter", "get_adapter"]
+
+# where the attention values sit in the output of a family's ``attention_value`` module (FamilySpec.value_layout)
+VALUE_LAYOUTS = ("separate", "qkv_blocks", "qkv_per_head")
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,14 @@ class FamilySpec:
 
     Paths are dotted attribute paths; ``layers`` and the final norm/head are relative to the model,
     the others relative to one layer (one transformer block).
+
+    The FFN's activation (``activation``) and the attention fields are declared here too, once per family, so
+    that no analysis has to guess attribute names: ``attention_value`` is the module whose output holds the
+    attention values, laid out as ``value_layout`` says (``"separate"``: ``kv_heads · head_dim`` wide, GQA
+    allowed; ``"qkv_blocks"``: ``[q | k | v]``, GPT-2's ``c_attn``; ``"qkv_per_head"``: per head ``[q, k, v]``,
+    GPT-NeoX and BLOOM); ``attention_out`` the attention's output projection (its input is the heads' outputs
+    side by side, its bias is ``b_O``); ``attention_norm`` the norm attention reads (``None``: the raw residual,
+    OLMo 2); ``attention_post_norm`` a norm on the attention output before the residual add (Gemma 2/3, OLMo 2).
     """
 
     name: str
@@ -51,7 +69,18 @@ class FamilySpec:
     conv1d: bool = False  # GPT-2: weights stored as (in, out)
     parallel: bool = False  # GPT-J / NeoX: attention and FFN read the same residual
     gemma_norm: bool = False  # Gemma RMSNorm multiplies by (1 + weight)
+    activation: str | None = None  # the FFN's activation f (applied to the gate in a gated FFN)
+    attention_value: str | None = None  # the module whose output holds the attention values
+    attention_out: str | None = None  # the attention's output projection (W_O, b_O)
+    attention_norm: str | None = None  # the norm attention reads (None: the raw residual, OLMo 2)
+    attention_post_norm: str | None = None  # Gemma 2/3, OLMo 2: a norm on the attention output before the add
+    value_layout: str = "separate"  # where the values are in attention_value's output (VALUE_LAYOUTS)
     note: str = ""
+
+    def __post_init__(self):
+        if self.value_layout not in VALUE_LAYOUTS:
+            raise ParameterError(f"FamilySpec {self.name!r}: value_layout={self.value_layout!r} is not one of "
+                                 f"{VALUE_LAYOUTS}.")
 
     @property
     def gated(self) -> bool:
@@ -60,33 +89,53 @@ class FamilySpec:
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("gpt2", ("gpt2",), "transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", "lm_head",
-               ffn_norm="ln_2", conv1d=True, note="Conv1D stores weights as (in, out)"),
+               ffn_norm="ln_2", conv1d=True, activation="mlp.act", attention_value="attn.c_attn",
+               attention_out="attn.c_proj", attention_norm="ln_1", value_layout="qkv_blocks",
+               note="Conv1D stores weights as (in, out)"),
     FamilySpec("gpt-neo", ("gpt_neo",), "transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", "lm_head",
-               ffn_norm="ln_2"),
+               ffn_norm="ln_2", activation="mlp.act", attention_value="attn.attention.v_proj",
+               attention_out="attn.attention.out_proj", attention_norm="ln_1"),
     FamilySpec("gpt-j", ("gptj",), "transformer.h", "mlp.fc_in", "mlp.fc_out", "transformer.ln_f", "lm_head",
-               parallel=True, note="attention and FFN read the same ln_1 output"),
+               parallel=True, activation="mlp.act", attention_value="attn.v_proj", attention_out="attn.out_proj",
+               attention_norm="ln_1", note="attention and FFN read the same ln_1 output"),
     FamilySpec("gpt-neox", ("gpt_neox",), "gpt_neox.layers", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
-               "gpt_neox.final_layer_norm", "lm_head", ffn_norm="post_attention_layernorm",
+               "gpt_neox.final_layer_norm", "lm_head", ffn_norm="post_attention_layernorm", activation="mlp.act",
+               attention_value="attention.query_key_value", attention_out="attention.dense",
+               attention_norm="input_layernorm", value_layout="qkv_per_head",
                note="Pythia; use_parallel_residual=True by default; transformers>=5 names embed_out lm_head"),
     FamilySpec("opt", ("opt",), "model.decoder.layers", "fc1", "fc2", "model.decoder.final_layer_norm", "lm_head",
-               ffn_norm="final_layer_norm", note="ReLU, as in the paper's model; pre-LN variants only"),
+               ffn_norm="final_layer_norm", activation="activation_fn", attention_value="self_attn.v_proj",
+               attention_out="self_attn.out_proj", attention_norm="self_attn_layer_norm",
+               note="ReLU, as in the paper's model; pre-LN variants only"),
     FamilySpec("bloom", ("bloom",), "transformer.h", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "transformer.ln_f",
-               "lm_head", ffn_norm="post_attention_layernorm"),
+               "lm_head", ffn_norm="post_attention_layernorm", activation="mlp.gelu_impl",
+               attention_value="self_attention.query_key_value", attention_out="self_attention.dense",
+               attention_norm="input_layernorm", value_layout="qkv_per_head"),
     FamilySpec("llama", ("llama", "mistral", "qwen2", "qwen3", "olmo"), "model.layers", "mlp.up_proj",
                "mlp.down_proj", "model.norm", "lm_head", gate="mlp.gate_proj",
-               ffn_norm="post_attention_layernorm", note="SwiGLU; SmolLM2 is a Llama; OLMo's norms have no weights"),
+               ffn_norm="post_attention_layernorm", activation="mlp.act_fn", attention_value="self_attn.v_proj",
+               attention_out="self_attn.o_proj", attention_norm="input_layernorm",
+               note="SwiGLU; SmolLM2 is a Llama; OLMo's norms have no weights"),
     FamilySpec("olmo2", ("olmo2",), "model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm", "lm_head",
-               gate="mlp.gate_proj", post_ffn_norm="post_feedforward_layernorm",
+               gate="mlp.gate_proj", post_ffn_norm="post_feedforward_layernorm", activation="mlp.act_fn",
+               attention_value="self_attn.v_proj", attention_out="self_attn.o_proj", attention_norm=None,
+               attention_post_norm="post_attention_layernorm",
                note="SwiGLU; no norm before the FFN (it reads the raw residual), a norm after it"),
     FamilySpec("gemma", ("gemma",), "model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm", "lm_head",
-               gate="mlp.gate_proj", ffn_norm="post_attention_layernorm", gemma_norm=True, note="GeGLU"),
+               gate="mlp.gate_proj", ffn_norm="post_attention_layernorm", gemma_norm=True, activation="mlp.act_fn",
+               attention_value="self_attn.v_proj", attention_out="self_attn.o_proj",
+               attention_norm="input_layernorm", note="GeGLU"),
     FamilySpec("gemma2", ("gemma2", "gemma3_text"), "model.layers", "mlp.up_proj", "mlp.down_proj",
                "model.norm", "lm_head", gate="mlp.gate_proj", ffn_norm="pre_feedforward_layernorm",
-               post_ffn_norm="post_feedforward_layernorm", gemma_norm=True,
+               post_ffn_norm="post_feedforward_layernorm", gemma_norm=True, activation="mlp.act_fn",
+               attention_value="self_attn.v_proj", attention_out="self_attn.o_proj",
+               attention_norm="input_layernorm", attention_post_norm="post_attention_layernorm",
                note="GeGLU with a norm after the FFN, before the residual add"),
     FamilySpec("gemma3", ("gemma3",), "model.language_model.layers", "mlp.up_proj", "mlp.down_proj",
                "model.language_model.norm", "lm_head", gate="mlp.gate_proj", ffn_norm="pre_feedforward_layernorm",
-               post_ffn_norm="post_feedforward_layernorm", gemma_norm=True,
+               post_ffn_norm="post_feedforward_layernorm", gemma_norm=True, activation="mlp.act_fn",
+               attention_value="self_attn.v_proj", attention_out="self_attn.o_proj",
+               attention_norm="input_layernorm", attention_post_norm="post_attention_layernorm",
                note="Gemma 3 4B+ (Gemma3ForConditionalGeneration): the gemma2 layout inside model.language_model"),
 )
 
@@ -112,7 +161,9 @@ def find_family(model_type: str, class_name: str = "") -> FamilySpec:
         f"{supported_families()}. Adding one takes a single FamilySpec: see docs/adding-a-family.md.")
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
+def submodule(root: nn.Module, path: str) -> nn.Module:
+    """The attribute at the dotted ``path`` below ``root`` (e.g. ``"mlp.act_fn"`` of a layer): the one lookup of
+    the families' paths. A missing step raises AttributeError naming it and the children that are there."""
     obj = root
     for part in path.split("."):
         if not hasattr(obj, part):
@@ -121,6 +172,10 @@ def _get(root: nn.Module, path: str) -> nn.Module:
                                  + (f" (it has {children})" if children else ""))
         obj = getattr(obj, part)
     return obj
+
+
+# ffnlib.related.moefication still imports the old private name; it goes once moefication uses submodule.
+_get = submodule
 
 
 class Adapter:
@@ -135,9 +190,9 @@ class Adapter:
             raise UnsupportedModelError("This OPT checkpoint is post-LN (do_layer_norm_before=False, e.g. "
                                         "opt-350m): its layer output is not residual + FFN. Use another OPT size.")
         try:
-            self._layers = list(_get(model, self.family.layers))
-            self.final_norm: nn.Module = _get(model, self.family.final_norm)
-            self.head: nn.Module = _get(model, self.family.head)
+            self._layers = list(submodule(model, self.family.layers))
+            self.final_norm: nn.Module = submodule(model, self.family.final_norm)
+            self.head: nn.Module = submodule(model, self.family.head)
             for i in range(len(self._layers)):
                 self.up(i), self.down(i), self.gate(i) if self.family.gated else None
         except AttributeError as exc:
@@ -186,22 +241,40 @@ class Adapter:
         return self._layers[self.check_layer(layer)]
 
     def up(self, layer: int) -> nn.Module:
-        return _get(self.layer(layer), self.family.up)
+        return submodule(self.layer(layer), self.family.up)
 
     def down(self, layer: int) -> nn.Module:
-        return _get(self.layer(layer), self.family.down)
+        return submodule(self.layer(layer), self.family.down)
 
     def gate(self, layer: int) -> nn.Module:
         if not self.gated:
             raise ParameterError(f"The {self.family.name} family has no gate: its FFN is not gated.")
-        return _get(self.layer(layer), self.family.gate)
+        return submodule(self.layer(layer), self.family.gate)
+
+    def activation(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The FFN's activation f of ``layer``, the family's own module (``FamilySpec.activation``): ``f`` in
+        ``m = f(x·Kᵀ + b)``, or ``act`` in ``m = act(x·Gᵀ)·(x·Kᵀ)`` for a gated FFN. Raises
+        :class:`UnsupportedModelError` where the family declares none or the model has none there."""
+        path = self.family.activation
+        if not path:
+            raise UnsupportedModelError(f"The {self.family.name} family declares no FFN activation: set "
+                                        "FamilySpec.activation (see docs/adding-a-family.md).")
+        try:
+            fn = submodule(self.layer(layer), path)
+        except AttributeError as exc:
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no FFN activation at {path!r} in layer "
+                                        f"{layer}, where the {self.family.name} family keeps it ({exc}).") from exc
+        if not callable(fn):
+            raise UnsupportedModelError(f"{path!r} of layer {layer} of {type(self.model).__name__} is a "
+                                        f"{type(fn).__name__}, not the FFN's activation function.")
+        return fn
 
     def ffn_output_module(self, layer: int) -> nn.Module:
         """The module whose output is what the FFN adds to the residual stream."""
         if self.family.post_ffn_norm:
-            return _get(self.layer(layer), self.family.post_ffn_norm)
+            return submodule(self.layer(layer), self.family.post_ffn_norm)
         # a norm that ffnlib's softmax + LN memory puts after the values (ffnlib.ffn_variants)
-        parent = self.layer(layer) if "." not in self.family.down else _get(self.layer(layer),
+        parent = self.layer(layer) if "." not in self.family.down else submodule(self.layer(layer),
                                                                             self.family.down.rsplit(".", 1)[0])
         norm = getattr(parent, "ffn_norm", None)
         return norm if isinstance(norm, nn.Module) else self.down(layer)

@@ -29,6 +29,11 @@ class Scale:
     control_removal_keys: int  # keys per layer in the random-weights control's removal experiment
     control_aggregation_examples: int  # held-out prefixes for the control's Section 5
     corpus: str = "wiki"  # the embedded corpus: "wiki", or "wiki+" (plus BIG-bench's Wikipedia paragraphs, a download)
+    # notebook 09 (contribution maps, ffnlib.related.contextualization.notebook_sizes)
+    maps_sentences: int = 300  # held-out sentences decomposed
+    maps_max_tokens: int = 40  # their largest token count
+    maps_bigram_sentences: int = 20000  # training sentences counted for the frequent bigrams
+    maps_control_sentences: int = 150  # the first sentences the random-weights control decomposes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -36,11 +41,14 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "ci": Scale("ci", mining_sentences=160, top_k=50, removal_keys=10, aggregation_examples=64,
-                checkpoint_every=64, control_removal_keys=10, control_aggregation_examples=64),
+                checkpoint_every=64, control_removal_keys=10, control_aggregation_examples=64,
+                maps_sentences=4, maps_max_tokens=20, maps_bigram_sentences=2000, maps_control_sentences=4),
     "default": Scale("default", mining_sentences=8000, top_k=50, removal_keys=100, aggregation_examples=4000,
-                     checkpoint_every=1000, control_removal_keys=10, control_aggregation_examples=1000),
+                     checkpoint_every=1000, control_removal_keys=10, control_aggregation_examples=1000,
+                     maps_sentences=300, maps_max_tokens=40, maps_bigram_sentences=20000, maps_control_sentences=150),
     "full": Scale("full", mining_sentences=None, top_k=50, removal_keys=100, aggregation_examples=4000,
-                  checkpoint_every=2000, control_removal_keys=100, control_aggregation_examples=4000, corpus="wiki+"),
+                  checkpoint_every=2000, control_removal_keys=100, control_aggregation_examples=4000, corpus="wiki+",
+                  maps_sentences=1000, maps_max_tokens=40, maps_bigram_sentences=40000, maps_control_sentences=300),
 }
 
 CORE_PARAMETERS = {"model": str, "scale": str, "seed": int, "results_dir": str, "device": str}

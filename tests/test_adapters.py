@@ -12,7 +12,8 @@ not compute itself:
 3. keys/values are (d_ff, d_model) in every orientation (GPT-2's Conv1D included);
 4. ``residual_before`` is the residual the block really adds the FFN to (input of the FFN's pre-norm,
    or layer input + attention output for parallel blocks), and ``residual_after`` feeds the next layer;
-5. ``logits_from_residual(residual_after[last])`` reproduces the model's logits;
+5. ``logits_from_residual(residual_after[last])`` reproduces the model's logits; ``activation(layer)`` (the
+   family's declared module) recomputes the FFN's output;
 6. ``logits_from_values`` is ``head(g ⊙ v)`` (RMSNorm) or ``head(g ⊙ (v - mean v))`` (LayerNorm), and
    relates to the full projection through the norm's scale and bias;
 7. ``ffnlib.models.load_model`` loads the model back from a ``save_pretrained`` folder;
@@ -34,7 +35,7 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from ffnlib import ParameterError, UnsupportedModelError
-from ffnlib.adapters import FAMILIES, Adapter, get_adapter
+from ffnlib.adapters import FAMILIES, Adapter, get_adapter, submodule
 from ffnlib.capture import WHAT, capture
 from ffnlib.models import load_model
 from tiny_models import BATCH, CASE_IDS, CASES, D_MODEL, TOKENS, VOCAB, Case, make_tokenizer
@@ -196,6 +197,50 @@ def test_coefficients_follow_from_keys(case, tiny):
         else:
             expected = act(pre)
         assert_rel_close(t.acts.coefficients[layer], expected, what=f"layer {layer} coefficients")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_the_activation_recomputes_the_ffn(case, tiny):
+    """``Adapter.activation`` is the family's declared module (never a guessed name), and the FFN recomputed with
+    it from its input (``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))``) is the module's own output."""
+    t = tiny(case)
+    for layer in _layers(t):
+        act = t.adapter.activation(layer)
+        assert act is submodule(t.adapter.layer(layer), t.adapter.family.activation)
+        x = t.acts.ffn_input[layer]
+        with torch.no_grad():
+            if t.adapter.gated:
+                hidden = act(t.adapter.gate(layer)(x)) * t.adapter.up(layer)(x)
+            else:
+                hidden = act(t.adapter.up(layer)(x))
+            rebuilt = t.adapter.down(layer)(hidden)
+        assert_rel_close(rebuilt, _per_token(t.down_out[layer], rebuilt), what=f"{case.id} layer {layer} FFN via "
+                                                                                f"{t.adapter.family.activation}")
+        assert_rel_close(t.acts.coefficients[layer], hidden, what=f"{case.id} layer {layer} coefficients")
+
+
+def test_a_missing_activation_is_a_clear_error(tiny):
+    import dataclasses
+
+    t = tiny(CASES[CASE_IDS.index("bloom")])
+    assert type(t.adapter.activation(0)).__name__ == "BloomGelu"  # mlp.gelu_impl: no act/act_fn to guess
+    family = t.adapter.family
+    undeclared = Adapter(t.model, family=dataclasses.replace(family, activation=None))
+    with pytest.raises(UnsupportedModelError, match="declares no FFN activation"):
+        undeclared.activation(0)
+    wrong = Adapter(t.model, family=dataclasses.replace(family, activation="mlp.act_fn"))
+    with pytest.raises(UnsupportedModelError, match="no FFN activation at 'mlp.act_fn'.*gelu_impl"):
+        wrong.activation(0)
+    with pytest.raises(ParameterError, match="value_layout"):
+        dataclasses.replace(family, value_layout="fused")
+
+
+def test_submodule_names_the_missing_step_and_the_children():
+    llama = tf.LlamaForCausalLM(CASES[CASE_IDS.index("llama")].config())
+    assert submodule(llama, "model.layers.0.mlp.act_fn") is llama.model.layers[0].mlp.act_fn
+    with pytest.raises(AttributeError, match=r"no module 'model.nowhere': LlamaModel has no 'nowhere' \(it has "
+                                             r"embed_tokens, layers"):
+        submodule(llama, "model.nowhere")
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,12 +25,13 @@ import torch
 from transformers.activations import ACT2FN
 
 import ffnlib.related.contextualization as ctx
-from ffnlib import ParameterError
-from ffnlib.adapters import FAMILIES, Adapter
+from ffnlib import ParameterError, UnsupportedModelError
+from ffnlib.adapters import FAMILIES, VALUE_LAYOUTS, Adapter, submodule
 from ffnlib.capture import capture
 from ffnlib.findings import KOBAYASHI_SECTION, VERDICTS, finding, findings_rows, judge, of_notebook
 from ffnlib.models import LoadedModel
 from ffnlib.stats import Estimate
+from ffnlib.storage import save_result
 from test_adapters import assert_rel_close
 from tiny_models import CASE_IDS, CASES, VOCAB, make_tokenizer
 
@@ -76,14 +79,14 @@ def _real_vectors(model, adapter: Adapter, ids: list[list[int]]) -> dict[int, di
     finally:
         for handle in handles:
             handle.remove()
-    layout = ctx.LAYOUTS[adapter.family.name]
+    attention_norm = adapter.family.attention_norm
     real = {}
     for layer in range(adapter.n_layers):
         after = acts.residual_after[layer]
         if layer == adapter.n_layers - 1:
             nxt = adapter.final_norm
         else:
-            nxt = ctx._module(adapter.layer(layer + 1), layout.attention_norm) if layout.attention_norm else None
+            nxt = submodule(adapter.layer(layer + 1), attention_norm) if attention_norm else None
         with torch.no_grad():
             real[layer] = {"ATB": acts.residual_before[layer], "ATBLN": acts.ffn_input[layer],
                            "ATBFF": down[layer].reshape(after.shape), "ATBFFLN": acts.ffn_output[layer],
@@ -92,9 +95,29 @@ def _real_vectors(model, adapter: Adapter, ids: list[list[int]]) -> dict[int, di
 
 
 # ---- 1. completeness on every family --------------------------------------------------------------------------
-def test_every_family_has_a_layout():
+def test_every_family_declares_its_attention_layout_in_its_familyspec():
+    for family in FAMILIES:
+        assert family.attention_value and family.attention_out and family.activation, family.name
+        assert family.value_layout in VALUE_LAYOUTS and ctx.VALUE_LAYOUTS == VALUE_LAYOUTS
+        assert (family.attention_norm is None) == (family.name == "olmo2"), family.name
+        assert (family.attention_post_norm is not None) == (family.name in ("olmo2", "gemma2", "gemma3"))
+    # LAYOUTS and LayerLayout are a view of the FamilySpecs
     assert set(ctx.LAYOUTS) == {family.name for family in FAMILIES}
-    assert all(layout.value_layout in ctx.VALUE_LAYOUTS for layout in ctx.LAYOUTS.values())
+    gpt2 = ctx.LAYOUTS["gpt2"]
+    assert (gpt2.value, gpt2.out, gpt2.attention_norm, gpt2.value_layout) == ("attn.c_attn", "attn.c_proj", "ln_1",
+                                                                             "qkv_blocks")
+
+
+@pytest.mark.parametrize("case", [CASES[CASE_IDS.index(c)] for c in ("gpt2", "llama")], ids=["gpt2", "llama"])
+def test_a_family_without_an_attention_layout_is_refused_clearly(case):
+    model = _tiny(case)
+    family = Adapter(model).family
+    bare = Adapter(model, family=dataclasses.replace(family, attention_value=None))
+    with pytest.raises(UnsupportedModelError, match="set attention_value, attention_out"):
+        ctx.decompose(bare, _ids())
+    wrong = Adapter(model, family=dataclasses.replace(family, attention_out="attn.nowhere"))
+    with pytest.raises(UnsupportedModelError, match="attention layout of the .* family .*nowhere"):
+        ctx.stages_of(wrong, 0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -527,6 +550,17 @@ def test_control_sentences_per_scale():
         ctx.notebook_sizes("default", n_sentences=20, control_sentences=30)
     with pytest.raises(ParameterError, match="control_sentences must be a positive int"):
         ctx.notebook_sizes("ci", control_sentences=0)
+    with pytest.raises(ParameterError, match="Unknown scale 'huge'"):
+        ctx.notebook_sizes("huge")
+    # the sizes live in the one registry of scales; SCALE_SIZES is a view of it
+    from ffnlib.config import SCALES
+
+    assert ctx.notebook_sizes("ci") == {"n_sentences": 4, "max_tokens": 20, "bigram_sentences": 2000,
+                                        "control_sentences": 4} == ctx.SCALE_SIZES["ci"]
+    for name, scale in SCALES.items():
+        assert ctx.notebook_sizes(name) == {"n_sentences": scale.maps_sentences, "max_tokens": scale.maps_max_tokens,
+                                            "bigram_sentences": scale.maps_bigram_sentences,
+                                            "control_sentences": scale.maps_control_sentences}
 
 
 def test_token_table_words_and_capitalised_spans_from_the_tokenizer_offsets(smollm):
@@ -596,11 +630,11 @@ def test_sentence_maps_rows_checks_cache_and_resume(tiny_loaded, tmp_path, capsy
     partial = tmp_path / f"{name}.partial"
     partial.mkdir()
     for index in (0, 1):
-        batch = ctx._batches([5, 3, 7, 4], 8)[index]
+        batch = ctx.sentence_batches([5, 3, 7, 4], 8)[index]
         checkpoint = {**first.manifest, "batch": index, "batch_sentences": batch}
         part = first.maps[first.maps["sentence"].isin(batch)]
-        ctx.save_result(partial, f"batch-{index:05d}", part.reset_index(drop=True), checkpoint)
-        ctx.save_result(partial, f"checks-{index:05d}", first.checks, checkpoint)
+        save_result(partial, f"batch-{index:05d}", part.reset_index(drop=True), checkpoint)
+        save_result(partial, f"checks-{index:05d}", first.checks, checkpoint)
     for path in tmp_path.glob(f"{name}*.*"):
         if path.is_file():
             path.unlink()
@@ -611,8 +645,9 @@ def test_sentence_maps_rows_checks_cache_and_resume(tiny_loaded, tmp_path, capsy
 
 # ---- 7. the explorer's contributions panel ---------------------------------------------------------------------
 def test_contribution_panel_plain_function_and_widget(tiny_loaded):
-    from ffnlib.explorer import Explorer, contribution_maps, render_contribution_maps
+    from ffnlib.explorer import Explorer, contribution_maps
     from ffnlib.widgets.explorer import ExplorerWidget
+    from ffnlib.widgets.render import render_contribution_maps
 
     view = contribution_maps(tiny_loaded, "w4 w5 w6", layer=1)
     assert view.stages == ("ATB", "ATBFF", "ATBFFRES", "ATBFFRESLN") and view.layer == 1
