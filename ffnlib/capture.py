@@ -118,7 +118,8 @@ def hook_coefficients(model_or_adapter, layers: Iterable[int] | int | None,
     (all when ``None``) as (batch, tokens, d_ff), whatever shape the family's FFN uses.
 
     If ``fn`` returns a tensor of that shape, it replaces the coefficients: the FFN's second linear then
-    reads it, given back in the module's own shape. An exception raised by ``fn`` (e.g. to stop the
+    reads it, given back in the module's own shape. It may have more rows than it was given (a batch of one
+    fanned out: the layers above then run in the larger batch). An exception raised by ``fn`` (e.g. to stop the
     forward pass once the last layer needed has been read) propagates. The hooks are removed on exit,
     errors included.
     """
@@ -132,7 +133,7 @@ def hook_coefficients(model_or_adapter, layers: Iterable[int] | int | None,
             replaced = fn(layer, shapes.per_token(layer, m))
             if replaced is None:
                 return None
-            return (replaced.reshape(m.shape), *args[1:])
+            return (replaced.reshape(-1, *m.shape[1:]), *args[1:])  # the module's shape; the batch may grow
         return pre_hook
 
     try:

@@ -3,7 +3,8 @@
 ``with intervene(loaded, {(layer, memory): 0.0}): loaded.model(ids)`` runs the model with memory
 ``memory`` of ``layer`` switched off; a number sets the coefficient (promote with a large positive value,
 suppress with a negative one, as LM-Debugger does). ``scale=True`` multiplies instead of setting.
-The hooks are always removed on exit, errors included.
+:func:`scale_at_positions` multiplies coefficients at one position per row instead (e.g. each prompt's last
+token in a right-padded batch). The hooks are always removed on exit, errors included.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from .capture import hook_coefficients
 from .errors import ParameterError
 
-__all__ = ["intervene"]
+__all__ = ["intervene", "scale_at_positions"]
 
 
 @contextmanager
@@ -52,4 +53,24 @@ def intervene(loaded, edits: Mapping[tuple[int, int], float], scale: bool = Fals
         return coefficients
 
     with hook_coefficients(adapter, layers, edit):
+        yield
+
+
+@contextmanager
+def scale_at_positions(model_or_adapter, factors: Mapping[int, torch.Tensor], positions) -> Iterator[None]:
+    """Multiply row r's coefficients at position ``positions[r]`` only, by ``factors[layer][r]`` ((rows, d_ff)
+    per layer; 1 leaves a memory alone): Dai et al.'s suppress (x0) and amplify (x2) at a prompt's last token."""
+    if not factors:  # nothing to edit: the model runs as it is
+        yield
+        return
+    positions = torch.as_tensor(positions, dtype=torch.long)
+    rows = torch.arange(len(positions), device=positions.device)
+
+    def edit(layer: int, coefficients: torch.Tensor) -> torch.Tensor:
+        r, where = rows.to(coefficients.device), positions.to(coefficients.device)
+        coefficients = coefficients.clone()
+        coefficients[r, where] = coefficients[r, where] * factors[layer].to(coefficients.device, coefficients.dtype)
+        return coefficients
+
+    with hook_coefficients(model_or_adapter, list(factors), edit):
         yield

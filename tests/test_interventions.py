@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import ffnlib
-from ffnlib.capture import capture
-from ffnlib.interventions import intervene
+from ffnlib.capture import capture, hook_coefficients
+from ffnlib.interventions import intervene, scale_at_positions
 from ffnlib.values import value_logits
 
 
@@ -55,3 +55,55 @@ def test_bad_interventions_are_parameter_errors(smollm, edits):
     with pytest.raises(ffnlib.ParameterError):
         with intervene(smollm, edits):
             pass
+
+
+def test_scaling_at_one_position_per_row_matches_each_row_alone(smollm):
+    """Rows of a right-padded batch, each scaled at its own last token only, as each prompt run alone."""
+    prompts = [smollm.encode("The capital of France is"), smollm.encode("I like")]
+    ids = torch.full((2, max(map(len, prompts))), smollm.tokenizer.pad_token_id or 0)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)], mask[row, : len(prompt)] = torch.tensor(prompt), 1
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    edits = [(100, 0.0), (200, 3.0)]  # (memory, factor) of each row, at its last token
+    factors = torch.ones(2, smollm.adapter.d_ff)
+    for row, (memory, factor) in enumerate(edits):
+        factors[row, memory] = factor
+    before = _hooks(smollm.model)
+    with torch.no_grad():
+        with scale_at_positions(smollm, {25: factors}, last):
+            batched = smollm.model(input_ids=ids, attention_mask=mask).logits[torch.arange(2), last]
+        for row, (prompt, (memory, factor)) in enumerate(zip(prompts, edits)):
+            def at_last(layer, m, memory=memory, factor=factor):
+                m = m.clone()
+                m[:, -1, memory] *= factor
+                return m
+
+            with hook_coefficients(smollm, 25, at_last):
+                alone = smollm.model(torch.tensor([prompt])).logits[0, -1]
+            assert torch.allclose(batched[row], alone, atol=1e-4)
+    assert _hooks(smollm.model) == before
+
+
+def test_a_coefficient_hook_can_fan_a_batch_of_one_out(smollm):
+    """hook_coefficients may return more rows than it was given: the layers above run in the larger batch."""
+    ids = torch.tensor([smollm.encode("The capital of France is")])
+    before = _hooks(smollm.model)
+
+    def fan_out(layer, m):
+        rows = m.expand(3, -1, -1).clone()
+        rows[1, :, 100] = 0.0
+        rows[2, :, 100] *= 2.0
+        return rows
+
+    with torch.no_grad():
+        with hook_coefficients(smollm, 20, fan_out):
+            fanned = smollm.model(ids).logits[:, -1]
+        plain = smollm.model(ids).logits[0, -1]
+        with intervene(smollm, {(20, 100): 0.0}):
+            off = smollm.model(ids).logits[0, -1]
+        with intervene(smollm, {(20, 100): 2.0}, scale=True):
+            doubled = smollm.model(ids).logits[0, -1]
+    assert fanned.shape[0] == 3 and _hooks(smollm.model) == before
+    for got, expected in zip(fanned, (plain, off, doubled)):
+        assert torch.allclose(got, expected, atol=1e-4)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import tarfile
 from types import SimpleNamespace
 
@@ -118,7 +119,7 @@ def test_attribution_finds_the_memory_that_writes_the_answer():
     assert result.value > 0.5  # the planted memory makes the model answer
     best = divmod(int(result.scores.argmax()), loaded.adapter.d_ff)
     assert (result.layers[best[0]], best[1]) == (layer, memory)
-    frame, _ = kn._score_rows(0, result, keep_ratio=0.1)
+    frame, _ = kn.score_rows(0, result, keep_ratio=0.1)
     coarse = kn.coarse_neurons(frame, threshold=0.2)
     assert (layer, memory) in set(zip(coarse["layer"], coarse["memory"]))
     view = kn.value_view(loaded, pd.DataFrame([{"relation": "capital", "fact_id": 0, "layer": layer, "memory": memory,
@@ -158,9 +159,37 @@ def test_the_fast_path_gives_captums_numbers(kind, target, text, answer):
 
 def test_the_fast_path_batches_layers_without_changing_scores(tiny):
     prompt, answer = _ids("The capital of Italy is"), _ids("Rome")
-    one = kn._ig_fast(tiny, prompt, answer, [0, 1, 2], 20, "riemann_left", "first_token", rows_per_batch=20)
-    all_ = kn._ig_fast(tiny, prompt, answer, [0, 1, 2], 20, "riemann_left", "first_token", rows_per_batch=60)
+    args = (tiny, prompt, answer, [0, 1, 2], 20, "riemann_left", "first_token")
+    one = kn.fast_integrated_gradients(*args, rows_per_batch=20)
+    all_ = kn.fast_integrated_gradients(*args, rows_per_batch=60)
     assert torch.allclose(one[0], all_[0], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", kn.METHODS)
+def test_the_integration_points_are_captums(method):
+    """The fast path integrates at captum's points with captum's weights, bit for bit (its own copy of the rules,
+    not captum's private module)."""
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    step_sizes, alphas = approximation_parameters(method)
+    for steps in (2, 3, 7, 20, 64):
+        weights, points = kn.integration_points(method, steps)
+        assert torch.equal(weights, torch.tensor(step_sizes(steps), dtype=torch.float32))
+        assert torch.equal(points, torch.tensor(alphas(steps), dtype=torch.float32))
+
+
+def test_the_intervals_come_from_ffnlib_stats():
+    from ffnlib import stats
+
+    frame = pd.DataFrame({"fact_id": [0, 0, 1, 2, 3, 4, 5], "kind": "knowledge",
+                          "change": [-0.5, -0.7, -0.9, 0.1, -0.3, np.inf, -0.2]})
+    row = kn.summarise(frame, "change", ["kind"]).iloc[0]
+    per_fact = frame.groupby("fact_id")["change"].mean()
+    assert row["mean"] == per_fact.mean() and row["units"] == 6  # the point estimate as before (inf included)
+    expected = stats.share(per_fact[np.isfinite(per_fact)].to_numpy(), "fact_id")
+    assert (row["low"], row["high"]) == (expected.low, expected.high)
+    assert kn.binomial_interval(3, 10) == (stats.binomial(3, 10).low, stats.binomial(3, 10).high)
+    assert all(math.isnan(x) for x in kn.binomial_interval(0, 0))
 
 
 def test_bad_attribution_parameters_are_clear_errors(tiny):
@@ -347,10 +376,11 @@ def test_the_lambda2_sweep_has_a_row_per_edit_and_resumes(tmp_path, monkeypatch,
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(kn, "edit_facts", flaky)
+    sweep_module = sys.modules[kn.lambda2_sweep.__module__]  # where lambda2_sweep finds edit_facts
+    monkeypatch.setattr(sweep_module, "edit_facts", flaky)
     with pytest.raises(KeyboardInterrupt):
         kn.lambda2_sweep(*args, lambda2s=(1, 8), n_others=1, out_dir=tmp_path)
-    monkeypatch.setattr(kn, "edit_facts", real)
+    monkeypatch.setattr(sweep_module, "edit_facts", real)
     resumed = kn.lambda2_sweep(*args, lambda2s=(1, 8), n_others=1, out_dir=tmp_path)
     assert "lambda2 = 1 read from its checkpoint" in capsys.readouterr().out
     pd.testing.assert_frame_equal(resumed, reference)
@@ -416,10 +446,11 @@ def test_an_interrupted_attribution_resumes_with_identical_results(tmp_path, mon
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kn, "knowledge_attribution", flaky)
+    attribution_module = sys.modules[kn.attribute_prompts.__module__]  # where it finds knowledge_attribution
+    monkeypatch.setattr(attribution_module, "knowledge_attribution", flaky)
     with pytest.raises(KeyboardInterrupt):
         kn.attribute_prompts(loaded, prompts, steps=4, out_dir=tmp_path, checkpoint_every=3, progress=False)
-    monkeypatch.setattr(kn, "knowledge_attribution", real)
+    monkeypatch.setattr(attribution_module, "knowledge_attribution", real)
     resumed = kn.attribute_prompts(loaded, prompts, steps=4, out_dir=tmp_path, checkpoint_every=3)
     assert "6 of 15 prompts were read from checkpoints" in capsys.readouterr().out
     pd.testing.assert_frame_equal(resumed.scores, reference.scores)
@@ -508,7 +539,7 @@ def test_wikidata_facts_are_read_from_the_bigbench_sdist_and_cached(tmp_path, mo
         ["capital", "France", "Paris"], ["capital", "Japan", "Tokyo"], ["official language", "Spain", "Spanish"]]
     assert (tmp_path / "qa_wikidata-1.0.0.json").exists() and not (tmp_path / "bigbench-1.0.0.tar.gz").exists()
     assert kn.wikidata_facts(cache=tmp_path, download=False).equals(facts)  # from the cached JSON now
-    monkeypatch.setattr(kn, "wikidata_facts", lambda: kn.wikidata_facts_from_task(
+    monkeypatch.setattr(sys.modules[kn.load_facts.__module__], "wikidata_facts", lambda: kn.wikidata_facts_from_task(
         {"examples": examples}))
     ours = kn.load_facts("wikidata")
     assert set(ours["relation"]) == {"capital", "official_language"}  # mapped to our relation names
@@ -597,8 +628,9 @@ def test_measures_are_judged_by_the_registry():
 
 # ---- the explorer's "attribute" action --------------------------------------------------------------
 def test_the_explorer_attributes_the_prediction_to_the_planted_memory():
-    from ffnlib.explorer import Explorer, attribute_prediction, render_attribution
+    from ffnlib.explorer import Explorer, attribute_prediction
     from ffnlib.widgets.explorer import ExplorerWidget
+    from ffnlib.widgets.render import render_attribution
 
     loaded = _tiny("llama", seed=1)
     prompt = "The capital of France is"
