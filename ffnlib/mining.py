@@ -44,7 +44,7 @@ from .storage import atomic_write_bytes, read_json, sha256_bytes, write_json
 __all__ = ["PER_SENTENCE", "POSITION_BITS", "MAX_POSITION", "MAX_SENTENCE_ID", "EMPTY", "DENSE_PAIRS_SHARE",
            "MAX_GROUP_VIEWS", "SPARE_SLOTS", "prepare_sentences", "corpus_fingerprint", "Batch", "make_batch",
            "plan_batches", "BATCH_COST", "plan_least_padding", "doubling_sizes", "plan_prefix_batches", "TopKState",
-           "merge", "Miner", "hooked", "Checkpoint", "read_coefficients"]
+           "merge", "Miner", "hooked", "Checkpoint", "json_normal", "read_coefficients"]
 
 PER_SENTENCE = ("max", "all")
 POSITION_BITS = 20  # a candidate is stored as one int64: sentence_id << 20 | position
@@ -550,7 +550,7 @@ class Checkpoint:
             warnings.warn(f"Ignoring the checkpoint {self.meta}: unreadable ({exc}); recomputing from the start.",
                           stacklevel=3)
             return None
-        if meta.get("identity") != _json_normal(self.identity):
+        if meta.get("identity") != json_normal(self.identity):
             warnings.warn(f"Ignoring the checkpoint {self.meta}: it was written by a run with other settings; "
                           "recomputing from the start.", stacklevel=3)
             return None
@@ -580,7 +580,8 @@ class Checkpoint:
             path.unlink(missing_ok=True)
 
 
-def _json_normal(obj):
+def json_normal(obj):
+    """``obj`` as it reads back from JSON (to compare a saved identity or request with a new one)."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 

@@ -153,7 +153,7 @@ def test_the_report_shows_the_corpus_size_section(tmp_path):
 
 
 def test_ranks_in_rows_count_strictly_larger_logits_for_any_number_of_targets_per_row():
-    from ffnlib.values import _ranks_in_rows
+    from ffnlib.values import ranks_in_rows
 
     rng = np.random.default_rng(1)
     logits = torch.from_numpy(rng.integers(0, 20, size=(6, 50)).astype(np.float32))  # many ties
@@ -161,12 +161,12 @@ def test_ranks_in_rows_count_strictly_larger_logits_for_any_number_of_targets_pe
     rows, tokens = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         typed = logits.to(dtype)
-        got = _ranks_in_rows(typed, rows, tokens, torch.empty(6, 50))
+        got = ranks_in_rows(typed, rows, tokens, torch.empty(6, 50))
         expected = [(typed[r] > typed[r, t]).sum().item() for r, t in pairs]
         assert got.tolist() == expected and np.bincount(rows).max() > 3
     # few rows with targets (one row with many): the pairs' rows are compared instead of every row per pass
     few = np.array([[2] * 7 + [4], [1, 3, 5, 8, 13, 21, 34, 40]])
-    got = _ranks_in_rows(logits, few[0], few[1], torch.empty(6, 50))
+    got = ranks_in_rows(logits, few[0], few[1], torch.empty(6, 50))
     assert got.tolist() == [(logits[r] > logits[r, t]).sum().item() for r, t in few.T]
 
 

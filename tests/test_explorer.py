@@ -19,16 +19,16 @@ import transformers as tf
 
 import ffnlib
 from ffnlib.adapters import get_adapter
-from ffnlib.atlas import export_atlas, memory_page_name, select_memories
 from ffnlib.capture import capture
 from ffnlib.corpus import load_corpus
 from ffnlib.explorer import (CoefficientSample, Explorer, ValueIndex, analyse_prompt, compare_intervention,
-                             format_edits, key_rows, memory_view, parse_edits, render_histogram, render_memory_view,
-                             search_trigger_word, search_value_token)
+                             format_edits, key_rows, memory_view, parse_edits, search_trigger_word, search_value_token)
 from ffnlib.keys import mine_trigger_examples, trigger_table
 from ffnlib.models import LoadedModel
 from ffnlib.values import value_logits
+from ffnlib.widgets.atlas import export_atlas, memory_page_name, select_memories
 from ffnlib.widgets.explorer import ExplorerWidget
+from ffnlib.widgets.render import render_histogram, render_memory_view
 
 PROMPT = "The capital of France is"
 LAYERS = (3, 10)  # mined layers for the trigger-based tests (mining stops after the last)

@@ -26,13 +26,13 @@ import pytest
 import torch
 
 from ffnlib.aggregation import analyse_aggregation
-from ffnlib.atlas import export_atlas
 from ffnlib.corpus import load_corpus
 from ffnlib.explorer import analyse_prompt, memory_view
 from ffnlib.interventions import intervene
 from ffnlib.keys import mine_trigger_examples, removal_experiment, removal_plan
 from ffnlib.models import LoadedModel, load_model
 from ffnlib.values import project_values, top_trigger_targets
+from ffnlib.widgets.atlas import export_atlas
 from tiny_models import CASE_IDS, CASES, Case, build_config
 
 K = 4  # trigger examples per memory

@@ -410,7 +410,8 @@ def test_snapshots_survive_an_interruption(tiny, sentences, tmp_path, monkeypatc
 
 def test_a_snapshot_cut_short_while_saving_is_saved_again(tiny, sentences, tmp_path, monkeypatch):
     ref = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "ref")
-    real, calls = keys.write_json, []
+    snapshots = sys.modules[keys.save_snapshot_state.__module__]  # the module whose write_json it calls
+    real, calls = snapshots.write_json, []
 
     def write_json(path, obj):
         if str(path).endswith(".state.json"):
@@ -419,10 +420,10 @@ def test_a_snapshot_cut_short_while_saving_is_saved_again(tiny, sentences, tmp_p
                 raise Interrupt  # the second snapshot's data is written, its JSON not
         return real(path, obj)
 
-    monkeypatch.setattr(keys, "write_json", write_json)
+    monkeypatch.setattr(snapshots, "write_json", write_json)
     with pytest.raises(Interrupt):
         _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
-    monkeypatch.setattr(keys, "write_json", real)
+    monkeypatch.setattr(snapshots, "write_json", real)
     again = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000)
     assert again.stats["resumed_from"] == 8  # from the first snapshot; the second is mined and saved again
     for size in (8, 16, 32):
@@ -632,24 +633,24 @@ def _hand_built() -> keys.TriggerExamples:
 
 def test_key_measures_on_a_hand_built_table():
     ex = _hand_built()
-    per_key = keys.key_measures(keys._with_tokens(ex, ex.triggers)).set_index("memory")
+    per_key = keys.key_measures(keys.with_tokens(ex, ex.triggers)).set_index("memory")
     assert per_key.loc[0, "shallow_token"] == pytest.approx(10 / 25)
     assert per_key.loc[0, "shallow_bigram"] == pytest.approx(5 / 25)
     assert per_key.loc[0, "topic_concentration"] == pytest.approx(12 / 16)
     assert per_key.loc[0, "labelled"] == 16
     # key 1: position 0 -> last tokens 300+i all distinct, no previous token
     assert per_key.loc[1, "shallow_token"] == 0 and per_key.loc[1, "shallow_bigram"] == 0
-    few = keys.key_measures(keys._with_tokens(ex, ex.triggers.head(6)), min_labelled=7)
+    few = keys.key_measures(keys.with_tokens(ex, ex.triggers.head(6)), min_labelled=7)
     assert np.isnan(few["topic_concentration"].iloc[0])
     one = keys.key_pattern_measures(None, ex, ex.of(0, 0))
     assert one["shallow_token"] == pytest.approx(0.4)
 
 
 def test_trigger_tokens_are_read_from_each_trigger_s_own_sentence(tiny, sentences):
-    """``_with_tokens`` (vectorised) against reading each row's sentence one by one; a row that is not a
+    """``with_tokens`` (vectorised) against reading each row's sentence one by one; a row that is not a
     token of the mined sentences is an error, not a token of the next sentence."""
     ex = keys.mine_trigger_examples(tiny, sentences, k=4)
-    got = keys._with_tokens(ex, ex.triggers)
+    got = keys.with_tokens(ex, ex.triggers)
     index, topics = ex.token_index(), dict(zip(ex.sentences["sentence_id"], ex.sentences["topic"]))
     for row in got.sample(200, random_state=0).itertuples():
         ids = index[row.sentence_id]
@@ -659,12 +660,12 @@ def test_trigger_tokens_are_read_from_each_trigger_s_own_sentence(tiny, sentence
     assert (got["previous_token"] == -1).any()  # triggers at the first real token
     too_far = ex.triggers.head(1).assign(position=len(index[int(ex.triggers["sentence_id"].iloc[0])]))
     with pytest.raises(ParameterError, match="not a token of the mined sentences"):
-        keys._with_tokens(ex, too_far)
+        keys.with_tokens(ex, too_far)
     with pytest.raises(ParameterError, match="not a token of the mined sentences"):
-        keys._with_tokens(ex, ex.triggers.head(1).assign(sentence_id=-5))
+        keys.with_tokens(ex, ex.triggers.head(1).assign(sentence_id=-5))
     with pytest.raises(ParameterError, match="not a token of the mined sentences"):
-        keys._with_tokens(ex, ex.triggers.head(1).assign(position=-1))
-    assert keys._with_tokens(ex, ex.triggers.head(0)).empty
+        keys.with_tokens(ex, ex.triggers.head(1).assign(position=-1))
+    assert keys.with_tokens(ex, ex.triggers.head(0)).empty
 
 
 def test_layer_measures_and_trend():
@@ -811,7 +812,7 @@ def test_random_removal_is_uniform_over_the_prefix():
     sentence_ids = np.repeat(np.arange(n), 2)
     positions = np.tile([4, 20], n)  # a short and a long prefix in each 30-token sentence
     index = {i: list(range(30)) for i in range(n)}
-    removed = keys._random_removals(sentence_ids, positions, index, 1, rng)  # with a BOS token
+    removed = keys.random_removals(sentence_ids, positions, index, 1, rng)  # with a BOS token
     short, long_ = removed[0::2], removed[1::2]
     assert short.min() == 1 and short.max() == 4 and long_.min() == 1 and long_.max() == 20
     counts = np.bincount(short, minlength=5)[1:]
@@ -849,10 +850,10 @@ def test_trigger_table_finds_sentences_by_any_id():
     scores = torch.rand(1, 1, 2, 3, generator=g).sort(-1, descending=True).values
     sentence = torch.randint(0, 6, (1, 1, 2, 3), generator=g)
     position = torch.randint(0, 2, (1, 1, 2, 3), generator=g)
-    near = keys._state_frame(mining.TopKState([0], [1], scores, (torch.as_tensor(ids)[sentence] << 20) | position), table)
+    near = keys.state_frame(mining.TopKState([0], [1], scores, (torch.as_tensor(ids)[sentence] << 20) | position), table)
     far_ids = ids * (1 << 36)
-    far = keys._state_frame(mining.TopKState([0], [1], scores, (torch.as_tensor(far_ids)[sentence] << 20) | position),
-                            table.assign(sentence_id=far_ids))
+    far = keys.state_frame(mining.TopKState([0], [1], scores, (torch.as_tensor(far_ids)[sentence] << 20) | position),
+                           table.assign(sentence_id=far_ids))
     assert (far["sentence_id"] == near["sentence_id"] * (1 << 36)).all()
     pd.testing.assert_frame_equal(far.drop(columns="sentence_id"), near.drop(columns="sentence_id"))
     tokens = dict(zip(ids, table["token_ids"]))

@@ -65,10 +65,12 @@ def test_widget_outputs_are_dropped_and_their_text_kept():
 
 def docs_pages() -> list[str]:
     """The docs/ pages of the site (user guide, verdicts, reports' provenance, scaling, teaching, API reference) and
-    the API reference's generated module pages: one per module of the package."""
+    the API reference's generated module pages: one per public module of the package (a subpackage's private
+    ``_x`` modules are documented on its page, through its ``__all__``)."""
     pages = sorted(f"docs/{p.relative_to(ROOT / 'docs').with_suffix('').as_posix()}"
                    for p in (ROOT / "docs").rglob("*.md") if "reports" not in p.parts)
-    modules = sorted(m.name for m in pkgutil.walk_packages(ffnlib.__path__, "ffnlib."))
+    modules = sorted(m.name for m in pkgutil.walk_packages(ffnlib.__path__, "ffnlib.")
+                     if not any(part.startswith("_") for part in m.name.split(".")))
     return pages + [f"docs/generated/{name}" for name in ["ffnlib", *modules]]
 
 

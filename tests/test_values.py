@@ -8,6 +8,8 @@ hand-built trigger tables (with known answers, an off-by-one trap included) for 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -176,7 +178,8 @@ def test_memory_bound_sets_the_chunk_size(tiny, monkeypatch):
 
 def test_resume_after_an_interruption_is_identical(tiny, tmp_path, monkeypatch, capsys):
     reference = project_values(tiny, top_k=4, progress=False)
-    real = values_mod._project_layer
+    projection = sys.modules[project_values.__module__]  # the module whose project_layer it calls
+    real = projection.project_layer
     calls = []
     state = {"kill_at": 2}
 
@@ -187,7 +190,7 @@ def test_resume_after_an_interruption_is_identical(tiny, tmp_path, monkeypatch, 
         calls.append(layer)
         return real(adapter, layer, *args)
 
-    monkeypatch.setattr(values_mod, "_project_layer", interrupted)
+    monkeypatch.setattr(projection, "project_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         project_values(tiny, top_k=4, out_dir=tmp_path, progress=False)
     assert calls == [0, 1] and len(list(tmp_path.glob("*.partial/layer-*.manifest.json"))) == 4
@@ -308,7 +311,7 @@ def test_empirical_baseline_pairs_each_memory_with_another_key():
     assert (per["baseline_n_agreeing"] == per["baseline_agrees"].astype(int)).all()  # one trigger per key here
     assert per.equals(value_agreement(memories, triggers, seed=3))
     assert not per["baseline_next_token"].equals(value_agreement(memories, triggers, seed=4)["baseline_next_token"])
-    partner = values_mod._derangement(50, np.random.default_rng(0))
+    partner = values_mod.derangement(50, np.random.default_rng(0))
     assert sorted(partner) == list(range(50)) and (partner != np.arange(50)).all()
 
 

@@ -1,3 +1,3 @@
-"""Notebook tools built on the analyses: the memory explorer's widgets and the annotation widget."""
+"""Notebook tools built on the analyses: the memory explorer (widgets, HTML, static atlas) and the annotation widget."""
 
 __all__: list[str] = []

@@ -1,7 +1,7 @@
 """The memory explorer as ipywidgets: three tabs (memory, prompt, interventions) over an
 :class:`ffnlib.explorer.Explorer`.
 
-This module only wires widgets to the explorer's methods and renders with ``ffnlib.explorer.render_*``;
+This module only wires widgets to the explorer's methods and renders with ``ffnlib.widgets.render``;
 every callback is a plain method (``show_memory``, ``search``, ``pick_result``, ``analyse``, ``attribute``,
 ``open_contributor``, ``show_contributions``, ``add_selected``, ``clear_edits``, ``apply``) that tests call directly
 or through ``button.click()``.
@@ -15,10 +15,10 @@ from contextlib import contextmanager
 import ipywidgets as w
 
 from ..errors import FFNLibError
-from ..explorer import (SEARCH_BY, Explorer, attribution_label, contributor_label, format_edits, render_attribution,
-                        render_contribution_maps,
-                        render_error, render_intervention, render_memory_view, render_prompt_analysis,
-                        render_search_results, search_label)
+from ..explorer import SEARCH_BY, Explorer, format_edits
+from .render import (attribution_label, contributor_label, render_attribution, render_contribution_maps, render_error,
+                     render_intervention, render_memory_view, render_prompt_analysis, render_search_results,
+                     search_label)
 
 __all__ = ["MODES", "ExplorerWidget", "explorer_widget"]
 

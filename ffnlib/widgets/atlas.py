@@ -26,9 +26,10 @@ from typing import Iterable
 
 import pandas as pd
 
-from .errors import ParameterError
-from .explorer import STYLE, CoefficientSample, memory_view, render_memory_view, token_html
-from .storage import atomic_write_bytes, ensure_dir, write_json
+from ..errors import ParameterError
+from ..explorer import CoefficientSample, memory_view
+from ..storage import atomic_write_bytes, ensure_dir, write_json
+from .render import STYLE, render_memory_view, token_html
 
 CRITERIA = ("max_coefficient", "mean_coefficient")
 _PAGE = re.compile(r"^L\d+_M\d+\.html$")

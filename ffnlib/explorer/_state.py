@@ -1,0 +1,118 @@
+"""The explorer's state: what its widgets show, and the actions they call, as plain methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import pandas as pd
+
+from ..errors import ParameterError
+from ._common import check_memory, top_tokens
+from ._contributions import ContributionMaps, contribution_maps
+from ._interventions import InterventionComparison, compare_intervention, parse_edits
+from ._memory import MemoryView, memory_view
+from ._prompt import PromptAnalysis, PromptAttribution, analyse_prompt, attribute_prediction
+from ._sample import CoefficientSample
+from ._search import SEARCH_BY, ValueIndex, search_trigger_word, search_value_token, trigger_sentence_index
+
+__all__ = ["Explorer"]
+
+
+@dataclass
+class Explorer:
+    """What the explorer widgets show, and the actions they call, as plain methods (tested without a browser).
+
+    ``triggers``: a ``TriggerExamples`` (``None`` disables trigger examples and the trigger search);
+    ``sample``: a :class:`CoefficientSample` for the histogram (``None`` leaves it out).
+    """
+
+    loaded: object
+    triggers: object = None
+    sample: CoefficientSample | None = None
+    n_triggers: int = 10
+    k_tokens: int = 10
+    top_memories: int = 5
+    max_new_tokens: int = 10
+    layer: int = 0
+    memory: int = 0
+    view: MemoryView | None = None
+    results: pd.DataFrame | None = None
+    analysis: PromptAnalysis | None = None
+    attribution: PromptAttribution | None = None
+    top_attributed: int = 10
+    steps: int = 20
+    comparison: InterventionComparison | None = None
+    contributions_view: ContributionMaps | None = None
+    edits: dict = field(default_factory=dict)
+    _index: dict | None = field(default=None, repr=False)
+    _values: ValueIndex | None = field(default=None, repr=False)
+
+    @property
+    def adapter(self):
+        return self.loaded.adapter
+
+    @property
+    def sentence_index(self) -> dict | None:
+        if self._index is None and self.triggers is not None:
+            self._index = trigger_sentence_index(self.triggers)
+        return self._index
+
+    # memory view
+    def show_memory(self, layer: int, memory: int) -> MemoryView:
+        self.view = memory_view(self.loaded, self.triggers, layer, memory, self.n_triggers, self.k_tokens,
+                                self.sample)
+        self.layer, self.memory = self.view.layer, self.view.memory
+        return self.view
+
+    def search(self, query: str, by: str = "value token", limit: int = 20) -> pd.DataFrame:
+        if by not in SEARCH_BY:
+            raise ParameterError(f"Search by one of {SEARCH_BY}, got {by!r}.")
+        if by == "value token":
+            if self._values is None:
+                self._values = ValueIndex(self.loaded)
+            self.results = search_value_token(self.loaded, query, limit=limit, index=self._values)
+        else:
+            self.results = search_trigger_word(self.loaded, self.triggers, query, limit=limit,
+                                               index=self.sentence_index)
+        return self.results
+
+    # prompt view
+    def analyse(self, prompt: str) -> PromptAnalysis:
+        self.analysis = analyse_prompt(self.loaded, prompt, top_memories=self.top_memories)
+        return self.analysis
+
+    def attribute(self, prompt: str) -> PromptAttribution:
+        """The prompt view's "attribute" action (see :func:`attribute_prediction`)."""
+        self.attribution = attribute_prediction(self.loaded, prompt, top=self.top_attributed, steps=self.steps)
+        return self.attribution
+
+    def contributions(self, prompt: str, layer: int) -> ContributionMaps:
+        self.contributions_view = contribution_maps(self.loaded, prompt, layer)
+        return self.contributions_view
+
+    # interventions
+    def set_edits(self, edits: Mapping[tuple[int, int], float] | str) -> dict:
+        edits = parse_edits(edits) if isinstance(edits, str) else dict(edits)
+        for layer, memory in edits:
+            check_memory(self.adapter, layer, memory)
+        self.edits = {(self.adapter.check_layer(layer), memory): float(v) for (layer, memory), v in edits.items()}
+        return self.edits
+
+    def add_edits(self, memories: Iterable[tuple[int, int]], value: float = 0.0) -> dict:
+        edits = dict(self.edits)
+        for layer, memory in memories:
+            edits[(int(layer), int(memory))] = float(value)
+        return self.set_edits(edits)
+
+    def apply(self, prompt: str) -> InterventionComparison:
+        """Compare the prompt without and with the edits; the top token of each edited memory's ``v_i`` (and
+        ``-v_i`` for gated FFNs) is always listed in ``changes``, so its direct effect shows."""
+        track = []
+        for layer, memory in list(self.edits)[:20]:
+            for table in top_tokens(self.loaded, layer, [memory] * (2 if self.adapter.gated else 1),
+                                    [1, -1] if self.adapter.gated else [1], k=1):
+                track.append(int(table["token_id"].iloc[0]))
+        self.comparison = compare_intervention(self.loaded, prompt, self.edits, max_new_tokens=self.max_new_tokens,
+                                               track=track)
+        return self.comparison
