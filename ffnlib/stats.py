@@ -6,6 +6,8 @@
   resample is drawn as multinomial counts of the units, and ``statistic`` maps the count-weighted sums to
   the number, so a resample costs one matrix product whatever the statistic (a share, a difference of
   shares, a per-layer curve's trend). Percentile interval; the same seed gives the same interval.
+- :func:`two_level`: the mean over a few groups (e.g. random splits) of a statistic of units (e.g. sentences), with
+  a bootstrap that resamples the groups and then the units, so the interval covers both.
 - :func:`binomial`: the exact (Clopper-Pearson) interval of a share, where one fits (e.g. 97 of the 100 most
   confident values in the upper layers).
 - :func:`spearman_with_depth`: the trend of a per-layer curve, rows of curves at once.
@@ -78,9 +80,10 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def _draw_counts(n_units: int, n_boot: int, seed: int, rows: int):
-    """The multinomial counts of ``n_boot`` seeded resamples of ``n_units`` units, ``rows`` resamples at a time."""
-    rng = np.random.default_rng([seed, 0xB007])
+def _draw_counts(n_units: int, n_boot: int, seed: int, rows: int, stream: tuple = ()):
+    """The multinomial counts of ``n_boot`` seeded resamples of ``n_units`` units, ``rows`` resamples at a time
+    (``stream``: another independent sequence for the same seed, e.g. one per group of :func:`two_level`)."""
+    rng = np.random.default_rng([seed, 0xB007, *stream])
     done = 0
     while done < n_boot:
         take = min(rows, n_boot - done)
@@ -165,6 +168,55 @@ def resampled(rows: np.ndarray, statistic: Callable[[np.ndarray], float], unit: 
     alpha = (1 - LEVEL) / 2
     low, high = np.quantile(samples, [alpha, 1 - alpha])
     return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, "bootstrap")
+
+
+def two_level(per_unit, statistic: Callable[[np.ndarray], np.ndarray], unit: str, n_boot: int = N_BOOT,
+              seed: int = 0, crossed: bool = True) -> Estimate:
+    """The mean over groups of ``statistic`` of each group's sums over its units, with a two-level percentile
+    bootstrap: each resample draws the groups with replacement, then the units. Use it where the groups are
+    themselves random draws (e.g. random expert splits), so the interval covers the spread between them and not
+    only the sampling of units; a one-unit-level bootstrap of one group would miss the first.
+
+    ``crossed=True``: every group is measured on the same units (e.g. each split on the same sentences), so one
+    draw of the units serves every group (the draws of :func:`bootstrap`, so with one group this is
+    :func:`bootstrap`); ``per_unit`` is (n_groups, n_units, k). ``crossed=False``: each group has its own units
+    (e.g. each split's experts), drawn apart; ``per_unit`` is a sequence of (n_units_g, k) arrays. ``statistic``
+    maps (..., k) sums to (...); for a paired difference put both sides in the ``k`` columns. The point value is
+    the mean over groups of the statistic of the plain sums. ``n``: the units (crossed: of one group).
+    """
+    seed = _check_seed(seed)
+    if crossed:
+        groups = np.asarray(per_unit, dtype=np.float64)
+        if groups.ndim == 2:
+            groups = groups[..., None]
+        if groups.ndim != 3:
+            raise ParameterError(f"two_level(crossed=True) needs (groups, units, k) numbers, got {groups.shape}.")
+        groups = list(groups)
+    else:
+        groups = [np.asarray(g, dtype=np.float64).reshape(len(g), -1) for g in per_unit]
+    if not groups or any(len(g) == 0 for g in groups):
+        return Estimate.missing(unit)
+    n_groups = len(groups)
+    n = len(groups[0]) if crossed else sum(len(g) for g in groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = float(np.mean([statistic(g.sum(0)[None, :])[0] for g in groups]))
+        if crossed:  # (n_boot, n_groups): every group under the same unit weights
+            per_group = bootstrap_samples(lambda w: np.stack([statistic(w @ g) for g in groups], 1), len(groups[0]),
+                                          n_boot, seed)
+        else:
+            rows = max(1, MAX_BOOT_CELLS // max(max(len(g) for g in groups), 1))
+            per_group = np.stack([np.concatenate([statistic(w.astype(np.float64) @ g) for w in
+                                                  _draw_counts(len(g), n_boot, seed, rows, (i + 1,))])
+                                  for i, g in enumerate(groups)], 1)
+        rng = np.random.default_rng([seed, 0x6209])  # the groups' draw: a stream of its own
+        picks = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=int(n_boot)).astype(np.float64)
+        samples = np.where(picks > 0, picks * per_group, 0.0).sum(1) / n_groups  # a group not drawn: no NaN from it
+    samples = samples[np.isfinite(samples)]
+    if not math.isfinite(value) or len(samples) == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), n, unit, "bootstrap")
+    alpha = (1 - LEVEL) / 2
+    low, high = np.quantile(samples, [alpha, 1 - alpha])
+    return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, "two-level bootstrap")
 
 
 def share(indicator, unit: str, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:

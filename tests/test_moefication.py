@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -83,7 +84,8 @@ def prepared(llama, tmp_path_factory):
     """Splits, thresholds and routers of the tiny Llama, cached in a module folder."""
     out = tmp_path_factory.mktemp("moe")
     train = _sentences(40, seed=1)
-    splits = moe.make_splits(llama, train, expert_size=EXPERT, kmeans_iter=3, out_dir=out, progress=False)
+    splits = moe.make_splits(llama, train, expert_size=EXPERT, kmeans_iter=3, out_dir=out, progress=False,
+                             random_splits=2)
     thresholds = moe.calibrate_thresholds(llama, train, None, [0.25, 0.5, 1.0], out_dir=out, progress=False)
     routers = moe.train_routers(llama, train, splits, epochs=3, out_dir=out, progress=False)
     return SimpleNamespace(out=out, train=train, splits=splits, thresholds=thresholds, routers=routers,
@@ -102,7 +104,7 @@ def _n_hooks(model) -> int:
 # ---- experts --------------------------------------------------------------------------------------------
 def test_every_split_partitions_the_memories_exactly_into_equal_experts(prepared):
     splits = prepared.splits
-    assert splits.splits == ["random", "kmeans", "coactivation"] and splits.layers == [0, 1, 2]
+    assert splits.splits == ["random", "random.1", "kmeans", "coactivation"] and splits.layers == [0, 1, 2]
     for split in splits.splits:
         for layer in splits.layers:
             labels = splits.labels(split, layer)
@@ -182,7 +184,7 @@ def test_keeping_every_expert_reproduces_the_dense_model_bit_for_bit(llama, prep
     ids = torch.tensor([llama.encode("w5 w9 w11 w3 w20 w7 w40 w12")])
     with torch.inference_mode():
         dense = llama.model(ids).logits
-        configs = [moe.Config("experts", s, r, 1.0) for s in moe.SPLITS for r in moe.ROUTERS]
+        configs = [moe.Config("experts", s, r, 1.0) for s in prepared.splits.splits for r in moe.ROUTERS]
         configs += [moe.Config("cats", share=1.0), moe.Config("teal", share=1.0)]
         before = _n_hooks(llama.model)
         for config in configs:
@@ -233,7 +235,7 @@ def test_ground_truth_keeps_more_of_the_first_layer_than_random_experts(llama, p
 
 def test_mlp_routers_are_trained_per_split_and_layer_and_reload_exactly(llama, prepared):
     frame = prepared.routers.frame
-    assert len(frame) == 9 and (frame["val_mass"] <= frame["val_mass_ground_truth"] + 1e-6).all()
+    assert len(frame) == 12 and (frame["val_mass"] <= frame["val_mass_ground_truth"] + 1e-6).all()
     router = prepared.routers.router("kmeans", 1)
     x = torch.randn(5, D_MODEL)
     row = frame[(frame["split"] == "kmeans") & (frame["layer"] == 1)].iloc[0]
@@ -332,7 +334,8 @@ def test_a_share_that_keeps_no_expert_and_unknown_names_are_clear_errors(llama, 
 
 # ---- caching and resuming ---------------------------------------------------------------------------------------
 def test_cached_splits_thresholds_and_routers_are_reused(llama, prepared, capsys):
-    again = moe.make_splits(llama, prepared.train, expert_size=EXPERT, kmeans_iter=3, out_dir=prepared.out)
+    again = moe.make_splits(llama, prepared.train, expert_size=EXPERT, kmeans_iter=3, out_dir=prepared.out,
+                            random_splits=2)
     thresholds = moe.calibrate_thresholds(llama, prepared.train, None, [0.25, 0.5, 1.0], out_dir=prepared.out)
     routers = moe.train_routers(llama, prepared.train, again, epochs=3, out_dir=prepared.out)
     text = capsys.readouterr().out
@@ -353,11 +356,12 @@ def test_splits_and_routers_resume_after_an_interruption(llama, prepared, tmp_pa
 
     monkeypatch.setattr(moe, "balanced_kmeans", flaky)
     with pytest.raises(KeyboardInterrupt):
-        moe.make_splits(llama, prepared.train, expert_size=EXPERT, kmeans_iter=3, out_dir=tmp_path, progress=False)
+        moe.make_splits(llama, prepared.train, expert_size=EXPERT, kmeans_iter=3, out_dir=tmp_path, progress=False,
+                        random_splits=2)
     assert list(tmp_path.glob("moe-splits-*.partial/kmeans-000.parquet"))
     monkeypatch.setattr(moe, "balanced_kmeans", real_kmeans)
     resumed = moe.make_splits(llama, prepared.train, expert_size=EXPERT, kmeans_iter=3, out_dir=tmp_path,
-                              progress=False)
+                              progress=False, random_splits=2)
     pd.testing.assert_frame_equal(resumed.frame, prepared.splits.frame)
     assert not list(tmp_path.glob("*.partial"))
 
@@ -379,7 +383,7 @@ def test_splits_and_routers_resume_after_an_interruption(llama, prepared, tmp_pa
 
 def test_evaluation_resumes_after_an_interruption_with_identical_results(llama, prepared, tmp_path, monkeypatch):
     heldout = _sentences(8, seed=5, start=500)
-    configs = moe.default_configs([0.25, 0.5])
+    configs = moe.default_configs([0.25, 0.5], splits=prepared.splits.splits)  # both random splits
     full = moe.evaluate(prepared.plan, heldout, configs, out_dir=None, progress=False)
     real, calls = moe._predictions, {"n": 0}
 
@@ -405,6 +409,11 @@ def test_evaluation_resumes_after_an_interruption_with_identical_results(llama, 
     assert np.allclose(experts["ffn_share"], experts["share"])  # 8 experts: 0.25 and 0.5 are exact
     assert (quality["agreement_low"] <= quality["agreement"]).all()
     assert (quality["agreement"] <= quality["agreement_high"]).all()
+    pooled = quality[quality["split"] == "random"]  # random experts: one row per router and share, both draws
+    assert len(pooled) == 8 and (pooled["draws"] == 2).all() and not quality["split"].eq("random.1").any()
+    each = moe.random_draws_table(full).groupby(["router", "share"])["perplexity"].mean()
+    for _, row in pooled.iterrows():
+        assert row["perplexity"] == pytest.approx(each[(row["router"], row["share"])])  # the mean over the draws
     sparsity = moe.sparsity_table(full, 3, n_boot=100)
     for a, b in zip(moe.SPARSITY_TOPS, moe.SPARSITY_TOPS[1:]):
         assert (sparsity[f"top_{a:g}"] <= sparsity[f"top_{b:g}"] + 1e-9).all()
@@ -420,6 +429,7 @@ def test_expert_coherence_sees_planted_groups():
     n_experts, size, layer = 4, 5, 0
     labels = np.repeat(np.arange(n_experts), size)
     splits = moe.ExpertSplits(pd.concat([moe._labels_frame("random", layer, moe.random_split(20, size, seed=0)),
+                                         moe._labels_frame("random.1", layer, moe.random_split(20, size, seed=1)),
                                          moe._labels_frame("kmeans", layer, labels)]), size, n_experts, {})
     # the memories of planted expert e trigger on topic e, and their values share token 100 + e
     rows, tokens = [], []
@@ -436,6 +446,7 @@ def test_expert_coherence_sees_planted_groups():
     assert coherence.loc[("trigger_topic", "kmeans"), "share"] == 1.0
     assert coherence.loc[("value_tokens", "kmeans"), "share"] == 1.0
     assert coherence.loc[("trigger_topic", "random"), "share"] < 0.5
+    assert coherence.loc[("trigger_topic", "random"), "draws"] == 2  # one row: the mean of both random splits
     ours, _ = moe.measures(pd.DataFrame(columns=["method", "share"]), None, coherence.reset_index())
     verdicts = {r["key"].split(".")[1]: r["verdict"] for r in findings_rows("07_moefication", ours, None)}
     assert verdicts["trigger_topics_kmeans"] == verdicts["value_tokens_kmeans"] == "holds"
@@ -488,3 +499,82 @@ def test_verdicts_follow_the_stated_rules():
     assert verdicts["teal"] == "partly"  # +50% > twice TEAL's +13.6%, but far below random memories
     assert verdicts["sparse_activation"] == "partly"  # 30% of the pairs concentrated: above 0, below half of 80%
     assert ours["cats"].value == pytest.approx(0.03) and ours["cats/baseline"].value == pytest.approx(19.0)
+
+
+# ---- random experts: several random splits ----------------------------------------------------------------------
+def test_make_splits_draws_the_requested_number_of_distinct_random_splits(llama, tmp_path):
+    splits = moe.make_splits(llama, None, splits=("random",), expert_size=EXPERT, random_splits=5, seed=3,
+                             out_dir=tmp_path, progress=False)
+    assert splits.random_splits == ["random", "random.1", "random.2", "random.3", "random.4"]
+    for layer in splits.layers:
+        labels = [splits.labels(s, layer) for s in splits.random_splits]
+        assert len({tuple(x) for x in labels}) == 5  # five different partitions
+        # draw 0 is the split the project always used: seed + 7919 * layer
+        assert np.array_equal(labels[0], moe.random_split(D_FF, EXPERT, 3 + 7919 * layer))
+    seeds = splits.info.set_index(["split", "layer"])["seed"]
+    assert seeds.is_unique and seeds[("random.2", 1)] == moe.random_split_seed(3, 1, 2)
+    configs = moe.default_configs([0.25], splits=splits.splits, routers=("ground_truth",))
+    assert [c.name for c in configs if c.method == "experts"] == [
+        f"experts-{s}-{r}-0.25" for r in ("ground_truth", "random") for s in splits.random_splits]
+    plan = moe.Plan(llama, splits)
+    keys = {tuple(plan.split_seeds(c)) for c in configs if c.method == "experts" and c.router == "ground_truth"}
+    assert len(keys) == 5  # the evaluation cache's key holds each draw's seeds
+    assert plan.split_seeds(moe.Config("teal", share=0.25)) is None
+    # another number of draws is another cached result, with the first draws unchanged
+    three = moe.make_splits(llama, None, splits=("random",), expert_size=EXPERT, random_splits=3, seed=3,
+                            out_dir=tmp_path, progress=False)
+    assert three.manifest != splits.manifest and three.random_splits == splits.random_splits[:3]
+    pd.testing.assert_frame_equal(three.frame, splits.frame[splits.frame["split"].isin(three.random_splits)]
+                                  .reset_index(drop=True))
+    with pytest.raises(ParameterError, match="random_splits must be a positive int"):
+        moe.make_splits(llama, None, splits=("random",), expert_size=EXPERT, random_splits=0, progress=False)
+    with pytest.raises(ParameterError, match="split must be one of"):
+        moe.Config("experts", "random.0", "mlp", 0.5)
+    assert moe.split_kind("random.7") == "random" and moe.split_draw("random.7") == 7 and moe.split_draw("kmeans") == 0
+
+
+def _draws_evaluation(offsets: Sequence[float], n: int = 40) -> moe.Evaluation:
+    """40 held-out sentences of 10 tokens: the dense model, k-means experts and 5 random splits (MLP router,
+    20%), each split's summed loss per sentence shifted by its offset; agreement likewise."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1.0, n)
+    base = {"dense": (20 + noise, np.full(n, 10.0)), "experts-kmeans-mlp-0.2": (40 + noise, np.full(n, 8.0))}
+    for d, offset in enumerate(offsets):
+        name = moe.Config("experts", moe.random_split_names(len(offsets))[d], "mlp", 0.2).name
+        base[name] = (45 + offset + noise + rng.normal(0, 0.5, n), np.clip(5 - offset / 2 + rng.normal(0, 1, n), 0, 10))
+    rows = [{"config": c, "sentence_id": i, "tokens": 10, "nll": float(nll[i]), "agree": float(agree[i])}
+            for c, (nll, agree) in base.items() for i in range(n)]
+    configs = [moe.Config("dense"), moe.Config("experts", "kmeans", "mlp", 0.2)] + [
+        moe.Config("experts", s, "mlp", 0.2) for s in moe.random_split_names(len(offsets))]
+    layers = pd.DataFrame([{"config": c.name, "layer": 0, "tokens": 10 * n, "kept_memories": 0.2, "kept_inputs": 1.0,
+                            "size_kept": 0.3} for c in configs])
+    return moe.Evaluation(pd.DataFrame(rows), layers, pd.DataFrame(), {}, configs)
+
+
+def test_the_random_experts_interval_widens_when_the_random_splits_differ():
+    """Five random splits with the same mean loss per sentence against five whose means differ (the mean over
+    splits kept): random experts' interval, and that of the gap k-means minus random, is wider when they differ,
+    and reaches the splits next to the middle one, where an interval over one split's sentences would not."""
+    plan = SimpleNamespace(ffn_share=lambda config, kept, inputs: config.share)
+    out = {}
+    for case, offsets in (("same", [0.0] * 5), ("differ", [-6.0, -3.0, 0.0, 3.0, 6.0])):
+        evaluation = _draws_evaluation(offsets)
+        quality = moe.quality_table(plan, evaluation, n_boot=400)
+        row = quality[quality["split"] == "random"].iloc[0]
+        draws = moe.random_draws_table(evaluation)
+        assert row["draws"] == 5 and row["config"] == "experts-random-mlp-0.2" and len(quality) == 3
+        assert row["perplexity"] == pytest.approx(draws["perplexity"].mean())  # the mean over the splits
+        assert row["agreement"] == pytest.approx(draws["agreement"].mean())
+        ours, details = moe.measures(quality, evaluation, n_boot=400)
+        gap = ours["kmeans_beats_random"]
+        assert gap.unit == "sentences x 5 random splits" and "mean of 5 random splits" in details["kmeans_beats_random"]
+        assert gap.value == pytest.approx(0.8 - draws["agreement"].mean())
+        out[case] = row, gap, draws
+    (same, gap_same, _), (differ, gap_differ, draws) = out["same"], out["differ"]
+    width = lambda r, c: r[f"{c}_high"] - r[f"{c}_low"]  # noqa: E731
+    assert width(differ, "perplexity") > 3 * width(same, "perplexity")
+    assert width(differ, "agreement") > 2 * width(same, "agreement")
+    assert gap_differ.high - gap_differ.low > 2 * (gap_same.high - gap_same.low)
+    # the interval over splits and sentences reaches the middle splits, which one split's interval cannot
+    assert differ["perplexity_low"] <= draws["perplexity"].iloc[1] and draws["perplexity"].iloc[3] <= \
+        differ["perplexity_high"]

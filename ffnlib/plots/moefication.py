@@ -27,11 +27,18 @@ def _band(ax, frame: pd.DataFrame, column: str, label: str, color, marker: str, 
                         linewidth=0)
 
 
+def _draws(part: pd.DataFrame) -> str:
+    """The label note " (mean of N splits)" for random experts pooled over N draws of the random split."""
+    n = int(part["draws"].max()) if "draws" in part and part["draws"].notna().any() else 1
+    return f" (mean of {n} splits)" if n > 1 else ""
+
+
 def plot_quality(quality: pd.DataFrame, teal_reference: dict[float, float] | None = None, title: str = "") -> Figure:
     """Top-1 agreement with the dense model, perplexity ratio to the dense model and the share of the
     ``|m_i|·||v_i||`` size kept, against the share of the FFN weights read per token; one column per router.
 
-    Every panel also shows CATS, TEAL and random memories (the control), the paper's claim (>= 95% kept at
+    Every panel also shows CATS, TEAL and random memories (the control; random experts and memories are the
+    mean over the random split's draws), the paper's claim (>= 95% kept at
     10-30% of the FFN, on ReLU T5) and, on the perplexity row, ``teal_reference`` ({FFN share: perplexity
     ratio} reported for Llama-3-8B).
     """
@@ -48,14 +55,14 @@ def plot_quality(quality: pd.DataFrame, teal_reference: dict[float, float] | Non
                 part = quality[(quality["method"] == "experts") & (quality["split"] == split)
                                & (quality["router"] == router)]
                 if len(part):
-                    _band(ax, pd.concat([part, dense]), column, f"{split} experts", color, "o")
+                    _band(ax, pd.concat([part, dense]), column, f"{split} experts{_draws(part)}", color, "o")
             for method, (label, color, marker) in _BASELINES.items():
                 if method == "random":
                     part = quality[(quality["method"] == "experts") & (quality["router"] == "random")]
                 else:
                     part = quality[quality["method"] == method]
                 if len(part):
-                    _band(ax, pd.concat([part, dense]), column, label, color, marker, "--")
+                    _band(ax, pd.concat([part, dense]), column, label + _draws(part), color, marker, "--")
             if column == "agreement":
                 ax.axhline(0.95, color="k", lw=0.8, ls=":")
                 ax.axvspan(0.10, 0.30, color="gold", alpha=0.12, label="paper: >= 95% kept at 10-30% (ReLU T5)")

@@ -10,7 +10,11 @@ measures how far it does, against the training-free activation-sparsity methods 
 authors' T5 and BERT settings):
 
 - ``random``: a seeded random permutation cut into blocks (the control). The authors' "random split" is
-  the identity order cut into blocks, which is random with respect to function in the same way.
+  the identity order cut into blocks, which is random with respect to function in the same way. One random
+  split is one draw, and draws differ (at 25% kept, one draw's perplexity can be twice another's), so
+  ``random_splits`` draws are made (5 at ``default`` and ``full``, 2 at ``ci``; named ``random``,
+  ``random.1``, ...): every number of random experts is the mean over the draws, with an interval that
+  resamples the draws and then the sentences (:func:`ffnlib.stats.two_level`).
 - ``kmeans``: balanced k-means on the L2-normalised key rows, as the authors' code (which used
   ``k_means_constrained`` with size_min = size_max). Here: scikit-learn ``KMeans`` (k-means++, seeded)
   for the start, then balanced Lloyd steps whose assignment step is an exact minimum-cost balanced
@@ -49,7 +53,8 @@ authors' T5 and BERT settings):
 **Measures**: :func:`evaluate` runs held-out sentences through the model with every layer in ``layers``
 sparsified (per configuration: per-sentence negative log-likelihood and top-1 agreement with the dense
 model; per layer: memories kept and the share of ``Σ|m_i|·||v_i||`` kept); :func:`quality_table` gives
-perplexity and agreement with seeded bootstrap 95% intervals over sentences; :func:`sparsity_table` the
+perplexity and agreement with seeded bootstrap 95% intervals over sentences (random experts: over
+the random splits and the sentences, the mean over the splits); :func:`sparsity_table` the
 share of the ``|m_i|·||v_i||`` mass carried by the top k% of memories; :func:`expert_coherence` the
 key-value view (do an expert's memories share trigger topics or value tokens, against random experts);
 :func:`measures` the numbers the findings registry
@@ -82,7 +87,7 @@ from ..capture import capture
 from ..errors import FFNLibError, ParameterError, UnsupportedModelError
 from ..mining import corpus_fingerprint, plan_batches, prepare_sentences
 from ..progress import tqdm
-from ..stats import Estimate, bootstrap
+from ..stats import Estimate, bootstrap, two_level
 from ..storage import ensure_dir, fingerprint, load_result, save_result
 
 SPLITS = ("random", "kmeans", "coactivation")
@@ -133,11 +138,13 @@ class Sizes:
     kmeans_iter: int  # balanced Lloyd steps after the k-means start
     router_epochs: int  # the authors: 30
     n_boot: int = 1000
+    random_splits: int = 5  # seeded random splits (the control's draws); random experts are their mean. ci: 2
+    # (5 added 14 s, +37%, to notebook 07's 39 s on 2 quiet cores; 2 add 4-6 s and exercise the same machinery)
 
 
 SIZES: dict[str, Sizes] = {
     "ci": Sizes(train_sentences=24, router_sentences=24, calibration_sentences=16, heldout_sentences=8,
-                shares=(0.25,), n_layers=3, kmeans_iter=1, router_epochs=3, n_boot=200),
+                shares=(0.25,), n_layers=3, kmeans_iter=1, router_epochs=3, n_boot=200, random_splits=2),
     "default": Sizes(train_sentences=600, router_sentences=200, calibration_sentences=256, heldout_sentences=150,
                      shares=(0.1, 0.2, 0.3, 0.5, 0.75), n_layers=None, kmeans_iter=10, router_epochs=30),
     "full": Sizes(train_sentences=4000, router_sentences=1000, calibration_sentences=512, heldout_sentences=1000,
@@ -303,6 +310,32 @@ def random_split(d_ff: int, expert_size: int, seed: int = 0) -> np.ndarray:
     return check_partition(labels, n_experts, expert_size)
 
 
+RANDOM_SEED_STEP = 104_729  # a prime: draw d of layer l uses seed + 7919·l + 104729·d, distinct for every (l, d)
+
+
+def random_split_names(n: int) -> list[str]:
+    """The names of ``n`` draws of the random split: ``random`` (draw 0), ``random.1``, ..., ``random.<n-1>``."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ParameterError(f"random_splits must be a positive int (seeded random splits to draw), got {n!r}.")
+    return ["random"] + [f"random.{d}" for d in range(1, int(n))]
+
+
+def split_draw(name: str) -> int:
+    """The draw of a random split's name (``random``: 0, ``random.3``: 3); 0 for the other splits."""
+    head, _, tail = str(name).partition(".")
+    return int(tail) if head == "random" and tail.isdigit() and int(tail) > 0 and tail == str(int(tail)) else 0
+
+
+def split_kind(name: str) -> str:
+    """``random`` for every draw of the random split, else the name itself."""
+    return "random" if name == "random" or split_draw(name) > 0 else name
+
+
+def random_split_seed(seed: int, layer: int, draw: int = 0) -> int:
+    """The seed of draw ``draw`` of the random split of ``layer`` (draw 0: the seed the project always used)."""
+    return int(seed) + 7919 * int(layer) + RANDOM_SEED_STEP * int(draw)
+
+
 def balanced_assignment(points: np.ndarray, centroids: np.ndarray, size: int) -> np.ndarray:
     """The exact minimum total squared distance assignment of points to centroids, ``size`` points each."""
     from scipy.optimize import linear_sum_assignment
@@ -424,6 +457,11 @@ class ExpertSplits:
     def layers(self) -> list[int]:
         return sorted(int(x) for x in self.frame["layer"].unique())
 
+    @property
+    def random_splits(self) -> list[str]:
+        """The names of the random split's draws (``random``, ``random.1``, ...)."""
+        return [s for s in self.splits if split_kind(s) == "random"]
+
     def labels(self, split: str, layer: int) -> np.ndarray:
         """The expert of each memory (d_ff,) of one split and layer."""
         if not self._labels:
@@ -452,11 +490,13 @@ def _say(message: str, progress: bool) -> None:
 def make_splits(loaded, sentences: pd.DataFrame | None = None, layers=None, expert_size: int = 32,
                 splits: Sequence[str] = SPLITS, cluster_rows: str = "gate", active_share: float = 0.1,
                 kmeans_iter: int = 10, seed: int = 0, batch_tokens: int = 1024, out_dir=None,
-                progress: bool = True) -> ExpertSplits:
+                progress: bool = True, random_splits: int = 5) -> ExpertSplits:
     """Split the memories of ``layers`` (all by default) into equal experts, one labelling per split.
 
-    ``sentences`` (training split) are needed for ``coactivation``. With ``out_dir``, each finished layer
-    is checkpointed (an interrupted run resumes) and the result is cached by its manifest.
+    ``random`` is drawn ``random_splits`` times (:func:`random_split_names`, seeds :func:`random_split_seed`):
+    one draw is not the control, the spread between draws is part of it. ``sentences`` (training split) are
+    needed for ``coactivation``. With ``out_dir``, each finished layer is checkpointed (an interrupted run
+    resumes) and the result is cached by its manifest.
     """
     adapter = loaded.adapter
     layers = adapter.check_layers(layers)
@@ -470,6 +510,9 @@ def make_splits(loaded, sentences: pd.DataFrame | None = None, layers=None, expe
     active_share = check_share(active_share, "active_share")
     request = {**_base_request(loaded, layers, "splits"), "expert_size": int(expert_size), "splits": list(splits),
                "seed": int(seed)}
+    names = [name for split in splits for name in (random_split_names(random_splits) if split == "random" else [split])]
+    if "random" in splits:
+        request["random_splits"] = int(random_splits)
     if "kmeans" in splits:
         request.update(cluster_rows=cluster_rows if adapter.gated else "keys", kmeans_iter=int(kmeans_iter))
     table = None
@@ -492,7 +535,7 @@ def make_splits(loaded, sentences: pd.DataFrame | None = None, layers=None, expe
 
     parts: dict[tuple[str, int], tuple[pd.DataFrame, pd.DataFrame]] = {}
     todo = []
-    for split in splits:
+    for split in names:
         for layer in layers:
             part_request = {**request, "split": split, "layer": layer}
             found = None
@@ -514,13 +557,16 @@ def make_splits(loaded, sentences: pd.DataFrame | None = None, layers=None, expe
     for split, layer in tqdm(todo, desc="Expert splits", unit="layer", disable=not progress or not todo):
         started = time.perf_counter()
         extra = {}
-        if split == "random":
-            labels = random_split(adapter.d_ff, int(expert_size), seed + 7919 * layer)
+        split_seed = seed
+        if split_kind(split) == "random":
+            split_seed = random_split_seed(seed, layer, split_draw(split))
+            labels = random_split(adapter.d_ff, int(expert_size), split_seed)
         elif split == "kmeans":
             labels = balanced_kmeans(key_features(adapter, layer, cluster_rows), n_experts, seed, kmeans_iter)
         else:
             labels, extra = metis_split(counts.pop(layer).numpy(), n_experts, seed)
-        info = pd.DataFrame([{"split": split, "layer": layer, "seconds": time.perf_counter() - started,
+        info = pd.DataFrame([{"split": split, "layer": layer, "seed": split_seed,
+                              "seconds": time.perf_counter() - started,
                               "edges": extra.get("edges", -1), "edge_cut": extra.get("edge_cut", -1),
                               "moved": extra.get("moved", -1)}])
         frame = _labels_frame(split, layer, labels)
@@ -529,7 +575,7 @@ def make_splits(loaded, sentences: pd.DataFrame | None = None, layers=None, expe
             part_request = {**request, "split": split, "layer": layer}
             save_result(partial, f"{split}-{layer:03d}", frame, part_request)
             save_result(partial, f"{split}-{layer:03d}-info", info, part_request)
-    keys = [(s, layer) for s in splits for layer in layers]
+    keys = [(s, layer) for s in names for layer in layers]
     frame = pd.concat([parts[k][0] for k in keys], ignore_index=True)
     info = pd.concat([parts[k][1] for k in keys], ignore_index=True)
     if folder is not None:
@@ -894,7 +940,8 @@ def train_routers(loaded, sentences: pd.DataFrame, splits: ExpertSplits, epochs:
             for layer in splits.layers:
                 w, _ = centroid_keys(adapter, layer, splits.labels(split, layer), splits.n_experts, cluster_rows)
                 out = train_router(data[layer]["x"], data[layer][split], w, epochs,
-                                   seed=seed * 1_000_003 + 7919 * layer + SPLITS.index(split))
+                                   seed=seed * 1_000_003 + 7919 * layer + SPLITS.index(split_kind(split))
+                                   + RANDOM_SEED_STEP * split_draw(split))
                 rows.append({"split": split, "layer": layer,
                              "first": out["first"].reshape(-1).numpy().astype(np.float32),
                              "second": out["second"].reshape(-1).numpy().astype(np.float32),
@@ -918,7 +965,8 @@ def train_routers(loaded, sentences: pd.DataFrame, splits: ExpertSplits, epochs:
 @dataclass(frozen=True)
 class Config:
     """One sparsified model: ``method`` dense / experts (a split and a router) / cats / teal, and ``share``:
-    the share of experts kept (experts), of memories kept (cats), of entries kept (teal)."""
+    the share of experts kept (experts), of memories kept (cats), of entries kept (teal). ``split`` may name
+    a draw of the random split (``random.2``)."""
 
     method: str
     split: str = ""
@@ -929,7 +977,7 @@ class Config:
         _check_choice("method", self.method, METHODS)
         check_share(self.share)
         if self.method == "experts":
-            _check_choice("split", self.split, SPLITS)
+            _check_choice("split", split_kind(self.split), SPLITS)
             _check_choice("router", self.router, ROUTERS)
 
     @property
@@ -946,12 +994,12 @@ class Config:
 
 def default_configs(shares: Sequence[float], splits: Sequence[str] = SPLITS,
                     routers: Sequence[str] = ("ground_truth", "similarity", "mlp")) -> list[Config]:
-    """Dense; every split x router; random experts of the random split (the control); CATS; TEAL."""
+    """Dense; every split x router; random experts of the random split (the control); CATS; TEAL. ``splits``
+    may list the random split's draws (``ExpertSplits.splits``): each draw gets every router."""
     shares = [check_share(s) for s in shares if s < 1.0]
     out = [Config("dense")]
     out += [Config("experts", s, r, share) for s in splits for r in routers for share in shares]
-    if "random" in splits:
-        out += [Config("experts", "random", "random", share) for share in shares]
+    out += [Config("experts", s, "random", share) for s in splits if split_kind(s) == "random" for share in shares]
     out += [Config("cats", share=share) for share in shares]
     out += [Config("teal", share=share) for share in shares]
     return out
@@ -1155,10 +1203,19 @@ class Plan:
                         raise ParameterError("The mlp router needs trained routers: pass routers=train_routers(...).")
                     mlp = self.routers.router(config.split, layer)
                 elif config.router == "random":
-                    gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * layer + 17)
+                    gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * layer + 17
+                                                        + RANDOM_SEED_STEP * split_draw(config.split))
                 rules[layer] = _ExpertRule(labels, n_experts, k, config.router, value_norms(adapter, layer),
                                            w, c2, mlp, gen)
         return rules
+
+    def split_seeds(self, config: Config) -> list[int] | None:
+        """Per layer, the seed of a random split's draw (None for the other configurations): part of the
+        evaluation cache's key."""
+        if config.method != "experts" or split_kind(config.split) != "random":
+            return None
+        seed = int(self.splits.manifest.get("seed", 0))
+        return [random_split_seed(seed, layer, split_draw(config.split)) for layer in self.layers]
 
     @contextmanager
     def applied(self, config: Config, record: Record | None = None) -> Iterator[None]:
@@ -1288,7 +1345,7 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
                disable=not progress)
     try:
         for config in configs:
-            creq = {**request, "config": config.as_dict()}
+            creq = {**request, "config": config.as_dict(), "split_seeds": plan.split_seeds(config)}
             saved = _load_config(folder, config, creq) if folder is not None else None
             if saved is not None:
                 per_sentence.append(saved[0])
@@ -1368,15 +1425,69 @@ def _ci(values: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
+def random_draws(configs: Sequence[Config]) -> dict[tuple[str, float], list[Config]]:
+    """The configurations of random experts grouped by (router, share): one per draw of the random split."""
+    out: dict[tuple[str, float], list[Config]] = {}
+    for c in configs:
+        if c.method == "experts" and split_kind(c.split) == "random":
+            out.setdefault((c.router, round(float(c.share), 9)), []).append(c)
+    return out
+
+
+def per_sentence(evaluation: Evaluation, config: str,
+                 columns: Sequence[str] = ("nll", "agree", "tokens")) -> np.ndarray:
+    """(sentences, columns) numbers of one configuration, rows in the order of the dense pass's sentence ids."""
+    frame = evaluation.sentences
+    ids = np.sort(frame.loc[frame["config"] == "dense", "sentence_id"].unique())
+    rows = frame[frame["config"] == config].set_index("sentence_id").loc[ids]
+    return rows[list(columns)].to_numpy(np.float64)
+
+
+_STATISTICS = {  # of sums of (nll, agree, tokens, dense nll) over sentences
+    "perplexity": lambda s: np.exp(s[..., 0] / s[..., 2]),
+    "agreement": lambda s: s[..., 1] / s[..., 2],
+    "perplexity_ratio": lambda s: np.exp((s[..., 0] - s[..., 3]) / s[..., 2]),
+}
+
+
+def _random_row(evaluation: Evaluation, draws: list[Config], n_boot: int, seed: int) -> dict:
+    """Random experts' perplexity, agreement and perplexity ratio: the mean over the random split's draws, with
+    a two-level interval (draws, then sentences; every draw runs the same sentences, so they are crossed)."""
+    dense = per_sentence(evaluation, "dense", ("nll",))
+    cells = np.stack([np.concatenate([per_sentence(evaluation, c.name), dense], 1) for c in draws])
+    unit = f"sentences x {len(draws)} random splits"
+    out = {"draws": len(draws)}
+    for name, statistic in _STATISTICS.items():
+        e = two_level(cells, statistic, unit, n_boot, seed)
+        out.update({name: e.value, f"{name}_low": e.low, f"{name}_high": e.high})
+    return out
+
+
 def quality_table(plan: Plan, evaluation: Evaluation, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per configuration: the FFN share read, memories / inputs / size kept (mean over layers), perplexity
     and top-1 agreement with the dense model, each with a bootstrap 95% interval, and the perplexity ratio
-    to the dense model (paired interval)."""
+    to the dense model (paired interval). Random experts get one row per router and share (``split`` =
+    ``random``): the mean over the random split's ``draws``, with an interval over draws and sentences
+    (:func:`random_draws_table` has each draw)."""
     boot = bootstrap_metrics(evaluation, n_boot, seed)
     dense = boot["dense"]
     by_layer = evaluation.layers.groupby("config", sort=False)[["kept_memories", "kept_inputs", "size_kept"]].mean()
+    groups, done = random_draws(evaluation.configs), set()
     rows = []
     for config in evaluation.configs:
+        if config.method == "experts" and split_kind(config.split) == "random":
+            key = (config.router, round(float(config.share), 9))
+            if key in done:
+                continue
+            done.add(key)
+            draws = groups[key]
+            kept = by_layer.loc[[c.name for c in draws if c.name in by_layer.index]].mean()
+            pooled = replace(config, split="random")
+            rows.append({**pooled.as_dict(), "ffn_share": plan.ffn_share(pooled, kept["kept_memories"],
+                                                                         kept["kept_inputs"]),
+                         "kept_memories": float(kept["kept_memories"]), "kept_inputs": float(kept["kept_inputs"]),
+                         "size_kept": float(kept["size_kept"]), **_random_row(evaluation, draws, n_boot, seed)})
+            continue
         b = boot[config.name]
         kept = by_layer.loc[config.name] if config.name in by_layer.index else pd.Series(
             {"kept_memories": 1.0, "kept_inputs": 1.0, "size_kept": 1.0})
@@ -1388,11 +1499,26 @@ def quality_table(plan: Plan, evaluation: Evaluation, n_boot: int = 1000, seed: 
                      "perplexity": b["point_perplexity"], **_named_ci("perplexity", b["perplexity"]),
                      "agreement": b["point_agreement"], **_named_ci("agreement", b["agreement"]),
                      "perplexity_ratio": b["point_perplexity"] / dense["point_perplexity"],
-                     **_named_ci("perplexity_ratio", ratio)})
+                     **_named_ci("perplexity_ratio", ratio), "draws": 1})
     frame = pd.DataFrame(rows)
     frame.attrs["tokens"] = int(evaluation.sentences.query("config == 'dense'")["tokens"].sum())
     frame.attrs["sentences"] = int((evaluation.sentences["config"] == "dense").sum())
     return frame
+
+
+def random_draws_table(evaluation: Evaluation) -> pd.DataFrame:
+    """Each draw of the random split on its own (router, share, split, draw, perplexity, agreement, perplexity
+    ratio; point values): how much random experts vary from one split to the next."""
+    dense = per_sentence(evaluation, "dense", ("nll", "tokens")).sum(0)
+    rows = []
+    for (router, share), draws in random_draws(evaluation.configs).items():
+        for c in draws:
+            nll, agree, tokens = per_sentence(evaluation, c.name).sum(0)
+            rows.append({"router": router, "share": share, "split": c.split, "draw": split_draw(c.split),
+                         "perplexity": float(np.exp(nll / tokens)), "agreement": float(agree / tokens),
+                         "perplexity_ratio": float(np.exp((nll - dense[0]) / tokens))})
+    return pd.DataFrame(rows, columns=["router", "share", "split", "draw", "perplexity", "agreement",
+                                       "perplexity_ratio"])
 
 
 def _named_ci(name: str, values: np.ndarray) -> dict:
@@ -1466,7 +1592,8 @@ def expert_coherence(splits: ExpertSplits, examples=None, projection=None, top_t
     (``projection``: notebook 02's value projection)? Per view and split: the share of pairs of memories
     of one expert that share their dominant trigger topic / at least one of their top-``top_tokens`` value
     tokens (sign +1), pooled over experts, with a bootstrap 95% interval over experts. The ``random`` split
-    is the control (its share is the base rate of two memories of the layer)."""
+    is the control (its share is the base rate of two memories of the layer): one row, the mean over its
+    ``draws``, with an interval over the draws and their experts."""
     views = {}
     if examples is not None:
         topics = memory_topics(examples, splits.layers, top_triggers, min_labelled)
@@ -1479,6 +1606,7 @@ def expert_coherence(splits: ExpertSplits, examples=None, projection=None, top_t
                                  for (l, m), g in tok.groupby(["layer", "memory"])}
     rows = []
     for view, per_memory in views.items():
+        units = {}  # split -> (experts with a pair, 2): pairs sharing, pairs
         for split in splits.splits:
             same, pairs = [], []
             for layer in splits.layers:
@@ -1493,8 +1621,14 @@ def expert_coherence(splits: ExpertSplits, examples=None, projection=None, top_t
                     if p:
                         same.append(s)
                         pairs.append(p)
-            same, pairs = np.asarray(same, dtype=np.float64), np.asarray(pairs, dtype=np.float64)
-            row = {"view": view, "split": split, "experts": len(pairs), "pairs": int(pairs.sum())}
+            units[split] = np.asarray([same, pairs], dtype=np.float64).T.reshape(-1, 2)
+        for split in splits.splits:
+            if split_kind(split) == "random":
+                if split_draw(split) == 0:  # one row for every draw: their mean, over draws and experts
+                    rows.append(_random_coherence(view, [units[s] for s in splits.random_splits], n_boot, seed))
+                continue
+            same, pairs = units[split][:, 0], units[split][:, 1]
+            row = {"view": view, "split": split, "experts": len(pairs), "pairs": int(pairs.sum()), "draws": 1}
             if len(pairs):
                 idx = _resamples(len(pairs), n_boot, seed)
                 row["share"] = float(same.sum() / pairs.sum())
@@ -1502,7 +1636,18 @@ def expert_coherence(splits: ExpertSplits, examples=None, projection=None, top_t
             else:
                 row.update(share=np.nan, share_low=np.nan, share_high=np.nan)
             rows.append(row)
-    return pd.DataFrame(rows, columns=["view", "split", "experts", "pairs", "share", "share_low", "share_high"])
+    return pd.DataFrame(rows, columns=["view", "split", "experts", "pairs", "share", "share_low", "share_high",
+                                       "draws"])
+
+
+def _random_coherence(view: str, draws: list[np.ndarray], n_boot: int, seed: int) -> dict:
+    """The random split's coherence row: the mean over draws of each draw's share of pairs, with a two-level
+    interval (draws, then each draw's own experts)."""
+    draws = [d for d in draws if len(d)]
+    row = {"view": view, "split": "random", "experts": int(sum(len(d) for d in draws)),
+           "pairs": int(sum(d[:, 1].sum() for d in draws)), "draws": len(draws)}
+    e = two_level(draws, lambda t: t[..., 0] / t[..., 1], "experts", n_boot, seed, crossed=False)
+    return {**row, "share": e.value, "share_low": e.low, "share_high": e.high}
 
 
 # =====================================================================================================
@@ -1516,9 +1661,22 @@ def _row(quality: pd.DataFrame, method: str, share: float, split: str = "", rout
 
 
 def _quality_estimate(row: pd.Series, column: str, sentences: int, minus: float = 0.0) -> Estimate:
-    """A quality table's number and its bootstrap interval (over held-out sentences) as an Estimate."""
+    """A quality table's number and its bootstrap interval (over held-out sentences; random experts: over the
+    random splits and the sentences) as an Estimate."""
+    draws = int(row.get("draws", 1)) if pd.notna(row.get("draws", 1)) else 1
+    unit, method = ("sentences", "bootstrap") if row["split"] != "random" else (
+        f"sentences x {draws} random splits", "two-level bootstrap")
     return Estimate(float(row[column]) - minus, float(row[f"{column}_low"]) - minus,
-                    float(row[f"{column}_high"]) - minus, sentences, "sentences", "bootstrap")
+                    float(row[f"{column}_high"]) - minus, sentences, unit, method)
+
+
+def _gap_to_random(evaluation: Evaluation, ours: str, draws: list[Config], n_boot: int, seed: int) -> Estimate:
+    """Agreement of configuration ``ours`` minus random experts' (the mean over the random split's ``draws``),
+    paired over sentences, with a two-level interval: draws, then sentences (the same for both sides)."""
+    a = per_sentence(evaluation, ours, ("agree", "tokens"))
+    cells = np.stack([np.concatenate([a, per_sentence(evaluation, c.name, ("agree", "tokens"))], 1) for c in draws])
+    return two_level(cells, lambda s: s[..., 0] / s[..., 1] - s[..., 2] / s[..., 3],
+                     f"sentences x {len(draws)} random splits", n_boot, seed)
 
 
 def _paired_gap(boot: dict, ours: str, control: str, sentences: int) -> Estimate:
@@ -1527,6 +1685,13 @@ def _paired_gap(boot: dict, ours: str, control: str, sentences: int) -> Estimate
     gaps = boot[ours]["agreement"] - boot[control]["agreement"]
     low, high = _ci(gaps)
     return Estimate(point, min(low, point), max(high, point), sentences, "sentences", "bootstrap (paired)")
+
+
+def _draws_note(row: pd.Series | None) -> str:
+    """The note " (the mean of N random splits)" for a row of random experts pooled over draws; else ""."""
+    if row is None or "draws" not in row or pd.isna(row["draws"]) or row.get("split") != "random":
+        return ""
+    return f" (the mean of {int(row['draws'])} random splits)"
 
 
 COMPARISONS = {  # measure key: (configuration, its control) at the share nearest 20%; Table 2's settings
@@ -1541,9 +1706,10 @@ def measures(quality: pd.DataFrame, evaluation: Evaluation | None = None, cohere
              n_boot: int = 1000, seed: int = 0) -> tuple[dict[str, Estimate], dict[str, str]]:
     """The measures of notebook 07's findings (``ffnlib.findings``, notebook ``07_moefication``), each with a
     95% interval, and each measure's own control under ``"<key>/baseline"``: random experts with the same
-    router, random memories at the same share, or random experts' pairs of memories. These findings compare
-    methods on the trained model; a random-weights model has nothing to keep, so the baselines are their
-    controls.
+    router, random memories at the same share, or random experts' pairs of memories. Random experts are the
+    mean over the random split's draws; their intervals, and those of the gaps to them, resample the draws as
+    well as the sentences (or experts). These findings compare methods on the trained model; a random-weights
+    model has nothing to keep, so the baselines are their controls.
 
     ``quality``: :func:`quality_table`; ``evaluation``: :func:`evaluate`'s result (the per-sentence sparsity
     and the paired bootstrap of the Table 2 comparisons); ``coherence``: :func:`expert_coherence`. Missing
@@ -1580,7 +1746,8 @@ def measures(quality: pd.DataFrame, evaluation: Evaluation | None = None, cohere
             out["keep_95/baseline"] = _quality_estimate(control, "agreement", sentences)
         details["keep_95"] = (f"the best of k-means / co-activation experts with the MLP or similarity router at "
                               f"<= 30% (chosen by the interval's lower end: {split} + {router} at {share:.0%}, "
-                              f"perplexity x{row['perplexity_ratio']:.2f}); baseline: random experts, same router")
+                              f"perplexity x{row['perplexity_ratio']:.2f}); baseline: random experts, same router"
+                              + _draws_note(control))
 
     # Table 2's comparisons, at the share nearest 20%: paired differences of agreement
     boot = bootstrap_metrics(evaluation, n_boot, seed) if evaluation is not None and shares else None
@@ -1590,9 +1757,15 @@ def measures(quality: pd.DataFrame, evaluation: Evaluation | None = None, cohere
             a, b = _row(quality, "experts", at, *ours), _row(quality, "experts", at, *theirs)
             if a is None or b is None:
                 continue
-            out[key] = _paired_gap(boot, a["config"], b["config"], sentences)
+            draws = random_draws(evaluation.configs).get((theirs[1], round(float(at), 9))) \
+                if theirs[0] == "random" else None
+            if draws:
+                out[key] = _gap_to_random(evaluation, a["config"], draws, n_boot, seed)
+            else:
+                out[key] = _paired_gap(boot, a["config"], b["config"], sentences)
+            mean = f" (mean of {len(draws)} random splits)" if draws else ""
             details[key] = (f"at {at:.0%}: {'+'.join(ours)} {a['agreement']:.1%} vs {'+'.join(theirs)} "
-                            f"{b['agreement']:.1%} top-1 agreement with the dense model; the paper's gap "
+                            f"{b['agreement']:.1%}{mean} top-1 agreement with the dense model; the paper's gap "
                             f"{100 * (table2_retained(paper_ours) - table2_retained(paper_theirs)):+.1f} points is "
                             "of retained task score")
 
@@ -1606,7 +1779,8 @@ def measures(quality: pd.DataFrame, evaluation: Evaluation | None = None, cohere
         if control is not None:
             out[f"{method}/baseline"] = _quality_estimate(control, "perplexity_ratio", sentences, minus=1.0)
         details[method] = (f"{method.upper()} at {share:.0%} reads {row['ffn_share']:.0%} of the FFN weights; "
-                           f"agreement {row['agreement']:.1%}; baseline: random memories at {share:.0%}")
+                           f"agreement {row['agreement']:.1%}; baseline: random memories at {share:.0%}"
+                           + _draws_note(control))
 
     # The key-value view: an expert's memories share trigger topics / value tokens, against random experts
     if coherence is not None and len(coherence):
@@ -1618,10 +1792,16 @@ def measures(quality: pd.DataFrame, evaluation: Evaluation | None = None, cohere
                 for which, key in ((split, f"{name}_{split}"), ("random", f"{name}_{split}/baseline")):
                     if which in part.index and not pd.isna(part.loc[which, "share"]):
                         r = part.loc[which]
+                        draws = int(r["draws"]) if "draws" in r and pd.notna(r["draws"]) else 1
+                        unit, method = ("experts", "bootstrap") if which != "random" else (
+                            f"experts of {draws} random splits", "two-level bootstrap")
                         out[key] = Estimate(float(r["share"]), float(r["share_low"]), float(r["share_high"]),
-                                            int(r["experts"]), "experts", "bootstrap")
+                                            int(r["experts"]), unit, method)
+                draws = (f" (the mean of {int(part.loc['random', 'draws'])} random splits)"
+                         if "random" in part.index and "draws" in part.columns else "")
                 details[f"{name}_{split}"] = (f"share of the pairs of memories of one expert; "
-                                              f"{int(part.loc[split, 'experts'])} experts")
+                                              f"{int(part.loc[split, 'experts'])} experts; baseline: random "
+                                              f"experts{draws}")
     return out, details
 
 
