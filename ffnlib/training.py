@@ -30,8 +30,10 @@ perplexity is measured on the held-out split, cut the same way.
 (torch's ``LinearLR`` and ``CosineAnnealingLR`` in ``SequentialLR``), gradient clipping, a tqdm bar with the loss
 and tokens per second. A checkpoint (model, optimizer, schedule, step, history) is written atomically every
 ``checkpoint_every`` steps; a run that is interrupted and started again resumes from it and ends with weights
-identical to an uninterrupted run (same threads). A finished run is cached under its spec's hash and loaded
-instead of retrained.
+identical to an uninterrupted run (same threads). The checkpoint holds only tensors, state dicts, numbers, strings,
+lists and dicts of those, and is read with ``torch.load(weights_only=True)``: a file that holds anything else (a
+crafted pickle could run code when loaded) is refused with :class:`~ffnlib.errors.CheckpointError`, never loaded.
+A finished run is cached under its spec's hash and loaded instead of retrained.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -50,7 +53,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import ParameterError, ResultsError
+from .errors import CheckpointError, ParameterError, ResultsError
 from .progress import tqdm
 from .storage import fingerprint
 
@@ -273,6 +276,33 @@ def _save_atomic(folder: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+CHECKPOINT_KEYS = ("key", "model", "optimizer", "schedule", "step", "history", "seconds")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint read with ``weights_only=True`` (tensors, state dicts, numbers, strings, lists and
+    dicts only), so that a crafted file cannot run code; anything else is a :class:`CheckpointError` that says
+    how to recover (delete it: the run starts again from step 0)."""
+    recover = (f"It is refused, not loaded. Delete it (rm '{path}') and run again: training starts over from step 0. "
+               "If ffnlib did not write it, check who else can write to that folder.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's own lines say why; its advice (weights_only=False) is left out
+        why = " ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip() and not line.startswith(
+            ("Check the documentation", "Please file an issue"))) or type(exc).__name__
+        raise CheckpointError(f"The training checkpoint {path} is not a plain checkpoint: it holds objects other "
+                              f"than tensors, numbers, strings, lists and dicts, which could run code when loaded "
+                              f"({why[:200]}). {recover}") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f"The training checkpoint {path} cannot be read as a checkpoint ({exc}). "
+                              f"{recover}") from exc
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"The training checkpoint {path} is not a plain checkpoint: it lacks "
+                              f"{[k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]}. "
+                              f"{recover}")
+    return state
+
+
 def _load_result(folder: Path) -> TrainResult | None:
     meta = folder / "ffnlib-trained.json"
     if not meta.exists():
@@ -299,7 +329,7 @@ def train_lm(spec: TrainSpec, out_dir, progress: bool = True, checkpoint_every: 
     checkpoint = out_dir / f".{spec.name()}.checkpoint.pt"
     step, history, seconds = 0, [], 0.0
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = load_checkpoint(checkpoint)
         if state["key"] != spec.key():
             raise ResultsError(f"The checkpoint {checkpoint} belongs to another spec; delete it to start again.")
         model.load_state_dict(state["model"])
@@ -321,13 +351,15 @@ def train_lm(spec: TrainSpec, out_dir, progress: bool = True, checkpoint_every: 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             history.append({"step": step, "tokens": (step + 1) * tokens_per_step, "loss": loss.item(),
-                            "lr": schedule.get_last_lr()[0]})
+                            "lr": float(schedule.get_last_lr()[0])})
             schedule.step()
             step += 1
             elapsed = seconds + time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{(step * tokens_per_step) / max(elapsed, 1e-9):,.0f}")
             if step % checkpoint_every == 0 and step < spec.steps:
+                # plain types only (weights_only=True reads them back): no RNG state is needed, since the batch
+                # of a step is a function of the step and the model has no dropout
                 state = {"key": spec.key(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "schedule": schedule.state_dict(), "step": step, "history": history, "seconds": elapsed}
                 torch.save(state, checkpoint.with_suffix(".tmp"))

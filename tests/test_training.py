@@ -84,6 +84,8 @@ def test_an_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypa
         tr.train_lm(spec, tmp_path / "cut", progress=False, checkpoint_every=4)
     assert not (tmp_path / "cut" / spec.name()).exists()  # nothing half-saved
     assert (tmp_path / "cut" / f".{spec.name()}.checkpoint.pt").exists()  # the step-4 checkpoint
+    plain = torch.load(tmp_path / "cut" / f".{spec.name()}.checkpoint.pt", weights_only=True)  # plain types only
+    assert plain["step"] == 4 and set(plain) == set(tr.CHECKPOINT_KEYS)
     steps: list[int] = []
     monkeypatch.setattr(tr, "_after_step", steps.append)
     resumed = tr.train_lm(spec, tmp_path / "cut", progress=False, checkpoint_every=4)
@@ -96,6 +98,51 @@ def test_an_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypa
     # cached: a second call loads the finished run
     again = tr.train_lm(spec, tmp_path / "whole", progress=False)
     assert again.folder == whole.folder and again.heldout_loss == whole.heldout_loss
+
+
+class _Crafted:
+    """Unpickling this runs a shell command (it creates ``marker``): what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        import shlex
+
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_a_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path, how):
+    """A checkpoint replaced by a file whose unpickling would run code is refused with a CheckpointError that
+    names the file and says how to recover; the code does not run, and the file is left for the user to delete."""
+    import pickle
+
+    from ffnlib.errors import CheckpointError, ResultsError
+
+    spec = tr.TrainSpec(variant="relu", tokens=4 * 4 * 64, **TINY)
+    out = tmp_path / "runs"
+    out.mkdir()
+    checkpoint = out / f".{spec.name()}.checkpoint.pt"
+    marker = tmp_path / "the-crafted-code-ran"
+    state = {"key": spec.key(), "model": _Crafted(marker), "optimizer": {}, "schedule": {}, "step": 4,
+             "history": [], "seconds": 0.0}
+    if how == "torch.save":
+        torch.save(state, checkpoint)
+    else:
+        checkpoint.write_bytes(pickle.dumps(state, protocol=2))  # torch.load reads protocol 2 without a warning
+    with pytest.raises(CheckpointError, match=r"is not a plain checkpoint") as refused:
+        tr.train_lm(spec, out, progress=False)
+    message = str(refused.value)
+    assert str(checkpoint) in message and "Delete it" in message and "starts over from step 0" in message
+    assert "weights_only" not in message  # torch's advice to load it unsafely is not passed on
+    assert isinstance(refused.value, ResultsError)
+    assert not marker.exists(), "the crafted checkpoint's code ran"
+    assert checkpoint.exists() and not (out / spec.name()).exists()  # refused: nothing trained, nothing deleted
+    with pytest.raises(CheckpointError, match="lacks"):  # a plain file that is not a checkpoint
+        torch.save({"model": {}}, checkpoint)
+        tr.load_checkpoint(checkpoint)
 
 
 def test_each_epoch_reads_every_block_once_in_a_seeded_order():
@@ -207,8 +254,8 @@ def test_the_ffn_to_residual_ratio_is_read_per_layer_from_the_model_s_own_module
 
 
 def test_top_mass_on_a_hand_worked_row():
-    from ffnlib.related.relu_softmax import _top_mass
+    from ffnlib.related.relu_softmax import top_mass
 
     m = torch.tensor([[4.0, -3.0, 2.0, 1.0] + [0.0] * 996, [0.0] * 1000])
-    top = _top_mass(m, share=0.002)  # 2 slots of 1,000
+    top = top_mass(m, share=0.002)  # 2 slots of 1,000
     assert top[0].item() == pytest.approx(7 / 10) and torch.isnan(top[1])  # |4| + |-3| of 10; an all-zero row: NaN
