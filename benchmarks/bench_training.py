@@ -35,7 +35,7 @@ from ffnlib.related.relu_softmax import sweep_sizes  # noqa: E402
 def bare_tokens_per_second(spec, tokenizer, data, steps: int) -> float:
     model = tr.build_model(spec, tokenizer)
     model.train()
-    optimizer, _ = tr._optimizer(model, spec)
+    optimizer, _ = tr.make_optimizer(model, spec)
     start = time.perf_counter()
     for step in range(steps):
         ids = data[torch.from_numpy(tr.batch_indices(step, len(data), spec.batch, spec.seed))]
@@ -61,7 +61,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-training-"))
     try:
         tokenizer = tr.cached_tokenizer(spec, work)
-        data = tr.blocks(tokenizer, tr._sentences(spec, "train"), spec.context)
+        data = tr.blocks(tokenizer, tr.spec_sentences(spec, "train"), spec.context)
         loop, bare = [], []
         for r in range(args.rounds):
             result = tr.train_lm(replace(spec, seed=r), work, progress=False,

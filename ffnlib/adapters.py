@@ -174,10 +174,6 @@ def submodule(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-# ffnlib.related.moefication still imports the old private name; it goes once moefication uses submodule.
-_get = submodule
-
-
 class Adapter:
     """Access to the keys, values, coefficients and projections of one loaded model."""
 

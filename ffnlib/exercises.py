@@ -29,7 +29,6 @@ import pandas as pd
 import torch
 
 from .capture import capture, hook_coefficients
-from .related.moefication import activation
 
 __all__ = ["CheckFailed", "NotDoneYet", "hint", "HINTS", "answer_probability",
            "check_memory_coefficients", "check_trigger_prefix", "check_value_distribution", "check_agrees",
@@ -261,7 +260,7 @@ def check_memory_coefficients(fn, loaded, layer: int,
     with torch.no_grad(), capture(loaded, layer, what=("ffn_input", "coefficients")) as acts:
         loaded.model(ids)
     x, expected = acts.ffn_input[layer][0], acts.coefficients[layer][0]
-    keys, act = adapter.keys(layer), activation(adapter, layer)
+    keys, act = adapter.keys(layer), adapter.activation(layer)
     gates = adapter.gates(layer) if adapter.gated else None
     meaning = "one row per token, one column per memory: (tokens, d_ff)"
     with torch.no_grad():
@@ -638,7 +637,7 @@ def check_activation_shares(fn, loaded, layer: int, parts: int = 3, seed: int = 
     from .related.contextualization import ig_shares_by_riemann
 
     adapter = loaded.adapter
-    act = activation(adapter, layer)
+    act = adapter.activation(layer)
     with torch.no_grad():
         x = _ffn_input(loaded, layer, text)[-1].float().cpu()
         rows = (adapter.gates(layer) if adapter.gated else adapter.keys(layer)).float().cpu()[:64]

@@ -34,6 +34,10 @@ from dataclasses import dataclass, replace
 
 from .stats import Estimate
 
+__all__ = ["SIZE_SHARE", "VERDICTS", "ARCHITECTURAL", "DIRECTIONS", "Finding", "judge", "FINDINGS", "UNVERIFIED",
+           "KN_SECTION", "MOE_SECTION", "SHEN_SECTION", "KOBAYASHI_SECTION", "finding", "of_notebook",
+           "findings_rows"]
+
 SIZE_SHARE = 0.5  # "holds" needs at least half the paper's size, where the paper gives a number
 VERDICTS = ("holds", "partly", "holds without training too (architectural)", "does not hold", "not measured")
 ARCHITECTURAL = VERDICTS[2]

@@ -25,6 +25,9 @@ import numpy as np
 
 from .errors import ParameterError
 
+__all__ = ["LEVEL", "N_BOOT", "MAX_BOOT_CELLS", "COUNTS_CACHE_BYTES", "Estimate", "bootstrap_samples", "bootstrap",
+           "resampled", "two_level", "share", "binomial", "shift", "spearman_with_depth"]
+
 LEVEL = 0.95  # every interval in the reports
 N_BOOT = 1000  # bootstrap resamples
 MAX_BOOT_CELLS = 20_000_000  # resamples x units drawn at once (bounded memory)

@@ -57,6 +57,10 @@ from .errors import CheckpointError, ParameterError, ResultsError
 from .progress import tqdm
 from .storage import fingerprint
 
+__all__ = ["VARIANTS", "EOT", "TrainSpec", "TrainResult", "train_tokenizer", "cached_tokenizer", "blocks",
+           "batch_indices", "build_model", "spec_sentences", "make_optimizer", "block_losses", "CHECKPOINT_KEYS", "load_checkpoint", "train_lm",
+           "WIKI_RELU_LM", "TRAINED_MODELS", "trained_model_folder"]
+
 VARIANTS = ("relu", "gelu", "swiglu", "softmax", "softmax_ln")
 EOT = "<|endoftext|>"
 _VERSION = 1  # bump when what a spec trains changes
@@ -139,7 +143,8 @@ class TrainResult:
 
 
 # ---- tokenizer and data ---------------------------------------------------------------------------------
-def _sentences(spec: TrainSpec, split: str) -> list[str]:
+def spec_sentences(spec: TrainSpec, split: str) -> list[str]:
+    """The sentences of ``split`` ("train" or "heldout") that ``spec`` trains or measures on."""
     from .corpus import load_corpus
 
     table = load_corpus(spec.corpus, split=split, seed=0,
@@ -174,7 +179,7 @@ def cached_tokenizer(spec: TrainSpec, out_dir: Path):
     if not (folder / "tokenizer.json").exists():
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer."))
         try:
-            train_tokenizer(_sentences(spec, "train"), spec.vocab_size, tmp)
+            train_tokenizer(spec_sentences(spec, "train"), spec.vocab_size, tmp)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
@@ -232,7 +237,8 @@ def build_model(spec: TrainSpec, tokenizer):
     return apply_ffn_variant(GPT2LMHeadModel(config))
 
 
-def _optimizer(model, spec: TrainSpec):
+def make_optimizer(model, spec: TrainSpec):
+    """AdamW (weight decay on matrices only) and its warm-up then cosine schedule, as ``spec`` sets them."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
@@ -323,9 +329,9 @@ def train_lm(spec: TrainSpec, out_dir, progress: bool = True, checkpoint_every: 
     if cached is not None:
         return cached
     tokenizer = cached_tokenizer(spec, out_dir)
-    train, heldout = (blocks(tokenizer, _sentences(spec, split), spec.context) for split in ("train", "heldout"))
+    train, heldout = (blocks(tokenizer, spec_sentences(spec, split), spec.context) for split in ("train", "heldout"))
     model = build_model(spec, tokenizer)
-    optimizer, schedule = _optimizer(model, spec)
+    optimizer, schedule = make_optimizer(model, spec)
     checkpoint = out_dir / f".{spec.name()}.checkpoint.pt"
     step, history, seconds = 0, [], 0.0
     if checkpoint.exists():

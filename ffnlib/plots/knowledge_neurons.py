@@ -11,6 +11,9 @@ from matplotlib.figure import Figure
 
 from ..related.knowledge_neurons import binomial_interval, summarise
 
+__all__ = ["plot_accuracy", "plot_layers", "plot_effects", "plot_specificity", "plot_values", "plot_editing",
+           "plot_lambda2_sweep"]
+
 _KIND_COLOURS = {"knowledge": "#4c72b0", "random": "#bbbbbb"}
 
 

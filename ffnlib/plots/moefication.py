@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+__all__ = ["plot_quality", "plot_sparsity", "plot_coherence"]
+
 _SPLIT_COLORS = {"random": "#8c8c8c", "kmeans": "#4c72b0", "coactivation": "#dd8452"}
 _ROUTER_TITLES = {"ground_truth": "ground-truth router (upper bound)", "similarity": "similarity router",
                   "mlp": "trained MLP router"}

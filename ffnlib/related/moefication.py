@@ -82,13 +82,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import Adapter, _get
+from ..adapters import Adapter, submodule
 from ..capture import capture
 from ..errors import FFNLibError, ParameterError, UnsupportedModelError
 from ..mining import corpus_fingerprint, plan_batches, prepare_sentences
 from ..progress import tqdm
 from ..stats import Estimate, bootstrap, two_level
 from ..storage import ensure_dir, fingerprint, load_result, save_result
+
+__all__ = ["SPLITS", "ROUTERS", "METHODS", "CLUSTER_ROWS", "SPARSITY_TOPS", "PAPER", "table2_retained", "Sizes",
+           "SIZES", "get_sizes", "spread_layers", "default_expert_size", "check_expert_size", "check_share",
+           "experts_kept", "ffn_coefficients", "dense_ffn", "value_norms", "key_features", "membership",
+           "check_partition", "random_split", "RANDOM_SEED_STEP", "random_split_names", "split_draw", "split_kind",
+           "random_split_seed", "balanced_assignment", "balanced_kmeans", "coactivation_graph", "equalise",
+           "metis_split", "ExpertSplits", "make_splits", "memory_sizes", "top_share_mask", "coactivation_counts",
+           "THRESHOLD_WHAT", "calibrate_thresholds", "centroid_keys", "MLPRouter", "train_router", "Routers",
+           "router_data", "train_routers", "Config", "default_configs", "Record", "sparsify", "Plan", "Evaluation",
+           "evaluate", "bootstrap_metrics", "random_draws", "per_sentence", "quality_table", "random_draws_table",
+           "sparsity_table", "memory_topics", "expert_coherence", "COMPARISONS", "measures", "ExpertFFN",
+           "route_random", "replace_share"]
 
 SPLITS = ("random", "kmeans", "coactivation")
 ROUTERS = ("ground_truth", "similarity", "mlp", "random")
@@ -97,7 +109,7 @@ CLUSTER_ROWS = ("gate", "up", "both")
 SPARSITY_TOPS = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)  # shares of memories for the mass measure
 _VERSION = 1  # bump when what is computed changes (invalidates cached results)
 
-# Reference numbers (see /work/shared/research/related-kn-moe.md; [3p]: third-party reading of a table)
+# Reference numbers (the papers' own tables; [3p]: a third-party reading of a table)
 PAPER = {
     "keep_95": {"value": 0.95, "shares": (0.10, 0.30), "source": "abstract: 10-30% of FFN parameters keep over "
                 "95% of the performance (ReLU T5)"},
@@ -225,30 +237,10 @@ def _check_choice(name: str, value, choices) -> str:
 # =====================================================================================================
 # The FFN pieces, read through the adapter
 # =====================================================================================================
-_ACTIVATION_NAMES = ("act_fn", "act", "activation_fn", "activation")
-
-
-def activation(adapter: Adapter, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The FFN's activation function (``act`` in ``act(gate·x)``, or in ``act(k·x + b)`` for a plain FFN).
-
-    Found as an attribute of the module that holds the first linear (``mlp.act_fn`` in Llama and Gemma).
-    """
-    path = adapter.family.gate or adapter.family.up
-    parent = adapter.layer(layer)
-    if "." in path:
-        parent = _get(parent, path.rsplit(".", 1)[0])
-    for name in _ACTIVATION_NAMES:
-        fn = getattr(parent, name, None)
-        if callable(fn):
-            return fn
-    raise UnsupportedModelError(f"Cannot find the activation function of {type(parent).__name__} (looked for "
-                                f"{list(_ACTIVATION_NAMES)}); the expert-sparse FFN and CATS need it.")
-
-
 @torch.no_grad()
 def ffn_coefficients(adapter: Adapter, layer: int, x: torch.Tensor) -> torch.Tensor:
     """The coefficients m of the FFN input ``x`` (..., d_model), computed with the layer's own modules."""
-    act = activation(adapter, layer)
+    act = adapter.activation(layer)
     if adapter.gated:
         return act(adapter.gate(layer)(x)) * adapter.up(layer)(x)
     return act(adapter.up(layer)(x))
@@ -725,7 +717,7 @@ def calibrate_thresholds(loaded, sentences: pd.DataFrame, layers, keeps: Sequenc
     gen = torch.Generator().manual_seed(seed)
     widths = {"gate_activation": adapter.d_ff, "input": adapter.d_model, "coefficient": adapter.d_ff}
     samplers = {(what, layer): _Sampler(sample, tokens * widths[what], gen) for what in widths for layer in layers}
-    acts_fn = {layer: activation(adapter, layer) for layer in layers}
+    acts_fn = {layer: adapter.activation(layer) for layer in layers}
     for _, real, acts in _captured(loaded, table, layers, ("coefficients", "ffn_input"), batch_tokens,
                                    "Calibrating CATS and TEAL", progress):
         flat = real.reshape(-1)
@@ -1187,7 +1179,7 @@ class Plan:
         for layer in self.layers:
             if config.method == "cats":
                 rules[layer] = _CatsRule(self._threshold("cats", "gate_activation", layer, config.share),
-                                         activation(adapter, layer) if adapter.gated else None)
+                                         adapter.activation(layer) if adapter.gated else None)
             elif config.method == "teal":
                 rules[layer] = _TealRule(self._threshold("teal", "input", layer, config.share),
                                          self._threshold("teal", "coefficient", layer, config.share))
@@ -1850,7 +1842,7 @@ class ExpertFFN:
                                         "...); this model has them.")
         return cls(gate_up.contiguous(), adapter.values(layer)[flat].reshape(n_experts, size, -1).contiguous(),
                    None if bias is None else bias.detach()[flat].reshape(n_experts, size),
-                   adapter.value_bias(layer), activation(adapter, layer), members, adapter.gated)
+                   adapter.value_bias(layer), adapter.activation(layer), members, adapter.gated)
 
     def memory_mask(self, experts: torch.Tensor) -> torch.Tensor:
         """(n, d_ff) True at the memories of each token's selected experts (n, k)."""

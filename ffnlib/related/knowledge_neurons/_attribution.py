@@ -17,6 +17,9 @@ from ...progress import tqdm
 from ...storage import ensure_dir, fingerprint, load_result, save_result
 from ._integrated_gradients import METHODS, TARGETS, captum_integrated_gradients, fast_integrated_gradients
 
+__all__ = ["IMPLEMENTATIONS", "KEEP_RATIO", "Attribution", "knowledge_attribution", "Attributions", "score_rows",
+           "attribute_prompts"]
+
 IMPLEMENTATIONS = ("fast", "captum")
 KEEP_RATIO = 0.1  # scores stored per prompt: >= 0.1 x the side's maximum (as the authors' 1_analyze_mlm.py)
 _VERSION = 1  # bump when a stored column's computation changes

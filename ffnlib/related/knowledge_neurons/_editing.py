@@ -18,6 +18,9 @@ from ...storage import ensure_dir, fingerprint, load_result, save_result
 from ._evaluation import answer_probabilities, evaluate_prompts, perplexity, perplexity_of
 from ._neurons import random_like
 
+__all__ = ["edited_values", "update_vectors", "MAX_PERPLEXITY_RATIO", "edit_success", "edit_facts", "lambda2_sweep",
+           "sweep_table"]
+
 _VERSION = 1  # bump when a stored column's computation changes
 
 

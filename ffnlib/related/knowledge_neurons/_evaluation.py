@@ -14,6 +14,9 @@ from ...errors import ParameterError
 from ...interventions import scale_at_positions
 from ._facts import stable_seed
 
+__all__ = ["batches", "wide", "answer_probabilities", "evaluate_prompts", "accuracy_by_relation", "select_facts",
+           "perplexity", "perplexity_of", "heldout_token_lists"]
+
 
 def batches(n: int, size: int) -> Iterator[np.ndarray]:
     """Indices 0..n-1 in consecutive batches of at most ``size`` (ffnlib's other batch planners budget tokens)."""

@@ -18,6 +18,8 @@ from ._evaluation import answer_probabilities, perplexity, perplexity_of
 from ._facts import stable_seed
 from ._neurons import fact_neurons, random_like, relation_neurons
 
+__all__ = ["suppress_amplify", "specificity", "same_answer_effect", "erase_relations"]
+
 
 def suppress_amplify(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, seed: int = 0,
                      factors: Mapping[str, float] | None = None, batch_size: int = 32) -> pd.DataFrame:

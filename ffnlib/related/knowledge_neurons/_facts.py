@@ -16,6 +16,9 @@ from ...errors import ParameterError, ResultsError
 from ...storage import read_json
 from ._prompts import TEMPLATES_PATH, load_templates
 
+__all__ = ["FACT_SOURCES", "stable_seed", "countryinfo_facts", "BIGBENCH_VERSION", "wikidata_facts_from_task",
+           "wikidata_facts", "load_facts", "sample_facts"]
+
 FACT_SOURCES = ("countryinfo", "wikidata")
 
 

@@ -20,6 +20,9 @@ from ...capture import capture, hook_coefficients
 from ...errors import ParameterError
 from ._evaluation import wide
 
+__all__ = ["TARGETS", "METHODS", "integration_points", "target_value", "captum_integrated_gradients",
+           "fast_integrated_gradients"]
+
 TARGETS = ("first_token", "answer_logprob")
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 

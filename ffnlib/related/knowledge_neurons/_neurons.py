@@ -12,6 +12,9 @@ import pandas as pd
 
 from ...errors import ParameterError
 
+__all__ = ["coarse_neurons", "refine", "find_knowledge_neurons", "neurons_per_fact", "relation_neurons",
+           "random_like", "fact_neurons"]
+
 
 def coarse_neurons(scores: pd.DataFrame, threshold: float = 0.2, sign: int = 1) -> pd.DataFrame:
     """Each prompt's coarse neurons: the memories of side ``sign`` whose score is >= ``threshold`` x the

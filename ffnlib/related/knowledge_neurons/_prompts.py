@@ -13,6 +13,8 @@ from ...errors import ParameterError
 from ...reference import DATA_DIR
 from ...storage import read_json
 
+__all__ = ["TEMPLATES_PATH", "check_template", "load_templates", "encode_answer", "build_prompts"]
+
 TEMPLATES_PATH = DATA_DIR / "knowledge_neurons" / "templates.json"
 SUBJECT, ANSWER = "[X]", "[Y]"
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ...errors import ParameterError
 
+__all__ = ["KNScale", "KN_SCALES", "kn_scale"]
+
 
 @dataclass(frozen=True)
 class KNScale:

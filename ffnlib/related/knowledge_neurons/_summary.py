@@ -13,6 +13,8 @@ import pandas as pd
 from ...reference import relative_depth
 from ...stats import Estimate, binomial, resampled, share
 
+__all__ = ["finite_mean", "binomial_interval", "summarise", "measures", "curves"]
+
 
 def finite_mean(values, unit: str, seed: int = 0) -> Estimate:
     """The mean of the finite per-unit numbers (NaN and inf left out) with a seeded bootstrap 95% interval over

@@ -14,6 +14,8 @@ from ...errors import ParameterError
 from ...reference import relative_depth
 from ._neurons import random_like
 
+__all__ = ["value_view", "cached_trigger_examples", "trigger_view", "layer_view"]
+
 
 @torch.no_grad()
 def value_view(loaded, neurons: pd.DataFrame, prompts: pd.DataFrame, seed: int = 0, k_tokens: int = 5) -> pd.DataFrame:
