@@ -207,7 +207,7 @@ def test_resume_after_an_interruption_is_identical(tiny, tmp_path, monkeypatch, 
     assert calls[-3:] == [0, 1, 2] and len(other.tokens) == len(reference.tokens) * 5 // 4
 
 
-def test_bad_input_raises_ffnlib_errors(tiny):
+def test_bad_input_raises_ffnlib_errors(tiny, tmp_path):
     for top_k in (0, -1, 2.5, True, 301):
         with pytest.raises(ParameterError, match="top_k"):
             project_values(tiny, top_k=top_k, progress=False)
@@ -218,7 +218,7 @@ def test_bad_input_raises_ffnlib_errors(tiny):
     with pytest.raises(ParameterError, match="memory_limit_mb"):
         project_values(tiny, memory_limit_mb=0, progress=False)
     with pytest.raises(ParameterError, match="LoadedModel"):
-        project_values(tiny.adapter, out_dir="/tmp/never-used", progress=False)
+        project_values(tiny.adapter, out_dir=tmp_path / "never-used", progress=False)
     with pytest.raises(ParameterError, match="lacks the column"):
         project_values(tiny, targets=pd.DataFrame({"layer": [0]}), progress=False)
     dup = pd.DataFrame({"layer": [0, 0], "memory": [1, 1], "sign": [1, 1], "token": [3, 4]})

@@ -43,7 +43,7 @@ from ..stats import N_BOOT, Estimate, bootstrap
 from ..training import VARIANTS, TrainSpec, blocks, train_lm
 
 __all__ = ["TOP_SHARE", "SweepSizes", "SIZES", "sweep_sizes", "sweep_specs", "run_sweep", "top_mass",
-           "memory_measures", "measure_sweep", "summary_table", "measures", "pretrainedtop_mass"]
+           "memory_measures", "measure_sweep", "summary_table", "measures", "pretrained_top_mass"]
 
 TOP_SHARE = 0.002  # Shen et al.: the top 0.2% of the slots
 
@@ -209,7 +209,7 @@ def measures(table: pd.DataFrame, losses: dict, memory: pd.DataFrame, n_boot: in
     return ours, details
 
 
-def pretrainedtop_mass(loaded, texts: list[str], max_tokens: int = 64) -> float:
+def pretrained_top_mass(loaded, texts: list[str], max_tokens: int = 64) -> float:
     """The same top-0.2% mass share of |m| on a pretrained model (e.g. the default SmolLM2), for comparison."""
     from ..capture import capture
 
