@@ -75,9 +75,12 @@ class Run:
         return path
 
     def save_summary(self, name: str, summary: dict) -> Path:
-        """Save the numbers a notebook reports (used by the report) as JSON under ``out/summaries``."""
+        """Save the numbers a notebook reports (used by the report) as JSON under ``out/summaries``, with the
+        code that computed them (``code``: :func:`ffnlib.version.code_version`)."""
+        from .version import code_version
+
         path = ensure_dir(self.out / "summaries") / f"{name}.json"
-        write_json(path, summary)
+        write_json(path, {**summary, "code": summary.get("code") or code_version()})
         return path
 
     def nothing_to_analyse(self, name: str, reason: str, findings: list[dict]) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import FFNLibError, ResultsError
 from .storage import atomic_write_bytes, write_json
+from .version import describe_versions
 
 from .findings import ARCHITECTURAL, SIZE_SHARE, VERDICTS
 
@@ -223,6 +224,7 @@ def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
     lines = ["# ffnlib report: the paper versus ours", "",
              f"- Model: {_model_line(summaries)}",
              f"- Control: {_control_line(summaries)}",
+             f"- Code: {describe_versions({name: s.get('code') for name, s in summaries.items()})}",
              f"- Run folder: `{run_dir.parent.name}/{run_dir.name}` (model / scale)",
              "- Paper: Geva, Schuster, Berant & Levy, *Transformer Feed-Forward Layers Are Key-Value Memories*, "
              "EMNLP 2021 (16-layer ReLU LM on WikiText-103).",
@@ -320,7 +322,8 @@ def render_html(run_dir: str | Path, summaries: dict[str, dict]) -> str:
         rules_html += "<ul>" + "".join(rules) + "</ul>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ffnlib report</title><style>{style}</style>"
             f"</head><body><h1>ffnlib report: the paper versus ours</h1><p>Model: {esc(_model_line(summaries))}</p>"
-            f"<p>Control: {esc(_control_line(summaries))}</p>{parts}"
+            f"<p>Control: {esc(_control_line(summaries))}</p>"
+            f"<p>Code: {esc(describe_versions({name: s.get('code') for name, s in summaries.items()}))}</p>{parts}"
             f"<table><tr><th>section</th><th>finding</th><th>paper</th><th>ours [95% CI]</th>"
             f"<th>random-init control [95% CI]</th><th>verdict</th></tr>"
             f"{''.join(rows)}</table>{''.join(sections)}{rules_html}</body></html>")

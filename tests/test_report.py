@@ -1,6 +1,7 @@
 """The report is built from the summaries a run wrote, never from hard-coded numbers."""
 
 import json
+import re
 
 import pytest
 
@@ -47,6 +48,7 @@ def test_report_shows_each_finding_once_with_measured_numbers(tmp_path):
     assert "| Sec. 5 (Fig. 7) | Shallow | 1-9 | 0.36 (no verdict: needs annotation) | — | **not measured** |" in text
     assert "random-init control [95% CI]" in text and "Control: the same architecture with random weights" in text
     assert "## How the findings are judged" in text and "Rule: holds if our interval lies below the control's" in text
+    assert "- Code: not recorded" in text  # summaries written before they recorded the code
     assert "![ours](figures/g.png)" in text and "nan" not in text.lower()
     # Section 3: one measured finding (holds) and 6 without numbers; the older table: holds, partly, not measured
     assert "Verdicts: 2 hold, 1 partly, 0 hold without training too (architectural), 0 do not hold, " \
@@ -168,3 +170,24 @@ def test_the_control_line_states_the_controls_smaller_samples(tmp_path):
     assert smaller.endswith("on smaller samples: 10 keys per layer in the removal experiment (ours 100); "
                             "the first 1,000 held-out examples in Section 5 (ours 4,000)")
     assert "smaller samples" not in write(tmp_path / "b" / "m" / "full", 100, 4000)
+
+
+def test_the_report_states_the_code_each_notebook_ran(tmp_path):
+    """Each summary records the code that computed it (Run.save_summary); the header states it, grouped, and says
+    where a notebook's summary did not record it."""
+    from ffnlib.version import code_version, describe_versions
+
+    here = code_version()
+    assert here["ffnlib"] == ffnlib.__version__
+    assert here["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", here["commit"])
+    one = {"ffnlib": "0.1.0", "commit": "a" * 40, "modified": False}
+    assert describe_versions({"00_quickstart": one, "01_keys": one}) == f"ffnlib 0.1.0, commit {'a' * 12}"
+    mixed = describe_versions({"00_quickstart": one, "01_keys": {**one, "modified": True}, "06_knowledge_neurons": None})
+    assert mixed == (f"ffnlib 0.1.0, commit {'a' * 12} (00); ffnlib 0.1.0, commit {'a' * 12} with local changes (01); "
+                     "not recorded (06)")
+    run = tmp_path / "m" / "ci"
+    (run / "summaries").mkdir(parents=True)
+    (run / "summaries" / "00_quickstart.json").write_text(json.dumps({"code": one, "findings": []}))
+    md, page = write_report(run)
+    assert f"- Code: ffnlib 0.1.0, commit {'a' * 12}\n" in md.read_text()
+    assert f"Code: ffnlib 0.1.0, commit {'a' * 12}" in page.read_text()
