@@ -315,6 +315,14 @@ class Adapter:
         return values * gain
 
     @torch.no_grad()
+    def written_value_norms(self, layer: int) -> torch.Tensor:
+        """``||v_i||`` of what each memory writes into the residual (:meth:`written_values`, float32, (d_ff,)): a
+        memory's size ``|m_i|·||v_i||`` as the residual receives it, which Section 5 and MoEfication rank by. The
+        norms of the value rows themselves are ``values(layer).norm(dim=-1)``; they differ where a norm follows the
+        FFN (Gemma 2/3, OLMo 2)."""
+        return self.written_values(layer).float().norm(dim=-1)
+
+    @torch.no_grad()
     def value_bias(self, layer: int) -> torch.Tensor | None:
         """The bias the FFN adds after the values (None where the family has none)."""
         return getattr(self.down(layer), "bias", None)

@@ -477,7 +477,7 @@ def analyse_aggregation(loaded, n_examples: int = 4000, seed: int = 0, active_th
     top_positive, top_negative = memory_top_tokens(
         loaded, negative=adapter.gated or settings["active_rule"] == "relative", cache=value_cache,
         progress=progress, projections=out_dir)
-    value_norms = torch.stack([adapter.written_values(layer).float().norm(dim=-1) for layer in range(adapter.n_layers)])
+    value_norms = torch.stack([adapter.written_value_norms(layer) for layer in range(adapter.n_layers)])
     batches = make_batches(examples["position"].to_numpy() + 1, settings["batch_tokens"])
     partial = Path(out_dir) / f"{name}.partial" if out_dir is not None else None
     parts, resumed = [], 0

@@ -621,7 +621,7 @@ def analyse_aggregation_on_cluster(loaded, n_examples: int = 4000, seed: int = 0
         top_positive, top_negative = _aggregation.memory_top_tokens(
             loaded, negative=adapter.gated or settings["active_rule"] == "relative", cache=value_cache,
             progress=progress, projections=out_dir)
-        value_norms = torch.stack([adapter.written_values(layer).float().norm(dim=-1) for layer in range(adapter.n_layers)])
+        value_norms = torch.stack([adapter.written_value_norms(layer) for layer in range(adapter.n_layers)])
         tables = {"top_positive": top_positive.cpu().numpy(),
                   "top_negative": None if top_negative is None else top_negative.cpu().numpy(),
                   "value_norms": value_norms.cpu().numpy()}

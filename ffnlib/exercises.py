@@ -535,12 +535,12 @@ def check_expert_scores(fn, loaded, layer: int, expert_size: int = 32, seed: int
                         text: str = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.") -> None:
     """``fn(coefficients, value_norms, labels, n_experts)`` -> (tokens, n_experts): the ground-truth router's
     score of each expert, the summed size |m_i|·‖v_i‖ of its memories; against ffnlib.related.moefication."""
-    from .related.moefication import ffn_coefficients, membership, memory_sizes, random_split, value_norms
+    from .related.moefication import ffn_coefficients, membership, memory_sizes, random_split
 
     adapter = loaded.adapter
     with torch.no_grad():  # compared on the CPU, whatever the model's device
         m = ffn_coefficients(adapter, layer, _ffn_input(loaded, layer, text)).float().cpu()
-        norms = value_norms(adapter, layer).float().cpu()
+        norms = adapter.written_value_norms(layer).float().cpu()
     labels = torch.as_tensor(random_split(adapter.d_ff, expert_size, seed))
     n_experts = adapter.d_ff // expert_size
     members = membership(labels.numpy(), n_experts)

@@ -35,7 +35,9 @@ def check_prompt(prompt) -> str:
 
 @torch.no_grad()
 def value_norms(adapter, layer: int) -> torch.Tensor:
-    """||v_i|| for every memory of one layer (d_ff,)."""
+    """||v_i|| of the value rows of one layer (d_ff,): the value as the paper reads it and as the explorer shows
+    it. Where a norm follows the FFN (Gemma 2/3) the residual receives ``g_post ⊙ v_i`` instead: MoEfication's sizes
+    use those (``Adapter.written_value_norms``)."""
     return adapter.values(layer).float().norm(dim=-1)
 
 

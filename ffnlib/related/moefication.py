@@ -92,7 +92,7 @@ from ..storage import ensure_dir, fingerprint, load_result, save_result
 
 __all__ = ["SPLITS", "ROUTERS", "METHODS", "CLUSTER_ROWS", "SPARSITY_TOPS", "PAPER", "table2_retained", "Sizes",
            "SIZES", "get_sizes", "spread_layers", "default_expert_size", "check_expert_size", "check_share",
-           "experts_kept", "ffn_coefficients", "dense_ffn", "value_norms", "key_features", "membership",
+           "experts_kept", "ffn_coefficients", "dense_ffn", "key_features", "membership",
            "check_partition", "random_split", "RANDOM_SEED_STEP", "random_split_names", "split_draw", "split_kind",
            "random_split_seed", "balanced_assignment", "balanced_kmeans", "coactivation_graph", "equalise",
            "metis_split", "ExpertSplits", "make_splits", "memory_sizes", "top_share_mask", "coactivation_counts",
@@ -254,12 +254,6 @@ def dense_ffn(adapter: Adapter, layer: int, x: torch.Tensor, memory_mask: torch.
     if memory_mask is not None:
         m = m * memory_mask
     return adapter.down(layer)(m)
-
-
-@torch.no_grad()
-def value_norms(adapter: Adapter, layer: int) -> torch.Tensor:
-    """``||v_i||`` of the vectors the memories write (``written_values``: Gemma's post-FFN gain included)."""
-    return adapter.written_values(layer).float().norm(dim=-1)
 
 
 @torch.no_grad()
@@ -654,7 +648,7 @@ def coactivation_counts(loaded, table: pd.DataFrame, layers: list[int], active_s
     """Per layer, (d_ff, d_ff) counts of training tokens where two memories are both active (in the token's
     top ``active_share`` by ``|m_i|·||v_i||``)."""
     adapter = loaded.adapter
-    norms = {layer: value_norms(adapter, layer) for layer in layers}
+    norms = {layer: adapter.written_value_norms(layer) for layer in layers}
     counts = {layer: torch.zeros(adapter.d_ff, adapter.d_ff) for layer in layers}
     for _, real, acts in _captured(loaded, table, layers, ("coefficients",), batch_tokens,
                                    "Co-activation graph", progress):
@@ -874,7 +868,7 @@ def router_data(loaded, table: pd.DataFrame, splits: ExpertSplits, batch_tokens:
     their expert sizes ``Σ_i |m_i|·||v_i||`` (float32, N x E)."""
     adapter = loaded.adapter
     layers = splits.layers
-    norms = {layer: value_norms(adapter, layer) for layer in layers}
+    norms = {layer: adapter.written_value_norms(layer) for layer in layers}
     members = {(s, layer): membership(splits.labels(s, layer), splits.n_experts) for s in splits.splits
                for layer in layers}
     data = {layer: {"x": [], **{s: [] for s in splits.splits}} for layer in layers}
@@ -1159,7 +1153,7 @@ class Plan:
         return self.splits.layers
 
     def norms(self) -> dict[int, torch.Tensor]:
-        return {layer: value_norms(self.loaded.adapter, layer) for layer in self.layers}
+        return {layer: self.loaded.adapter.written_value_norms(layer) for layer in self.layers}
 
     def _threshold(self, method: str, what: str, layer: int, keep: float) -> float:
         if self.thresholds is None:
@@ -1197,7 +1191,7 @@ class Plan:
                 elif config.router == "random":
                     gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * layer + 17
                                                         + RANDOM_SEED_STEP * split_draw(config.split))
-                rules[layer] = _ExpertRule(labels, n_experts, k, config.router, value_norms(adapter, layer),
+                rules[layer] = _ExpertRule(labels, n_experts, k, config.router, adapter.written_value_norms(layer),
                                            w, c2, mlp, gen)
         return rules
 
@@ -1326,7 +1320,7 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
                "corpus": corpus_fingerprint(table), "sentences": len(table), "batch_tokens": int(batch_tokens),
                "max_padding": 0.15, "tops": [float(t) for t in tops], "concentrated": list(concentrated)}
     folder = ensure_dir(Path(out_dir) / f"moe-eval-{fingerprint(request)}") if out_dir is not None else None
-    norms_all = {layer: value_norms(adapter, layer) for layer in range(adapter.n_layers)}
+    norms_all = {layer: adapter.written_value_norms(layer) for layer in range(adapter.n_layers)}
     record_norms = {layer: norms_all[layer] for layer in plan.layers}
     batches = list(_batches(loaded, table, batch_tokens))
     last = adapter.n_layers - 1
