@@ -106,7 +106,7 @@ def _free_port() -> int:
 def ci_results(tmp_path_factory) -> Path:
     """A results folder holding the ci-scale trigger examples, mined exactly as notebooks 01, 02 and 05 mine
     them (same request, so the notebook loads them from the cache). Mining is the slow part of the notebook;
-    doing it here keeps the browser's wait short. The folder is the session's ``ci-results`` (shared with
+    doing it here keeps the browser's wait short. The folder is the test run's ``ci-results`` (shared with
     any other test that uses it) or ``$FFNLIB_TEST_RESULTS``."""
     from ffnlib.config import get_scale
     from ffnlib.corpus import load_corpus

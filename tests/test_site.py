@@ -1,5 +1,5 @@
 """The course site (``make book``, ffnlib.book): built offline from the notebooks executed at scale="ci" (those
-tests/test_notebooks.py ran in this session, or run here), the exercises' student copies and the committed
+tests/test_notebooks.py ran in this test run, or run here), the exercises' student copies and the committed
 reports, the docs pages (user guide, verdict rules, reports' provenance, scaling, teaching) and the API reference
 generated from the docstrings; then opened page by page in headless Chromium (Playwright), with every request that
 leaves 127.0.0.1 blocked: every page opens, every figure loads, every internal link leads to a page, math is typeset by the
