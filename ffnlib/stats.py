@@ -128,6 +128,17 @@ def bootstrap_samples(sums: Callable[[np.ndarray], np.ndarray], n_units: int, n_
     return np.concatenate([np.asarray(sums(counts.astype(np.float64)), dtype=np.float64) for counts in chunks])
 
 
+def _percentile_estimate(value: float, samples: np.ndarray, n: int, unit: str, method: str) -> Estimate:
+    """``value`` with the percentile 95% interval of its finite bootstrap ``samples``, widened to contain it; NaN
+    throughout where the value or every sample is not finite."""
+    samples = samples[np.isfinite(samples)]
+    if not math.isfinite(value) or len(samples) == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), n, unit, "bootstrap")
+    alpha = (1 - LEVEL) / 2
+    low, high = np.quantile(samples, [alpha, 1 - alpha])
+    return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, method)
+
+
 def bootstrap(per_unit: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray], unit: str,
               n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
     """The estimate of ``statistic(sums)`` with a percentile bootstrap interval over units.
@@ -145,12 +156,7 @@ def bootstrap(per_unit: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray
     with np.errstate(invalid="ignore", divide="ignore"):
         value = float(statistic(per_unit.sum(0)[None, :])[0])
         samples = bootstrap_samples(lambda w: statistic(w @ per_unit), n, n_boot, seed)
-    samples = samples[np.isfinite(samples)]
-    if not math.isfinite(value) or len(samples) == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), n, unit, "bootstrap")
-    alpha = (1 - LEVEL) / 2
-    low, high = np.quantile(samples, [alpha, 1 - alpha])
-    return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, "bootstrap")
+    return _percentile_estimate(value, samples, n, unit, "bootstrap")
 
 
 def resampled(rows: np.ndarray, statistic: Callable[[np.ndarray], float], unit: str, n_boot: int = N_BOOT,
@@ -165,12 +171,7 @@ def resampled(rows: np.ndarray, statistic: Callable[[np.ndarray], float], unit: 
     rng = np.random.default_rng([_check_seed(seed), 0xB007])
     value = float(statistic(rows))
     samples = np.array([statistic(rows[rng.integers(0, n, n)]) for _ in range(n_boot)], dtype=np.float64)
-    samples = samples[np.isfinite(samples)]
-    if not math.isfinite(value) or len(samples) == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), n, unit, "bootstrap")
-    alpha = (1 - LEVEL) / 2
-    low, high = np.quantile(samples, [alpha, 1 - alpha])
-    return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, "bootstrap")
+    return _percentile_estimate(value, samples, n, unit, "bootstrap")
 
 
 def two_level(per_unit, statistic: Callable[[np.ndarray], np.ndarray], unit: str, n_boot: int = N_BOOT,
@@ -214,12 +215,7 @@ def two_level(per_unit, statistic: Callable[[np.ndarray], np.ndarray], unit: str
         rng = np.random.default_rng([seed, 0x6209])  # the groups' draw: a stream of its own
         picks = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=int(n_boot)).astype(np.float64)
         samples = np.where(picks > 0, picks * per_group, 0.0).sum(1) / n_groups  # a group not drawn: no NaN from it
-    samples = samples[np.isfinite(samples)]
-    if not math.isfinite(value) or len(samples) == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), n, unit, "bootstrap")
-    alpha = (1 - LEVEL) / 2
-    low, high = np.quantile(samples, [alpha, 1 - alpha])
-    return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, "two-level bootstrap")
+    return _percentile_estimate(value, samples, n, unit, "two-level bootstrap")
 
 
 def share(indicator, unit: str, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
