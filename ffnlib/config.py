@@ -34,6 +34,19 @@ class Scale:
     maps_max_tokens: int = 40  # their largest token count
     maps_bigram_sentences: int = 20000  # training sentences counted for the frequent bigrams
     maps_control_sentences: int = 150  # the first sentences the random-weights control decomposes
+    # notebook 07 (MoEfication, ffnlib.related.moefication.get_sizes)
+    moe_train_sentences: int = 600  # co-activation graph (the authors used up to 200k tokens per FFN)
+    moe_router_sentences: int = 200  # MLP router training data (their tokens, 90/10 split)
+    moe_calibration_sentences: int = 256  # CATS / TEAL thresholds ("a few hundred")
+    moe_heldout_sentences: int = 150  # quality evaluation
+    moe_shares: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.75)  # shares of the FFN kept (experts, TEAL) or of
+    # memories kept (CATS)
+    moe_layers: int | None = None  # None: every layer is MoEfied; n: n layers spread over the depth
+    moe_kmeans_iter: int = 10  # balanced Lloyd steps after the k-means start
+    moe_router_epochs: int = 30  # the authors: 30
+    moe_n_boot: int = 1000  # bootstrap resamples of the notebook's intervals
+    moe_random_splits: int = 5  # seeded random splits (the control's draws); random experts are their mean. ci: 2
+    # (5 added 14 s, +37%, to notebook 07's 39 s on 2 quiet cores; 2 add 4-6 s and exercise the same machinery)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -42,13 +55,22 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "ci": Scale("ci", mining_sentences=160, top_k=50, removal_keys=10, aggregation_examples=64,
                 checkpoint_every=64, control_removal_keys=10, control_aggregation_examples=64,
-                maps_sentences=4, maps_max_tokens=20, maps_bigram_sentences=2000, maps_control_sentences=4),
+                maps_sentences=4, maps_max_tokens=20, maps_bigram_sentences=2000, maps_control_sentences=4,
+                moe_train_sentences=24, moe_router_sentences=24, moe_calibration_sentences=16, moe_heldout_sentences=8,
+                moe_shares=(0.25,), moe_layers=3, moe_kmeans_iter=1, moe_router_epochs=3, moe_n_boot=200,
+                moe_random_splits=2),
     "default": Scale("default", mining_sentences=8000, top_k=50, removal_keys=100, aggregation_examples=4000,
                      checkpoint_every=1000, control_removal_keys=10, control_aggregation_examples=1000,
-                     maps_sentences=300, maps_max_tokens=40, maps_bigram_sentences=20000, maps_control_sentences=150),
+                     maps_sentences=300, maps_max_tokens=40, maps_bigram_sentences=20000, maps_control_sentences=150,
+                     moe_train_sentences=600, moe_router_sentences=200, moe_calibration_sentences=256,
+                     moe_heldout_sentences=150, moe_shares=(0.1, 0.2, 0.3, 0.5, 0.75), moe_layers=None,
+                     moe_kmeans_iter=10, moe_router_epochs=30, moe_n_boot=1000, moe_random_splits=5),
     "full": Scale("full", mining_sentences=None, top_k=50, removal_keys=100, aggregation_examples=4000,
                   checkpoint_every=2000, control_removal_keys=100, control_aggregation_examples=4000, corpus="wiki+",
-                  maps_sentences=1000, maps_max_tokens=40, maps_bigram_sentences=40000, maps_control_sentences=300),
+                  maps_sentences=1000, maps_max_tokens=40, maps_bigram_sentences=40000, maps_control_sentences=300,
+                  moe_train_sentences=4000, moe_router_sentences=1000, moe_calibration_sentences=512,
+                  moe_heldout_sentences=1000, moe_shares=(0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75), moe_layers=None,
+                  moe_kmeans_iter=30, moe_router_epochs=30, moe_n_boot=1000, moe_random_splits=5),
 }
 
 CORE_PARAMETERS = {"model": str, "scale": str, "seed": int, "results_dir": str, "device": str}

@@ -6,6 +6,9 @@
   resample is drawn as multinomial counts of the units, and ``statistic`` maps the count-weighted sums to
   the number, so a resample costs one matrix product whatever the statistic (a share, a difference of
   shares, a per-layer curve's trend). Percentile interval; the same seed gives the same interval.
+- :func:`percentile_interval`: the percentile 95% interval of bootstrap samples (every interval here ends with it);
+  :func:`resample_indices`: seeded resamples as unit indices (numpy's ``integers``), for tables that keep each
+  resample's numbers per configuration and pair them (MoEfication's quality and sparsity tables).
 - :func:`two_level`: the mean over a few groups (e.g. random splits) of a statistic of units (e.g. sentences), with
   a bootstrap that resamples the groups and then the units, so the interval covers both.
 - :func:`binomial`: the exact (Clopper-Pearson) interval of a share, where one fits (e.g. 97 of the 100 most
@@ -26,7 +29,8 @@ import numpy as np
 from .errors import ParameterError
 
 __all__ = ["LEVEL", "N_BOOT", "MAX_BOOT_CELLS", "COUNTS_CACHE_BYTES", "Estimate", "bootstrap_samples", "bootstrap",
-           "resampled", "two_level", "share", "binomial", "shift", "spearman_with_depth"]
+           "percentile_interval", "resample_indices", "resampled", "two_level", "share", "binomial", "shift",
+           "spearman_with_depth"]
 
 LEVEL = 0.95  # every interval in the reports
 N_BOOT = 1000  # bootstrap resamples
@@ -128,14 +132,27 @@ def bootstrap_samples(sums: Callable[[np.ndarray], np.ndarray], n_units: int, n_
     return np.concatenate([np.asarray(sums(counts.astype(np.float64)), dtype=np.float64) for counts in chunks])
 
 
+def percentile_interval(samples, level: float = LEVEL) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``samples`` (the central ``level`` of them, linear interpolation)."""
+    alpha = (1 - level) / 2
+    low, high = np.quantile(samples, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def resample_indices(n_units: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """(n_boot, n_units) unit indices of seeded resamples with replacement, from ``numpy.random.default_rng(seed)``:
+    index ``values[idx]`` with them, the same resamples for every column measured on those units (paired).
+    :func:`bootstrap` draws its resamples as multinomial counts instead, another stream."""
+    return np.random.default_rng(_check_seed(seed)).integers(0, int(n_units), size=(int(n_boot), int(n_units)))
+
+
 def _percentile_estimate(value: float, samples: np.ndarray, n: int, unit: str, method: str) -> Estimate:
     """``value`` with the percentile 95% interval of its finite bootstrap ``samples``, widened to contain it; NaN
     throughout where the value or every sample is not finite."""
     samples = samples[np.isfinite(samples)]
     if not math.isfinite(value) or len(samples) == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), n, unit, "bootstrap")
-    alpha = (1 - LEVEL) / 2
-    low, high = np.quantile(samples, [alpha, 1 - alpha])
+    low, high = percentile_interval(samples)
     return Estimate(value, float(min(low, value)), float(max(high, value)), n, unit, method)
 
 

@@ -215,8 +215,8 @@ def test_ground_truth_router_is_never_worse_than_random_on_a_constructed_case():
     m = torch.randn(tokens, n_experts * size, generator=gen) * torch.rand(tokens, 1, generator=gen) * 3
     sizes = moe.memory_sizes(m, norms)
     for k in range(1, n_experts + 1):
-        gt = moe._ExpertRule(labels, n_experts, k, "ground_truth", norms).mask(None, m, None)
-        rnd = moe._ExpertRule(labels, n_experts, k, "random", norms, generator=gen).mask(None, m, None)
+        gt = moe.ExpertRule(labels, n_experts, k, "ground_truth", norms).mask(None, m, None)
+        rnd = moe.ExpertRule(labels, n_experts, k, "random", norms, generator=gen).mask(None, m, None)
         kept_gt, kept_rnd = (sizes * gt).sum(-1), (sizes * rnd).sum(-1)
         assert (kept_gt >= kept_rnd - 1e-5).all(), k
         assert gt.sum(-1).eq(k * size).all() and rnd.sum(-1).eq(k * size).all()
@@ -354,12 +354,13 @@ def test_splits_and_routers_resume_after_an_interruption(llama, prepared, tmp_pa
             raise KeyboardInterrupt
         return real_kmeans(*args, **kwargs)
 
-    monkeypatch.setattr(moe, "balanced_kmeans", flaky)
+    splits_module = sys.modules[moe.make_splits.__module__]  # where make_splits finds balanced_kmeans
+    monkeypatch.setattr(splits_module, "balanced_kmeans", flaky)
     with pytest.raises(KeyboardInterrupt):
         moe.make_splits(llama, prepared.train, expert_size=EXPERT, kmeans_iter=3, out_dir=tmp_path, progress=False,
                         random_splits=2)
     assert list(tmp_path.glob("moe-splits-*.partial/kmeans-000.parquet"))
-    monkeypatch.setattr(moe, "balanced_kmeans", real_kmeans)
+    monkeypatch.setattr(splits_module, "balanced_kmeans", real_kmeans)
     resumed = moe.make_splits(llama, prepared.train, expert_size=EXPERT, kmeans_iter=3, out_dir=tmp_path,
                               progress=False, random_splits=2)
     pd.testing.assert_frame_equal(resumed.frame, prepared.splits.frame)
@@ -373,10 +374,11 @@ def test_splits_and_routers_resume_after_an_interruption(llama, prepared, tmp_pa
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(moe, "train_router", flaky_train)
+    routers_module = sys.modules[moe.train_routers.__module__]  # where train_routers finds train_router
+    monkeypatch.setattr(routers_module, "train_router", flaky_train)
     with pytest.raises(KeyboardInterrupt):
         moe.train_routers(llama, prepared.train, resumed, epochs=3, out_dir=tmp_path, progress=False)
-    monkeypatch.setattr(moe, "train_router", real_train)
+    monkeypatch.setattr(routers_module, "train_router", real_train)
     routers = moe.train_routers(llama, prepared.train, resumed, epochs=3, out_dir=tmp_path, progress=False)
     pd.testing.assert_frame_equal(routers.frame, prepared.routers.frame)
 
@@ -385,7 +387,7 @@ def test_evaluation_resumes_after_an_interruption_with_identical_results(llama, 
     heldout = _sentences(8, seed=5, start=500)
     configs = moe.default_configs([0.25, 0.5], splits=prepared.splits.splits)  # both random splits
     full = moe.evaluate(prepared.plan, heldout, configs, out_dir=None, progress=False)
-    real, calls = moe._predictions, {"n": 0}
+    real, calls = moe.predictions, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -393,10 +395,11 @@ def test_evaluation_resumes_after_an_interruption_with_identical_results(llama, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(moe, "_predictions", flaky)
+    evaluate_module = sys.modules[moe.evaluate.__module__]  # where evaluate finds predictions
+    monkeypatch.setattr(evaluate_module, "predictions", flaky)
     with pytest.raises(KeyboardInterrupt):
         moe.evaluate(prepared.plan, heldout, configs, out_dir=tmp_path, progress=False)
-    monkeypatch.setattr(moe, "_predictions", real)
+    monkeypatch.setattr(evaluate_module, "predictions", real)
     resumed = moe.evaluate(prepared.plan, heldout, configs, out_dir=tmp_path, progress=False)
     pd.testing.assert_frame_equal(resumed.sentences, full.sentences)
     pd.testing.assert_frame_equal(resumed.layers, full.layers)
@@ -428,9 +431,9 @@ def test_evaluation_resumes_after_an_interruption_with_identical_results(llama, 
 def test_expert_coherence_sees_planted_groups():
     n_experts, size, layer = 4, 5, 0
     labels = np.repeat(np.arange(n_experts), size)
-    splits = moe.ExpertSplits(pd.concat([moe._labels_frame("random", layer, moe.random_split(20, size, seed=0)),
-                                         moe._labels_frame("random.1", layer, moe.random_split(20, size, seed=1)),
-                                         moe._labels_frame("kmeans", layer, labels)]), size, n_experts, {})
+    splits = moe.ExpertSplits(pd.concat([moe.labels_frame("random", layer, moe.random_split(20, size, seed=0)),
+                                         moe.labels_frame("random.1", layer, moe.random_split(20, size, seed=1)),
+                                         moe.labels_frame("kmeans", layer, labels)]), size, n_experts, {})
     # the memories of planted expert e trigger on topic e, and their values share token 100 + e
     rows, tokens = [], []
     for memory in range(20):

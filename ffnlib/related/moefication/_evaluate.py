@@ -1,0 +1,190 @@
+"""Evaluation (:func:`evaluate`): held-out sentences through the dense model and every configuration. Per
+configuration and sentence: tokens predicted, summed negative log-likelihood and top-1 agreement with the dense
+model (:func:`predictions`, the output head in chunks); per configuration and layer: the :class:`Record`'s shares;
+from the dense pass, the memories' sparsity. Every finished configuration is saved, so a run resumes."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ...adapters import Adapter
+from ...capture import capture
+from ...mining import corpus_fingerprint, prepare_sentences
+from ...progress import say, tqdm
+from ...storage import ensure_dir, fingerprint, load_result, save_result
+from ._cache import base_request
+from ._choices import SPARSITY_TOPS
+from ._configs import Config
+from ._ffn import memory_sizes
+from ._passes import MAX_PADDING, batches, real_tokens, run_until
+from ._plan import Plan
+from ._sparsify import Record
+
+__all__ = ["Evaluation", "MAX_LOGIT_ELEMENTS", "predictions", "evaluate"]
+
+
+@dataclass
+class Evaluation:
+    """Per configuration and held-out sentence: tokens predicted, summed negative log-likelihood, top-1
+    agreements with the dense model (``sentences``); per configuration and layer: the Record's shares
+    (``layers``); from the dense pass, per sentence and layer, the |m|·||v|| mass in the top k% of
+    memories (``sparsity``)."""
+
+    sentences: pd.DataFrame
+    layers: pd.DataFrame
+    sparsity: pd.DataFrame
+    manifest: dict
+    configs: list[Config] = field(default_factory=list)
+
+
+MAX_LOGIT_ELEMENTS = 1 << 24
+
+
+@torch.no_grad()
+def predictions(adapter: Adapter, residual: torch.Tensor, ids: torch.Tensor, lengths: np.ndarray):
+    """Per row: (nll of each next token, top-1 at each position), positions 0..length-2."""
+    rows_idx, pos_idx = [], []
+    for r, n in enumerate(lengths):
+        rows_idx += [r] * (int(n) - 1)
+        pos_idx += list(range(int(n) - 1))
+    rows_t, pos_t = torch.tensor(rows_idx, dtype=torch.long), torch.tensor(pos_idx, dtype=torch.long)
+    hidden = residual[rows_t, pos_t]
+    targets = ids[rows_t, pos_t + 1]
+    chunk = max(1, MAX_LOGIT_ELEMENTS // int(adapter.head.weight.shape[0]))
+    nll, top = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = adapter.logits_from_residual(hidden[start: start + chunk]).float()
+        top.append(logits.argmax(-1))
+        nll.append(torch.logsumexp(logits, -1) - logits.gather(1, targets[start: start + chunk, None])[:, 0])
+    nll = torch.cat(nll).cpu().numpy() if nll else np.zeros(0)
+    top = torch.cat(top).cpu().numpy() if top else np.zeros(0, dtype=np.int64)
+    bounds = np.concatenate([[0], np.cumsum(np.maximum(lengths - 1, 0))])
+    return [(nll[a:b], top[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _sparsity_rows(acts, real: torch.Tensor, norms: dict[int, torch.Tensor], sentence_ids: np.ndarray,
+                   tops: Sequence[float], concentrated: tuple[float, float]) -> list[dict]:
+    rows = []
+    for layer, m in acts.coefficients.items():
+        sizes = memory_sizes(m, norms[layer])  # (rows, T, d_ff)
+        d_ff = sizes.shape[-1]
+        ordered = sizes.sort(dim=-1, descending=True).values.cumsum(-1)
+        total = ordered[..., -1:].clamp_min(1e-30)
+        picks = torch.tensor([max(1, int(round(t * d_ff))) - 1 for t in tops])
+        shares = ordered[..., picks] / total  # (rows, T, len(tops))
+        top_c = max(1, int(round(concentrated[0] * d_ff))) - 1
+        conc = (ordered[..., top_c] / total[..., 0] >= concentrated[1]).float()
+        for r, sid in enumerate(sentence_ids):
+            keep = real[r]
+            n = int(keep.sum())
+            if n == 0:
+                continue
+            row = {"sentence_id": int(sid), "layer": int(layer), "tokens": n,
+                   "concentrated": float(conc[r][keep].sum())}
+            sums = shares[r][keep].sum(0)
+            row.update({f"top_{t:g}": float(s) for t, s in zip(tops, sums)})
+            rows.append(row)
+    return rows
+
+
+def _load_config(folder: Path, config: Config, request: dict):
+    """A finished configuration's saved parts (None when any is missing or stale)."""
+    names = [config.name, f"{config.name}-layers"]
+    if config.method == "dense":
+        names += ["dense-sparsity", "dense-top1"]
+    parts = [load_result(folder, name, request) for name in names]
+    return None if any(p is None for p in parts) else parts
+
+
+def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch_tokens: int = 1024,
+             tops: Sequence[float] = SPARSITY_TOPS, concentrated: tuple[float, float] = (0.03, 0.9),
+             out_dir=None, progress: bool = True) -> Evaluation:
+    """Run ``heldout`` through the dense model and every configuration; see :class:`Evaluation`.
+
+    The dense pass comes first (its top-1 predictions are the reference of agreement) and also measures
+    the memories' sparsity on every layer. With ``out_dir`` every finished configuration is saved, so an
+    interrupted run resumes where it stopped.
+    """
+    loaded = plan.loaded
+    adapter = loaded.adapter
+    configs = [Config("dense")] + [c for c in dict.fromkeys(configs) if c.method != "dense"]
+    table = prepare_sentences(loaded, heldout)
+    table = table[table["token_ids"].map(len) >= 2].reset_index(drop=True)  # a one-token sentence predicts nothing
+    plan_id = {"splits": fingerprint(plan.splits.manifest),
+               "routers": None if plan.routers is None else fingerprint(plan.routers.manifest),
+               "thresholds": None if plan.thresholds is None else fingerprint(plan.thresholds.to_dict("list")),
+               "seed": plan.seed, "cluster_rows": plan.cluster_rows}
+    request = {**base_request(loaded, plan.layers, "evaluation"), "plan": plan_id,
+               "corpus": corpus_fingerprint(table), "sentences": len(table), "batch_tokens": int(batch_tokens),
+               "max_padding": MAX_PADDING, "tops": [float(t) for t in tops], "concentrated": list(concentrated)}
+    folder = ensure_dir(Path(out_dir) / f"moe-eval-{fingerprint(request)}") if out_dir is not None else None
+    norms_all = {layer: adapter.written_value_norms(layer) for layer in range(adapter.n_layers)}
+    record_norms = {layer: norms_all[layer] for layer in plan.layers}
+    planned = list(batches(loaded, table, batch_tokens, MAX_PADDING))
+    last = adapter.n_layers - 1
+    sentence_ids = table["sentence_id"].to_numpy(np.int64)
+    dense_top: dict[int, np.ndarray] = {}
+    per_sentence, per_layer, sparsity, reused = [], [], None, 0
+    bar = tqdm(total=len(configs) * len(planned), desc="Evaluating sparsified models", unit="batch",
+               disable=not progress)
+    try:
+        for config in configs:
+            creq = {**request, "config": config.as_dict(), "split_seeds": plan.split_seeds(config)}
+            saved = _load_config(folder, config, creq) if folder is not None else None
+            if saved is not None:
+                per_sentence.append(saved[0])
+                per_layer.append(saved[1])
+                if config.method == "dense":
+                    sparsity = saved[2]
+                    dense_top = {int(s): np.asarray(t) for s, t in zip(saved[3]["sentence_id"], saved[3]["top1"])}
+                reused += 1
+                bar.update(len(planned))
+                continue
+            dense = config.method == "dense"
+            record = Record(record_norms)
+            rows, sparsity_rows, top_rows = [], [], []
+            with torch.inference_mode():
+                for rows_idx, ids, lengths in planned:
+                    real = real_tokens(lengths, ids.shape[1], len(loaded.bos), ids.device)
+                    record.real = real.reshape(-1)
+                    with ExitStack() as stack:
+                        stack.enter_context(plan.applied(config, record))
+                        final = stack.enter_context(capture(loaded, last, what=("residual_after",)))
+                        acts = stack.enter_context(capture(loaded, None, what=("coefficients",))) if dense else None
+                        run_until(loaded, ids, last)
+                    sids = sentence_ids[rows_idx]
+                    for sid, (nll, top) in zip(sids, predictions(adapter, final.residual_after[last], ids, lengths)):
+                        if dense:
+                            dense_top[int(sid)] = top
+                            top_rows.append({"sentence_id": int(sid), "top1": top.astype(np.int64)})
+                        rows.append({"sentence_id": int(sid), "tokens": len(nll), "nll": float(nll.sum()),
+                                     "agree": int((top == dense_top[int(sid)]).sum())})
+                    if dense:
+                        sparsity_rows += _sparsity_rows(acts, real, norms_all, sids, tops, concentrated)
+                    bar.update(1)
+            sent = pd.DataFrame(rows).assign(**config.as_dict())
+            lay = record.frame().assign(**config.as_dict())
+            per_sentence.append(sent)
+            per_layer.append(lay)
+            if dense:
+                sparsity = pd.DataFrame(sparsity_rows)
+            if folder is not None:
+                if dense:
+                    save_result(folder, "dense-sparsity", sparsity, creq)
+                    save_result(folder, "dense-top1", pd.DataFrame(top_rows), creq)
+                save_result(folder, f"{config.name}-layers", lay, creq)
+                save_result(folder, config.name, sent, creq)
+    finally:
+        bar.close()
+    if reused:
+        say(f"Reused {reused} of {len(configs)} evaluated configurations from {folder} (same model, plan, "
+             f"sentences and settings); computed the other {len(configs) - reused}.", progress)
+    return Evaluation(pd.concat(per_sentence, ignore_index=True), pd.concat(per_layer, ignore_index=True),
+                      sparsity, request, configs)
