@@ -30,6 +30,8 @@ BENCHMARKS = [
     ("bench_suite.py", [], ["--scales", "ci"]),
     ("bench_moefication.py", [], ["--rounds", "10"]),
     ("bench_training.py", ["--spec", "wiki-relu-lm"], ["--steps", "20", "--rounds", "2"]),
+    ("bench_precision.py", [], ["--sentences", "60", "--forward-sentences", "16", "--train-steps", "10"]),
+    ("bench_sharing.py", [], ["--sentences", "40", "--policies", "runtime,ffnlib"]),
 ]
 
 

@@ -21,6 +21,13 @@ The workflow a notebook uses is importable from here (loaded on first use, so ``
 
 __version__ = "0.1.0"
 
+import sys as _sys  # noqa: E402
+
+if "torch" not in _sys.modules:  # the OpenMP runtime reads its wait policy once, when torch loads it
+    from .threads import set_wait_policy as _set_wait_policy  # noqa: E402
+
+    _set_wait_policy()  # passive waiting: see ffnlib.threads (OMP_WAIT_POLICY or FFNLIB_THREAD_POLICY override it)
+
 from .errors import (CorpusError, FFNLibError, ModelNotFoundError, NotebookError, NothingToAnalyse,  # noqa: E402
                      ParameterError, ResultsError, UnsupportedModelError)
 

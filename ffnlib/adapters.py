@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import ParameterError, UnsupportedModelError
+from .precision import full_precision
 
 __all__ = ["FamilySpec", "VALUE_LAYOUTS", "FAMILIES", "ENCODER_ONLY", "supported_families", "find_family", "submodule",
            "Adapter", "get_adapter"]
@@ -205,11 +206,17 @@ class Adapter:
 
     @property
     def d_ff(self) -> int:
-        return self.keys(0).shape[0]
+        return self._weight(self.up(0)).shape[1]
 
     @property
     def d_model(self) -> int:
-        return self.keys(0).shape[1]
+        return self._weight(self.up(0)).shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (:mod:`ffnlib.precision`); a tensor handed to one of its modules by hand
+        is cast to it (the accessors below give float32 for a bf16/fp16 model)."""
+        return self.head.weight.dtype
 
     @property
     def gated(self) -> bool:
@@ -276,10 +283,19 @@ class Adapter:
         return norm if isinstance(norm, nn.Module) else self.down(layer)
 
     # ---- weights -----------------------------------------------------------------------------------
+    def _weight(self, module: nn.Module) -> torch.Tensor:
+        """The module's weight as (in_features, out_features), in the model's dtype."""
+        return module.weight if self.family.conv1d else module.weight.T
+
     def _in_out(self, module: nn.Module) -> torch.Tensor:
-        """The module's weight as (in_features, out_features)."""
-        w = module.weight
-        return w if self.family.conv1d else w.T
+        """The module's weight as (in_features, out_features): a view in float32 or float64 models (write to it to edit
+        the weights), a float32 copy in a bf16/fp16 one (:func:`ffnlib.precision.full_precision`)."""
+        return full_precision(self._weight(module))
+
+    def value_rows(self, layer: int) -> torch.Tensor:
+        """V as (d_ff, d_model), always a view of the module's weight in the model's dtype: write to its rows to edit
+        the values (:meth:`values` is a float32 copy in a bf16 model)."""
+        return self._weight(self.down(layer))
 
     @torch.no_grad()
     def keys(self, layer: int) -> torch.Tensor:
@@ -311,7 +327,8 @@ class Adapter:
         weight = getattr(self.ffn_output_module(layer), "weight", None)
         if weight is None:
             return values
-        gain = 1.0 + weight.detach() if self.family.gemma_norm else weight.detach()
+        weight = full_precision(weight.detach())
+        gain = 1.0 + weight if self.family.gemma_norm else weight
         return values * gain
 
     @torch.no_grad()
@@ -324,16 +341,19 @@ class Adapter:
 
     @torch.no_grad()
     def value_bias(self, layer: int) -> torch.Tensor | None:
-        """The bias the FFN adds after the values (None where the family has none)."""
-        return getattr(self.down(layer), "bias", None)
+        """The bias the FFN adds after the values (None where the family has none; float32 in a bf16 model)."""
+        bias = getattr(self.down(layer), "bias", None)
+        return None if bias is None else full_precision(bias)
 
     # ---- projection to the vocabulary -------------------------------------------------------------
     def norm_gain(self) -> torch.Tensor:
-        """The final norm's gain g (Gemma's RMSNorm multiplies by 1 + weight; 1 where the norm has no weight)."""
+        """The final norm's gain g (Gemma's RMSNorm multiplies by 1 + weight; 1 where the norm has no weight), float32
+        in a bf16 model."""
         weight = getattr(self.final_norm, "weight", None)
         if weight is None:  # OLMo's LayerNorm, or nn.LayerNorm(elementwise_affine=False)
-            return torch.ones(self.d_model, dtype=self.head.weight.dtype, device=self.head.weight.device)
-        weight = weight.detach()
+            ones = torch.ones(self.d_model, dtype=self.head.weight.dtype, device=self.head.weight.device)
+            return full_precision(ones)
+        weight = full_precision(weight.detach())
         return 1.0 + weight if self.family.gemma_norm else weight
 
     def is_layernorm(self) -> bool:
@@ -342,8 +362,9 @@ class Adapter:
 
     @torch.no_grad()
     def logits_from_residual(self, residual: torch.Tensor) -> torch.Tensor:
-        """Logits of a residual-stream vector, exactly as the model computes them at its last layer."""
-        return self._head(self.final_norm(residual))
+        """Logits of a residual-stream vector, exactly as the model computes them at its last layer (in the
+        model's dtype), returned as float32 from a bf16 model."""
+        return self._head(self.final_norm(residual.to(self.head.weight.dtype)))
 
     @torch.no_grad()
     def logits_from_values(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -356,13 +377,13 @@ class Adapter:
         adds the same vector ``head(b)`` to every value's logits, so there the ranking is that of the
         value's own direction, not of ``logits_from_residual(v)``.
         """
-        vectors = vectors.to(self.head.weight.dtype)
+        vectors = full_precision(vectors)
         if self.is_layernorm():
             vectors = vectors - vectors.mean(dim=-1, keepdim=True)
-        return self._head(vectors * self.norm_gain())
+        return self._head((vectors * self.norm_gain()).to(self.head.weight.dtype))
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden)
+        logits = full_precision(self.head(hidden))  # a softmax over the vocabulary, ranks and sums read float32
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

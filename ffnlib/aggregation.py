@@ -233,7 +233,7 @@ def memory_top_tokens(loaded, negative: bool, cache: str | Path | None = None, p
 
     adapter = loaded.adapter
     folder = Path(cache) if cache is not None else cache_dir() / "value-top-tokens"
-    request = {"model": loaded.name, "weights": loaded.file_hash, "negative": bool(negative),
+    request = {"model": loaded.key, "weights": loaded.file_hash, "negative": bool(negative),
                "layers": adapter.n_layers, "d_ff": adapter.d_ff, "version": _VERSION}
     name = f"value-tops-{fingerprint(request)}"
     frame = load_result(folder, name, request)
@@ -434,7 +434,7 @@ def aggregation_request(loaded, n_examples: int, seed: int, corpus, settings: di
     """The examples, the manifest and the result's name of one Section 5 request (one process or a cluster)."""
     examples = sample_examples(loaded, n_examples, seed, corpus)
     adapter = loaded.adapter
-    manifest = {"analysis": "section5-aggregation", "version": _VERSION, "model": loaded.name,
+    manifest = {"analysis": "section5-aggregation", "version": _VERSION, "model": loaded.key,
                 "weights": loaded.file_hash, "corpus": corpus if isinstance(corpus, str) else "custom",
                 "split": "heldout", "seed": int(seed), "n_examples": int(n_examples),
                 "examples": fingerprint(examples[["sentence_id", "position"]].to_numpy().tolist()),

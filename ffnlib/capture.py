@@ -2,7 +2,8 @@
 
 ``with capture(loaded, layers=[3, 7], what=("coefficients",)) as acts: loaded.model(ids)`` fills
 ``acts.coefficients[3]`` with the memory coefficients m (batch, tokens, d_ff) of layer 3, using
-forward hooks that are always removed on exit (errors included). Only what was asked for is kept:
+forward hooks that are always removed on exit (errors included). Only what was asked for is kept, as float32
+whatever dtype the model computes in (:mod:`ffnlib.precision`):
 
 - ``coefficients``: m, the input of the FFN's second linear (``down``/``c_proj``/``fc2``);
 - ``ffn_input``: the normalised residual the FFN reads (the input of its first linear);
@@ -30,6 +31,7 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter
 from .errors import ParameterError
+from .precision import full_precision
 
 __all__ = ["WHAT", "Activations", "StopForward", "forward_until_stop", "stop_after", "TokenShapes",
            "hook_coefficients", "capture", "decomposition_check"]
@@ -115,7 +117,8 @@ CoefficientHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 def hook_coefficients(model_or_adapter, layers: Iterable[int] | int | None,
                       fn: CoefficientHook) -> Iterator[None]:
     """Call ``fn(layer, m)`` inside every forward pass, with the coefficients ``m`` of each hooked layer
-    (all when ``None``) as (batch, tokens, d_ff), whatever shape the family's FFN uses.
+    (all when ``None``) as (batch, tokens, d_ff), float32 for a bf16/fp16 model (:func:`ffnlib.precision.full_precision`),
+    whatever shape the family's FFN uses.
 
     If ``fn`` returns a tensor of that shape, it replaces the coefficients: the FFN's second linear then
     reads it, given back in the module's own shape. It may have more rows than it was given (a batch of one
@@ -130,10 +133,11 @@ def hook_coefficients(model_or_adapter, layers: Iterable[int] | int | None,
     def make(layer: int):
         def pre_hook(module, args):
             m = args[0]
-            replaced = fn(layer, shapes.per_token(layer, m))
+            replaced = fn(layer, full_precision(shapes.per_token(layer, m)))
             if replaced is None:
                 return None
-            return (replaced.reshape(-1, *m.shape[1:]), *args[1:])  # the module's shape; the batch may grow
+            # the module's shape and dtype; the batch may grow
+            return (replaced.reshape(-1, *m.shape[1:]).to(m.dtype), *args[1:])
         return pre_hook
 
     try:
@@ -166,7 +170,7 @@ def capture(model_or_adapter, layers: Iterable[int] | int | None = None,
     shapes = TokenShapes()
 
     def store(name: str, layer: int, tensor: torch.Tensor) -> None:
-        getattr(acts, name)[layer] = shapes.per_token(layer, tensor).detach()
+        getattr(acts, name)[layer] = full_precision(shapes.per_token(layer, tensor).detach())
 
     try:
         for layer in layer_list:

@@ -47,6 +47,8 @@ class Scale:
     moe_n_boot: int = 1000  # bootstrap resamples of the notebook's intervals
     moe_random_splits: int = 5  # seeded random splits (the control's draws); random experts are their mean. ci: 2
     # (5 added 14 s, +37%, to notebook 07's 39 s on 2 quiet cores; 2 add 4-6 s and exercise the same machinery)
+    # notebook 05 (the explorer's static atlas, ffnlib.widgets.atlas.export_atlas)
+    atlas_layers: int | None = None  # None: every layer; n: n layers spread over the depth (each page has a card)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +60,7 @@ SCALES: dict[str, Scale] = {
                 maps_sentences=4, maps_max_tokens=20, maps_bigram_sentences=2000, maps_control_sentences=4,
                 moe_train_sentences=24, moe_router_sentences=24, moe_calibration_sentences=16, moe_heldout_sentences=8,
                 moe_shares=(0.25,), moe_layers=3, moe_kmeans_iter=1, moe_router_epochs=3, moe_n_boot=200,
-                moe_random_splits=2),
+                moe_random_splits=2, atlas_layers=3),
     "default": Scale("default", mining_sentences=8000, top_k=50, removal_keys=100, aggregation_examples=4000,
                      checkpoint_every=1000, control_removal_keys=10, control_aggregation_examples=1000,
                      maps_sentences=300, maps_max_tokens=40, maps_bigram_sentences=20000, maps_control_sentences=150,
@@ -73,7 +75,8 @@ SCALES: dict[str, Scale] = {
                   moe_kmeans_iter=30, moe_router_epochs=30, moe_n_boot=1000, moe_random_splits=5),
 }
 
-CORE_PARAMETERS = {"model": str, "scale": str, "seed": int, "results_dir": str, "device": str}
+CORE_PARAMETERS = {"model": str, "scale": str, "seed": int, "results_dir": str, "device": str,
+                   "precision": str}
 
 
 def get_scale(scale: str) -> Scale:

@@ -60,8 +60,8 @@ def _initialised(loaded: LoadedModel, seed: int) -> torch.nn.Module:
     config = copy.deepcopy(loaded.model.config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.to(loaded.device).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # the same draw in every precision
+    model.to(device=loaded.device, dtype=next(loaded.model.parameters()).dtype).eval()
     model.requires_grad_(False)
     return model
 
@@ -73,7 +73,8 @@ def random_init(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     model = _initialised(loaded, seed)
     ident = control_id(loaded, seed)
     return LoadedModel(f"random-init-{ident[:12]}", model, loaded.tokenizer, type(loaded.adapter)(model),
-                       f"random init of {loaded.name} (seed {seed})", ident, quantized=False, bos=list(loaded.bos))
+                       f"random init of {loaded.name} (seed {seed})", ident, quantized=False, bos=list(loaded.bos),
+                       precision=loaded.precision)
 
 
 def cascading(loaded: LoadedModel, n_randomised: int, seed: int = 0) -> LoadedModel:
@@ -93,7 +94,7 @@ def cascading(loaded: LoadedModel, n_randomised: int, seed: int = 0) -> LoadedMo
     ident = fingerprint({"trained": loaded.file_hash, "control": control_id(loaded, seed), "top": n_randomised})
     return LoadedModel(f"{loaded.name}-top{n_randomised}-random", model, loaded.tokenizer, adapter,
                        f"{loaded.name} with its top {n_randomised} blocks re-initialised (seed {seed})", ident,
-                       quantized=loaded.quantized, bos=list(loaded.bos))
+                       quantized=loaded.quantized, bos=list(loaded.bos), precision=loaded.precision)
 
 
 def check_control(control) -> str:

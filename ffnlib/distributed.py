@@ -178,7 +178,7 @@ def connect(cluster="local", n_workers: int = 2, connect_timeout: float = 30.0,
 # =====================================================================================================
 @dataclass(frozen=True)
 class ModelRef:
-    """How a worker loads the client's model: ``load_model(name, device, dtype)``, checked by file hash."""
+    """How a worker loads the client's model: ``load_model(name, device, precision=dtype)``, checked by file hash."""
 
     name: str
     file_hash: str
@@ -259,7 +259,7 @@ def worker_model(ref: ModelRef):
     loaded = _MODELS.get(key)
     if loaded is None:
         try:
-            loaded = load_model(ref.name, device=device, dtype=getattr(torch, ref.dtype))
+            loaded = load_model(ref.name, device=device, precision=ref.dtype)
         except FFNLibError as exc:
             raise ParameterError(
                 f"A Dask worker could not load the model {ref.name!r} on {device!r}: {exc} A cluster run needs a "

@@ -33,6 +33,7 @@ from torch import nn
 from .adapters import Adapter, find_family, get_adapter
 from .errors import ModelNotFoundError, ParameterError, UnsupportedModelError
 from .ffn_variants import ffn_variant, load_variant_model
+from .precision import resolve_precision
 from .training import TRAINED_MODELS, trained_model_folder
 from .storage import cache_dir, sha256_file
 
@@ -74,6 +75,13 @@ class LoadedModel:
     file_hash: str  # SHA-256 of the GGUF file, or the hub revision / folder name
     quantized: bool = False  # weights are dequantized 4-bit originals
     bos: list[int] = field(default_factory=list)  # tokens the tokenizer puts before a text
+    precision: str = "float32"  # the dtype the model computes in (ffnlib.precision)
+
+    @property
+    def key(self) -> str:
+        """The model as cached results name it: its name, with the precision when it is not float32, so a
+        bf16 result never answers a float32 request (float32 keys are the plain names results always had)."""
+        return self.name if self.precision == "float32" else f"{self.name}@{self.precision}"
 
     @property
     def device(self) -> torch.device:
@@ -103,7 +111,7 @@ class LoadedModel:
         return {"model": self.name, "family": a.family.name, "class": type(self.model).__name__,
                 "layers": a.n_layers, "d_model": a.d_model, "d_ff": a.d_ff, "memories": a.n_layers * a.d_ff,
                 "vocab": int(a.head.weight.shape[0]), "gated": a.gated, "quantized": self.quantized,
-                "source": _shown(self.source), "file_hash": self.file_hash}
+                "precision": self.precision, "source": _shown(self.source), "file_hash": self.file_hash}
 
 
 def _shown(source: str) -> str:
@@ -158,11 +166,13 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model and tokenizer by name (see the module docstring for what ``name`` can be)."""
+               precision: str = "float32") -> LoadedModel:
+    """Load a model and tokenizer by name (see the module docstring for what ``name`` can be), computing in
+    ``precision`` (:mod:`ffnlib.precision`: float32, bfloat16, float16 on a GPU, or auto)."""
     kind = check_model(name)  # a clear error before any weights are read
     name = str(name)
     torch_device = resolve_device(device)
+    chosen = resolve_precision(precision, torch_device)
     if kind == "embedded":
         loaded = _load_gguf(embedded_gguf_path(name), name)
     elif kind == "trained":  # trained here on first use (ffnlib.training), then cached
@@ -178,7 +188,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = "c
             raise UnsupportedModelError(f"The model in the folder {name} cannot be analysed: {exc}") from exc
     else:
         loaded = _load_pretrained(name, name, local=False)
-    loaded.model.to(device=torch_device, dtype=dtype)
+    loaded.model.to(device=torch_device, dtype=chosen.dtype)
+    loaded.precision = chosen.name
     return loaded
 
 

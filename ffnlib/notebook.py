@@ -4,11 +4,14 @@ A notebook's first code cells are::
 
     # parameters
     model = "smollm2-135m"; scale = "default"; seed = 0; results_dir = "results"; device = "cpu"
+    precision = "float32"
 
-    run = ffnlib.notebook.start(model=model, scale=scale, seed=seed, results_dir=results_dir, device=device)
+    run = ffnlib.notebook.start(model=model, scale=scale, seed=seed, results_dir=results_dir, device=device,
+                                precision=precision)
 
 ``run.out`` is ``results_dir/<model>/<scale>/`` (results, tables, figures), shared by all notebooks
-of the suite so that each one finds (or computes) what an earlier one produced.
+of the suite so that each one finds (or computes) what an earlier one produced. A run in another precision
+than float32 has its own folder, ``<scale>-<precision>`` (:func:`ffnlib.precision.run_folder_name`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import torch
 
 from .config import Scale, check_parameters, get_scale
 from .errors import ParameterError
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, resolve_device
+from .precision import resolve_precision, run_folder_name
+from .threads import apply_thread_policy
 from .storage import atomic_write, atomic_write_bytes, ensure_dir, write_json
 
 __all__ = ["Run", "slug", "seed_everything", "start"]
@@ -55,7 +60,8 @@ class Run:
             from .controls import random_init
 
             loaded = random_init(self.loaded, self.seed)
-            out = ensure_dir(self.out.parent.parent / "controls" / loaded.name / self.scale.name)
+            out = ensure_dir(self.out.parent.parent / "controls" / loaded.name
+                             / run_folder_name(self.scale.name, loaded.precision))
             self._control = Run(loaded=loaded, scale=self.scale, seed=self.seed, out=out, device=self.device,
                                 params={**self.params, "control_of": self.model_name})
         return self._control
@@ -106,21 +112,28 @@ def seed_everything(seed: int) -> None:
 
 
 def start(model: str = "smollm2-135m", scale: str = "default", seed: int = 0, results_dir: str = "results",
-          device: str = "cpu", extra_types: dict[str, type] | None = None, **extra) -> Run:
+          device: str = "cpu", precision: str = "float32", extra_types: dict[str, type] | None = None,
+          **extra) -> Run:
     """Check the notebook's parameters, seed everything, load the model and create the output folder.
 
-    ``extra`` are the notebook's own parameters; ``extra_types`` their expected types.
+    ``precision`` is the dtype the model computes in (:mod:`ffnlib.precision`; ``"auto"`` is resolved here and
+    printed). ``extra`` are the notebook's own parameters; ``extra_types`` their expected types.
     """
     unknown = sorted(set(extra) - set(extra_types or {}))
     if unknown:
-        allowed = list(inspect.signature(start).parameters)[:5] + sorted(extra_types or {})
+        allowed = list(inspect.signature(start).parameters)[:6] + sorted(extra_types or {})
         raise ParameterError(f"Unknown parameter(s) {unknown}. This notebook takes: {allowed}.")
-    params = {"model": model, "scale": scale, "seed": seed, "results_dir": results_dir, "device": device, **extra}
+    params = {"model": model, "scale": scale, "seed": seed, "results_dir": results_dir, "device": device,
+              "precision": precision, **extra}
     check_parameters(params, extra_types)
     if seed < 0:
         raise ParameterError(f"seed must be a non-negative int, got {seed}.")
     sizes = get_scale(scale)
-    out = ensure_dir(Path(results_dir) / slug(model) / scale)
+    apply_thread_policy()  # FFNLIB_THREADS, if set (ffnlib.threads)
+    chosen = resolve_precision(precision, resolve_device(device))  # "auto" resolved once, before any folder
+    out = ensure_dir(Path(results_dir) / slug(model) / run_folder_name(scale, chosen.name))
     seed_everything(seed)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, precision=chosen.name)
+    if precision != "float32":
+        print(f"Computing in {chosen.name} ({chosen.reason}); results go to {out}.")
     return Run(loaded=loaded, scale=sizes, seed=seed, out=out, device=str(loaded.device), params=params)

@@ -119,8 +119,9 @@ def _model_line(summaries: dict[str, dict]) -> str:
         model = summary.get("model")
         if isinstance(model, dict) and "model" in model:
             quant = ", 4-bit quantized weights (dequantized to fp32)" if model.get("quantized") else ""
+            precision = model.get("precision", "float32")  # summaries before the precision parameter: float32
             return (f"{model['model']} ({model.get('class')}, {model.get('layers')} layers x {model.get('d_ff')} "
-                    f"memories, {'gated' if model.get('gated') else 'plain'} FFN{quant})")
+                    f"memories, {'gated' if model.get('gated') else 'plain'} FFN{quant}), computing in {precision}")
     return "unknown model"
 
 
@@ -225,7 +226,7 @@ def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
              f"- Model: {_model_line(summaries)}",
              f"- Control: {_control_line(summaries)}",
              f"- Code: {describe_versions({name: s.get('code') for name, s in summaries.items()})}",
-             f"- Run folder: `{run_dir.parent.name}/{run_dir.name}` (model / scale)",
+             f"- Run folder: `{run_dir.parent.name}/{run_dir.name}` (model / scale, and the precision unless float32)",
              "- Paper: Geva, Schuster, Berant & Levy, *Transformer Feed-Forward Layers Are Key-Value Memories*, "
              "EMNLP 2021 (16-layer ReLU LM on WikiText-103).",
              "- Our corpus is ~1% of WikiText-103 (embedded Wikipedia text); see each notebook for sizes."]

@@ -61,18 +61,19 @@ def check_results_dir(results) -> Path:
 
 
 def preflight(model: str, scale: str, results, notebooks=None, device: str = "cpu",
-              control: str = "random-init") -> tuple[list[Path], Path]:
+              control: str = "random-init", precision: str = "float32") -> tuple[list[Path], Path]:
     """Check everything the suite can check before the first kernel starts: the notebook names, the scale, the
-    control, the device, the results folder and the model (without loading its weights). Returns the notebooks
-    to run and the results folder."""
+    control, the device, the precision, the results folder and the model (without loading its weights). Returns
+    the notebooks to run and the results folder."""
     from .config import get_scale
     from .controls import check_control
     from .models import check_model, resolve_device
+    from .precision import resolve_precision
 
     selected = suite_notebooks(notebooks)
     get_scale(scale)
     check_control(control)
-    resolve_device(device)
+    resolve_precision(precision, resolve_device(device))
     results_dir = check_results_dir(results)
     check_model(model)
     return selected, results_dir
@@ -122,19 +123,35 @@ def execute(notebook: Path, output: Path, params: dict, stream: bool = False) ->
 
 def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str = "results", seed: int = 0,
               device: str = "cpu", notebooks=None, log=print, stream: bool = False,
-              control: str = "random-init") -> Path:
+              control: str = "random-init", precision: str = "float32") -> Path:
     """Run the suite's notebooks in order, then write the report. ``control``: ``"random-init"`` (every
     finding judged against the same architecture with random weights) or ``"none"``; passed to the notebooks
-    that take it."""
+    that take it. ``precision``: the dtype the models compute in (:mod:`ffnlib.precision`); a run in another
+    precision than float32 has its own folder, ``<scale>-<precision>``."""
+    import warnings
+
     import papermill
 
     from .errors import NotebookSkipped
+    from .models import resolve_device
     from .notebook import slug
+    from .precision import resolve_precision, run_folder_name
+    from .threads import set_wait_policy
 
-    selected, results_dir = preflight(model, scale, results, notebooks, device, control)
-    out = results_dir / slug(model) / scale / "notebooks"
+    with warnings.catch_warnings(record=True) as caught:  # said once here, not once per notebook
+        warnings.simplefilter("always")
+        selected, results_dir = preflight(model, scale, results, notebooks, device, control, precision)
+        chosen = resolve_precision(precision, resolve_device(device))
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        log(f"[ffnlib] warning: {message}")
+    if precision != "float32":
+        log(f"[ffnlib] computing in {chosen.name} ({chosen.reason})")
+    folder = run_folder_name(scale, chosen.name)
+    out = results_dir / slug(model) / folder / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
-    params = {"model": model, "scale": scale, "seed": seed, "results_dir": str(results_dir), "device": device}
+    params = {"model": model, "scale": scale, "seed": seed, "results_dir": str(results_dir), "device": device,
+              "precision": precision}
+    set_wait_policy()  # the kernels' OpenMP threads wait passively (ffnlib.threads), unless overridden
     if stream:  # the notebooks' progress bars as text lines on the console (ffnlib.progress)
         os.environ.setdefault("FFNLIB_PROGRESS", "text")
     for nb in selected:
@@ -163,6 +180,9 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default="results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                        help="the dtype the models compute in: float32 (the default, and the reports'), bfloat16, "
+                             "float16 (GPU only), or auto (bf16 where the CPU or GPU has it natively)")
     parser.add_argument("--notebooks", nargs="*", help=f"a subset of {', '.join(SUITE)}")
     parser.add_argument("--control", default="random-init", choices=["random-init", "none"],
                         help="judge every finding against the same architecture with random weights (default), "
@@ -178,7 +198,7 @@ def main(argv=None) -> int:
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         run_suite(args.model, args.scale, args.results, args.seed, args.device, args.notebooks,
-                  stream=not args.quiet, control=args.control)
+                  stream=not args.quiet, control=args.control, precision=args.precision)
     except FFNLibError as exc:
         print(f"ffnlib: {exc}", file=sys.stderr)
         return 2

@@ -318,13 +318,20 @@ def _load_result(folder: Path) -> TrainResult | None:
                        np.asarray(info["heldout_block_losses"]), info["seconds"], info["tokens_per_second"])
 
 
-def train_lm(spec: TrainSpec, out_dir, progress: bool = True, checkpoint_every: int = 200) -> TrainResult:
+def train_lm(spec: TrainSpec, out_dir, progress: bool = True, checkpoint_every: int = 200,
+             precision: str = "float32") -> TrainResult:
     """Train (or load the cached result of) the model of ``spec`` under ``out_dir``/<spec name>/.
 
-    Resumes from the run's checkpoint when one is there; see the module docstring for the loop."""
+    ``precision="bfloat16"`` trains under CPU autocast (the weights, the optimizer and the held-out losses stay
+    float32); such a run has its own folder, ``<spec name>-bfloat16``. Resumes from the run's checkpoint when one
+    is there; see the module docstring for the loop."""
+    from .precision import resolve_precision
+
+    chosen = resolve_precision(precision, "cpu")  # training runs on the CPU
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    folder = out_dir / spec.name()
+    run_name = spec.name() if chosen.name == "float32" else f"{spec.name()}-{chosen.name}"
+    folder = out_dir / run_name
     cached = _load_result(folder)
     if cached is not None:
         return cached
@@ -332,7 +339,7 @@ def train_lm(spec: TrainSpec, out_dir, progress: bool = True, checkpoint_every: 
     train, heldout = (blocks(tokenizer, spec_sentences(spec, split), spec.context) for split in ("train", "heldout"))
     model = build_model(spec, tokenizer)
     optimizer, schedule = make_optimizer(model, spec)
-    checkpoint = out_dir / f".{spec.name()}.checkpoint.pt"
+    checkpoint = out_dir / f".{run_name}.checkpoint.pt"
     step, history, seconds = 0, [], 0.0
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
@@ -351,7 +358,8 @@ def train_lm(spec: TrainSpec, out_dir, progress: bool = True, checkpoint_every: 
     try:
         while step < spec.steps:
             ids = train[torch.from_numpy(batch_indices(step, len(train), spec.batch, spec.seed))]
-            loss = model(ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+            with torch.autocast("cpu", dtype=chosen.dtype, enabled=chosen.name != "float32"):
+                loss = model(ids, attention_mask=torch.ones_like(ids), labels=ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
             optimizer.step()
@@ -378,6 +386,8 @@ def train_lm(spec: TrainSpec, out_dir, progress: bool = True, checkpoint_every: 
     info = {"spec": spec.as_dict(), "history": history, "heldout_loss": float(per_block.mean()),
             "heldout_block_losses": per_block.tolist(), "seconds": seconds,
             "tokens_per_second": spec.steps * tokens_per_step / max(seconds, 1e-9), "version": _VERSION}
+    if chosen.name != "float32":  # float32 runs' records stay as they were
+        info["precision"] = chosen.name
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

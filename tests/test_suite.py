@@ -80,11 +80,12 @@ def test_the_suite_streams_what_the_notebooks_print_and_text_progress_bars(tmp_p
     assert "largest relative error of sum_i m_i v_i" in caplog.text
 
 
-def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder(smollm, tmp_path):
+def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder_in_bf16(smollm, tmp_path):
     """OPT is the family with the paper's own FFN form (plain, ReLU, with biases); its FFN runs on
-    (batch * tokens, d). The whole suite, as ``make run MODEL=<folder> SCALE=ci`` runs it, on a tiny random
-    OPT saved with save_pretrained. Its weights are random, so judged against its random-weights control
-    (another random initialisation) no finding may hold."""
+    (batch * tokens, d). The whole suite, as ``make run MODEL=<folder> SCALE=ci PRECISION=bfloat16`` runs it, on a
+    tiny random OPT saved with save_pretrained: every notebook in bf16 (the ci-results group runs them all in
+    float32 on SmolLM2). Its weights are random, so judged against its random-weights control (another random
+    initialisation) no finding may hold."""
     import torch
     from tiny_models import CASE_IDS, CASES, build_config
 
@@ -96,13 +97,17 @@ def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder(smollm, tmp_path
     folder = tmp_path / "tiny-opt"
     case.model_cls(build_config(case, vocab=len(smollm.tokenizer), positions=512)).save_pretrained(folder)
     smollm.tokenizer.save_pretrained(folder)
-    run_dir = run_suite(model=str(folder), scale="ci", results=str(tmp_path / "results"), log=lambda *a: None)
+    lines = []
+    run_dir = run_suite(model=str(folder), scale="ci", results=str(tmp_path / "results"), log=lines.append,
+                        precision="bfloat16")
+    assert run_dir.name == "ci-bfloat16" and any("computing in bfloat16" in line for line in lines)
     summaries = load_summaries(run_dir)
     assert set(summaries) == set(SUITE)
     model = summaries["03_aggregation"]["model"]  # loaded.describe()
     assert (model["family"], model["gated"], model["layers"], model["d_ff"]) == ("opt", False, 2, case.d_ff)
+    assert {s["model"]["precision"] for s in summaries.values() if isinstance(s.get("model"), dict)} == {"bfloat16"}
     report = (run_dir / "report.md").read_text()
-    assert "plain FFN" in report and "OPTForCausalLM" in report
+    assert "plain FFN" in report and "OPTForCausalLM" in report and "computing in bfloat16" in report
     if summaries["06_knowledge_neurons"].get("skipped"):  # a random model knows no facts: 06 stops, the suite goes on
         assert "`06_knowledge_neurons` stopped with nothing to analyse" in report
         assert {f["verdict"] for f in summaries["06_knowledge_neurons"]["findings"]} == {"not measured"}

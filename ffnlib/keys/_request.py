@@ -78,7 +78,7 @@ def trigger_request(loaded, sentences: pd.DataFrame, k: int = 50, per_sentence: 
         raise ParameterError(f"k={k} is larger than the number of sentences ({len(table)}): each key can have at "
                              f"most one trigger per sentence. Use k <= {len(table)} or more sentences.")
     floor = check_snapshot_floor(snapshot_floor, len(table), k)
-    request = {"analysis": "trigger_examples", "version": RESULT_VERSION, "model": loaded.name,
+    request = {"analysis": "trigger_examples", "version": RESULT_VERSION, "model": loaded.key,
                "file_hash": loaded.file_hash, "corpus": corpus_fingerprint(table), "sentences": len(table),
                "k": k, "per_sentence": per_sentence, "negative": negative, "layers": layer_list,
                "n_bos": len(loaded.bos), "snapshot_floor": floor, "order": prefix_order(table, floor)}

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import ParameterError
 from ..stats import N_BOOT, Estimate, bootstrap
+from ..progress import say
 from ..training import VARIANTS, TrainSpec, blocks, train_lm
 
 __all__ = ["TOP_SHARE", "SweepSizes", "SIZES", "sweep_sizes", "sweep_specs", "run_sweep", "top_mass",
@@ -86,12 +87,20 @@ def sweep_specs(sizes: SweepSizes, seed: int = 0) -> list[TrainSpec]:
             for r in sizes.seeds for s in sizes.slots for v in sizes.variants]
 
 
-def run_sweep(sizes: SweepSizes, out_dir, seed: int = 0, progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """Train (or load) every cell of the sweep. Returns one row per model (variant, slots, seed, heldout_loss,
-    perplexity, seconds, tokens_per_second, folder) and the per-block held-out losses by folder."""
+def run_sweep(sizes: SweepSizes, out_dir, seed: int = 0, progress: bool = True,
+              precision: str = "float32") -> tuple[pd.DataFrame, dict]:
+    """Train (or load) every cell of the sweep. ``precision``: the run's; the models train under bf16 autocast only
+    where the CPU does bf16 natively (:func:`ffnlib.precision.training_precision`). Returns one row per model
+    (variant, slots, seed, heldout_loss, perplexity, seconds, tokens_per_second, folder) and the
+    per-block held-out losses by folder."""
+    from ..precision import training_precision
+
+    trained_in = training_precision(precision)
+    if trained_in.name != precision and precision != "auto":
+        say(f"Training in {trained_in.name}: {trained_in.reason}.", progress)
     rows, losses = [], {}
     for spec in sweep_specs(sizes, seed):
-        result = train_lm(spec, out_dir, progress=progress)
+        result = train_lm(spec, out_dir, progress=progress, precision=trained_in.name)
         rows.append({"variant": spec.variant, "slots": spec.slots, "seed": spec.seed,
                      "heldout_loss": result.heldout_loss, "perplexity": result.heldout_perplexity,
                      "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,

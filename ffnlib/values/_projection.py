@@ -129,7 +129,7 @@ def project_values(model, layers=None, top_k: int = 10, signs=None, targets: pd.
         if loaded is None or not hasattr(loaded, "file_hash"):
             raise ParameterError("Caching (out_dir) needs a LoadedModel, whose name and file hash identify the "
                                  "result; pass loaded (not loaded.adapter), or out_dir=None.")
-        request.update(model=loaded.name, file_hash=loaded.file_hash)
+        request.update(model=loaded.key, file_hash=loaded.file_hash)
         name = f"values-{fingerprint(request)}"
         out_dir = Path(out_dir)
         cached = _load_parts(out_dir, name, request)
@@ -179,7 +179,7 @@ def cached_projection_tops(loaded, folder, signs) -> pd.DataFrame | None:
         except (OSError, ValueError):
             continue
         if (request.get("kind") != "value_projection" or request.get("version") != _VERSION
-                or request.get("model") != loaded.name or request.get("file_hash") != loaded.file_hash
+                or request.get("model") != loaded.key or request.get("file_hash") != loaded.file_hash
                 or request.get("layers") != layers or not set(signs) <= set(request.get("signs", []))):
             continue
         memories = load_result(folder, name, request)

@@ -111,7 +111,7 @@ def sentence_maps(loaded, sentences, layers: Iterable[int] | int | None = None, 
     sentence_table = pd.DataFrame({"sentence": np.arange(len(texts)), "sentence_id": table["sentence_id"].to_numpy(),
                                    "text": texts, "n_tokens": [len(ids) for ids in token_ids]})
     tokens = token_table(loaded, texts)
-    manifest = {"analysis": "kobayashi2024-contribution-maps", "version": _VERSION, "model": loaded.name,
+    manifest = {"analysis": "kobayashi2024-contribution-maps", "version": _VERSION, "model": loaded.key,
                 "weights": loaded.file_hash, "layers": layer_list, "check": bool(check),
                 "texts": fingerprint(texts), "n_sentences": len(texts),
                 "stages": {str(layer): list(stages_of(adapter, layer)) for layer in layer_list}}

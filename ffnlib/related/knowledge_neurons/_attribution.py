@@ -132,7 +132,7 @@ def attribute_prompts(loaded, prompts: pd.DataFrame, layers=None, steps: int = 2
     if prompts.empty:
         raise ParameterError("There are no prompts to attribute (no fact was selected).")
     keys = prompts[["prompt_id", "prompt_ids", "answer_ids"]]
-    request = {"analysis": "knowledge_attribution", "version": _VERSION, "model": loaded.name,
+    request = {"analysis": "knowledge_attribution", "version": _VERSION, "model": loaded.key,
                "file_hash": loaded.file_hash, "prompts": fingerprint([[int(r.prompt_id), list(map(int, r.prompt_ids)),
                                                                        list(map(int, r.answer_ids))]
                                                                       for r in keys.itertuples()]),

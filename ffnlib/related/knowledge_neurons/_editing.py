@@ -33,14 +33,14 @@ def edited_values(loaded, new_values: Mapping[tuple[int, int], torch.Tensor]) ->
     try:
         with torch.no_grad():
             for (layer, memory), vector in new_values.items():
-                values = adapter.values(layer)  # a view of the down module's weight
+                values = adapter.value_rows(layer)  # a view of the down module's weight, in the model's dtype
                 saved.append((layer, int(memory), values[int(memory)].clone()))
                 values[int(memory)].copy_(vector.to(values.dtype))
         yield
     finally:
         with torch.no_grad():
             for layer, memory, original in reversed(saved):
-                adapter.values(layer)[memory].copy_(original)
+                adapter.value_rows(layer)[memory].copy_(original)
 
 
 def update_vectors(loaded, neurons: Sequence[tuple[int, int, int]], old_token: int, new_token: int,
@@ -188,7 +188,7 @@ def lambda2_sweep(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prom
     def key(frame, columns):
         return fingerprint(frame[columns].to_json(orient="values"))
 
-    request = {"analysis": "kn_lambda2_sweep", "version": _VERSION, "model": loaded.name,
+    request = {"analysis": "kn_lambda2_sweep", "version": _VERSION, "model": loaded.key,
                "file_hash": loaded.file_hash, "dtype": str(next(loaded.model.parameters()).dtype),
                "prompts": key(prompts, [c for c in ("prompt_id", "fact_id", "prompt_ids", "answer_token", "correct")
                                         if c in prompts.columns]),

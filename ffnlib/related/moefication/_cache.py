@@ -12,5 +12,5 @@ CACHE_VERSION = 1  # bump when what is computed changes (invalidates cached resu
 def base_request(loaded, layers, kind: str) -> dict:
     """The part of a cached result's request that every MoEfication step shares (``kind``: splits, thresholds,
     routers, evaluation)."""
-    return {"analysis": f"moefication_{kind}", "version": CACHE_VERSION, "model": loaded.name,
+    return {"analysis": f"moefication_{kind}", "version": CACHE_VERSION, "model": loaded.key,
             "file_hash": loaded.file_hash, "layers": list(layers)}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import Adapter
+from ...precision import full_precision
 from ._choices import CLUSTER_ROWS, check_choice
 
 __all__ = ["ffn_coefficients", "dense_ffn", "key_features", "membership", "memory_sizes", "top_share_mask"]
@@ -18,11 +19,13 @@ __all__ = ["ffn_coefficients", "dense_ffn", "key_features", "membership", "memor
 
 @torch.no_grad()
 def ffn_coefficients(adapter: Adapter, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """The coefficients m of the FFN input ``x`` (..., d_model), computed with the layer's own modules."""
+    """The coefficients m of the FFN input ``x`` (..., d_model), computed with the layer's own modules in the model's
+    dtype, returned as float32 from a bf16 model."""
     act = adapter.activation(layer)
+    x = x.to(adapter.dtype)
     if adapter.gated:
-        return act(adapter.gate(layer)(x)) * adapter.up(layer)(x)
-    return act(adapter.up(layer)(x))
+        return full_precision(act(adapter.gate(layer)(x)) * adapter.up(layer)(x))
+    return full_precision(act(adapter.up(layer)(x)))
 
 
 @torch.no_grad()
@@ -32,7 +35,7 @@ def dense_ffn(adapter: Adapter, layer: int, x: torch.Tensor, memory_mask: torch.
     m = ffn_coefficients(adapter, layer, x)
     if memory_mask is not None:
         m = m * memory_mask
-    return adapter.down(layer)(m)
+    return full_precision(adapter.down(layer)(m.to(adapter.dtype)))
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 
 from ...mining import corpus_fingerprint, prepare_sentences
 from ...progress import say
+from ...precision import full_precision
 from ...storage import fingerprint, load_result, save_result
 from ._cache import base_request
 from ._choices import check_share
@@ -76,7 +77,7 @@ def calibrate_thresholds(loaded, sentences: pd.DataFrame, layers, keeps: Sequenc
         for layer in layers:
             x = acts.ffn_input[layer].reshape(-1, adapter.d_model)[flat]
             m = acts.coefficients[layer].reshape(-1, adapter.d_ff)[flat]
-            gate_act = acts_fn[layer](adapter.gate(layer)(x)) if adapter.gated else m
+            gate_act = full_precision(acts_fn[layer](adapter.gate(layer)(x.to(adapter.dtype)))) if adapter.gated else m
             samplers[("gate_activation", layer)].offer(gate_act.abs())
             samplers[("input", layer)].offer(x.abs())
             samplers[("coefficient", layer)].offer(m.abs())
