@@ -309,7 +309,7 @@ def analyse_batch(loaded, examples: pd.DataFrame, batch: np.ndarray, settings: d
     """The rows (one per example x layer) of one batch, from one forward pass."""
     adapter = loaded.adapter
     n_layers, last_layer = adapter.n_layers, adapter.n_layers - 1
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad_id = loaded.pad_id
     ids, mask, last = batch_inputs(examples, batch, pad_id, loaded.device)
     rows = torch.arange(len(batch), device=loaded.device)
     # stop after the last block: the final norm and head run on the few rows we keep, not on all tokens

@@ -480,7 +480,7 @@ def mine_trigger_examples_on_cluster(loaded, sentences: pd.DataFrame, k: int = 5
     shards = plan_shards(costs, shard_tokens, cuts=ends[:-1])
     snapshot_after = {shard: size for size, end in zip(sizes[:-1], ends[:-1])
                       for shard, (_, shard_end) in enumerate(shards) if shard_end == end}
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad_id = loaded.pad_id
     spec = {"layers": layer_list, "signs": signs, "k": req.k, "per_sentence": req.per_sentence,
             "pad_id": int(pad_id)}
     shape = (len(signs), len(layer_list), loaded.adapter.d_ff, req.k)

@@ -366,7 +366,8 @@ FINDINGS += _uncontrolled((
 MOE_SECTION = "MoEfication (Zhang et al., 2022)"
 FINDINGS += _uncontrolled((
     # ---- MoEfication, Zhang et al. Findings of ACL 2022 (notebook 07), on ReLU T5; the paper's numbers: PAPER in
-    # ffnlib/related/moefication.py ([3p]: third-party readings of its tables). CATS and TEAL are gated-FFN methods.
+    # ffnlib/related/moefication/_paper.py ([3p]: third-party readings of its tables). CATS and TEAL are gated-FFN
+    # methods.
     Finding("07_moefication.sparse_activation", MOE_SECTION, "", "Few memories carry each output (activation "
             "sparsity)", f"80% of inputs activate less than 3% of the neurons (ReLU T5-XLarge) {UNVERIFIED}",
             "greater", paper_value=0.80, unit_note="share of (token, layer) pairs whose top 3% of memories carry >= 90% "

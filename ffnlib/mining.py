@@ -611,7 +611,7 @@ def read_coefficients(loaded, sequences: Sequence[Sequence[int]], reads: pd.Data
     cuts = np.flatnonzero(np.diff(seq_of[order])) + 1
     by_sequence = {int(seq_of[part[0]]): part for part in np.split(order, cuts)}
     device = loaded.device
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad_id = loaded.pad_id
     current: dict = {}
 
     def read(layer: int, coefficients: torch.Tensor) -> None:

@@ -98,6 +98,13 @@ class LoadedModel:
                 return value
         return None
 
+    @property
+    def pad_id(self) -> int:
+        """The id right-padding uses: the tokenizer's pad token (loading sets it to EOS when there is none), else
+        0. Padding only ever follows real tokens, so with causal attention its value never reaches them."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model reads it (with its BOS token, if it uses one)."""
         return self.bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -22,6 +22,7 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ffnlib import FFNLibError, ParameterError  # noqa: E402
+from ffnlib import evaluate as heldout_evaluation  # noqa: E402
 from ffnlib.adapters import get_adapter  # noqa: E402
 from ffnlib.capture import capture  # noqa: E402
 from ffnlib.models import LoadedModel  # noqa: E402
@@ -387,7 +388,7 @@ def test_evaluation_resumes_after_an_interruption_with_identical_results(llama, 
     heldout = _sentences(8, seed=5, start=500)
     configs = moe.default_configs([0.25, 0.5], splits=prepared.splits.splits)  # both random splits
     full = moe.evaluate(prepared.plan, heldout, configs, out_dir=None, progress=False)
-    real, calls = moe.predictions, {"n": 0}
+    real, calls = heldout_evaluation.next_token_predictions, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -395,11 +396,11 @@ def test_evaluation_resumes_after_an_interruption_with_identical_results(llama, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    evaluate_module = sys.modules[moe.evaluate.__module__]  # where evaluate finds predictions
-    monkeypatch.setattr(evaluate_module, "predictions", flaky)
+    # moe.evaluate reads each batch's predictions through ffnlib.evaluate (the library's one held-out evaluation)
+    monkeypatch.setattr(heldout_evaluation, "next_token_predictions", flaky)
     with pytest.raises(KeyboardInterrupt):
         moe.evaluate(prepared.plan, heldout, configs, out_dir=tmp_path, progress=False)
-    monkeypatch.setattr(evaluate_module, "predictions", real)
+    monkeypatch.setattr(heldout_evaluation, "next_token_predictions", real)
     resumed = moe.evaluate(prepared.plan, heldout, configs, out_dir=tmp_path, progress=False)
     pd.testing.assert_frame_equal(resumed.sentences, full.sentences)
     pd.testing.assert_frame_equal(resumed.layers, full.layers)

@@ -88,7 +88,7 @@ def mine_trigger_examples(loaded, sentences: pd.DataFrame, k: int = 50, per_sent
             f"(resumed_from={done['sentences']}).", progress)
     resumed_from = int(done["sentences"])
 
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad_id = loaded.pad_id
     sentence_ids = torch.tensor(table["sentence_id"].to_numpy(np.int64))
     token_ids = table["token_ids"].tolist()
     from ..progress import tqdm

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ..reference import PAPER_LAYERS, relative_depth
-from ..stats import LEVEL, N_BOOT, Estimate, binomial, bootstrap, bootstrap_samples, share, shift
+from ..stats import N_BOOT, Estimate, binomial, bootstrap, bootstrap_samples, percentile_interval, share, shift
 from ._agreement import PAPER_UPPER_FROM, confident_summary, confident_values
 
 __all__ = ["section4_measures"]
@@ -38,7 +38,7 @@ def _median_difference(a: np.ndarray, b: np.ndarray, unit: str, n_boot: int, see
 
     samples = medians(a, 0) - medians(b, 1)
     value = float(np.median(a) - np.median(b))
-    low, high = np.quantile(samples, [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2])
+    low, high = percentile_interval(samples)
     return Estimate(value, float(min(low, value)), float(max(high, value)), len(a) + len(b), unit, "bootstrap")
 
 

@@ -206,7 +206,7 @@ def decompose(loaded, inputs, layers: Iterable[int] | int | None = None, *, keep
                              "knows; shorten it.")
     device = next(model.parameters()).device
     width = max(len(ids) for ids in token_ids)
-    pad = getattr(getattr(loaded, "tokenizer", None), "pad_token_id", None) or 0
+    pad = getattr(loaded, "pad_id", 0)  # LoadedModel.pad_id; a bare model or an adapter has no tokenizer: 0
     ids = torch.full((len(token_ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(token_ids), width), dtype=torch.long)
     for row, seq in enumerate(token_ids):

@@ -37,7 +37,8 @@ Each concept is a private module whose functions have public names; import them 
 - ``_facts``: facts from ``countryinfo`` (offline) or BIG-bench qa_wikidata; ``_prompts``: our PARAREL-style
   templates (``data/knowledge_neurons/templates.json``) and the prompts built from them;
 - ``_evaluation``: running prompts (answer probability and rank, optionally with coefficients scaled at the last
-  position), accuracy per relation, the facts the model knows, held-out perplexity;
+  position), accuracy per relation, the facts the model knows, the held-out sentences (their perplexity:
+  ``ffnlib.evaluate``, the library's one held-out evaluation);
 - ``_integrated_gradients``: the captum path and the fast path; ``_attribution``: one prompt's attribution and
   many prompts', cached and checkpointed;
 - ``_neurons``: coarse neurons, the refining rule, relation neurons, random controls;
@@ -51,7 +52,7 @@ from ._attribution import (IMPLEMENTATIONS, KEEP_RATIO, Attribution, Attribution
 from ._editing import (MAX_PERPLEXITY_RATIO, edit_facts, edit_success, edited_values, lambda2_sweep, sweep_table,
                        update_vectors)
 from ._evaluation import (accuracy_by_relation, answer_probabilities, evaluate_prompts, heldout_token_lists,
-                          perplexity, select_facts)
+                          select_facts)
 from ._experiments import erase_relations, same_answer_effect, specificity, suppress_amplify
 from ._facts import (BIGBENCH_VERSION, FACT_SOURCES, countryinfo_facts, load_facts, sample_facts, wikidata_facts,
                      wikidata_facts_from_task)
@@ -69,8 +70,7 @@ __all__ = [
     "load_facts", "sample_facts", "TEMPLATES_PATH", "SUBJECT", "ANSWER", "check_template", "load_templates",
     "encode_answer", "build_prompts",
     # running prompts
-    "answer_probabilities", "evaluate_prompts", "accuracy_by_relation", "select_facts", "perplexity",
-    "heldout_token_lists",
+    "answer_probabilities", "evaluate_prompts", "accuracy_by_relation", "select_facts", "heldout_token_lists",
     # the attribution
     "TARGETS", "METHODS", "IMPLEMENTATIONS", "KEEP_RATIO", "integration_points", "captum_integrated_gradients",
     "fast_integrated_gradients", "Attribution", "knowledge_attribution", "Attributions", "score_rows",

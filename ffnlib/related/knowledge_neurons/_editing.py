@@ -13,9 +13,10 @@ import pandas as pd
 import torch
 
 from ...errors import ParameterError
+from ...evaluate import heldout_nll, perplexity_of
 from ...stats import binomial, resampled
 from ...storage import ensure_dir, fingerprint, load_result, save_result
-from ._evaluation import answer_probabilities, evaluate_prompts, perplexity, perplexity_of
+from ._evaluation import answer_probabilities, evaluate_prompts
 from ._neurons import random_like
 
 __all__ = ["edited_values", "update_vectors", "MAX_PERPLEXITY_RATIO", "edit_success", "edit_facts", "lambda2_sweep",
@@ -105,7 +106,7 @@ def edit_facts(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts
     relation_facts = neurons.groupby("relation")["fact_id"].nunique().to_dict()
     evaluated = prompts if "correct" in prompts.columns else evaluate_prompts(loaded, prompts, batch_size)
     pool = all_prompts.drop_duplicates("fact_id")
-    base_ppl = perplexity_of(perplexity(loaded, heldout)) if len(heldout) else math.nan
+    base_ppl = perplexity_of(heldout_nll(loaded, heldout)) if len(heldout) else math.nan
     rows = []
 
     for fact, group in neurons.groupby("fact_id"):
@@ -151,7 +152,7 @@ def edit_facts(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, all_prompts
         for kind, edit in (("knowledge", chosen), ("random", control)):
             with edited_values(loaded, update_vectors(loaded, edit, old, new, lambda1, lambda2)):
                 after, intra_after, inter_after = measure()
-                ppl = perplexity_of(perplexity(loaded, heldout)) if len(heldout) else math.nan
+                ppl = perplexity_of(heldout_nll(loaded, heldout)) if len(heldout) else math.nan
             generalised = after.loc[parts == 1, "rank"]
             rank = int(after["rank"].iloc[0])
             rows.append({"fact_id": fact, "relation": relation, "kind": kind, "n_neurons": len(edit),

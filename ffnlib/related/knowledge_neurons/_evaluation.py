@@ -1,9 +1,9 @@
 """Running prompts: the answer's probability and rank at each prompt's last position (optionally with coefficients
-scaled there), the model's accuracy per relation, the facts it knows, and held-out perplexity."""
+scaled there), the model's accuracy per relation, the facts it knows, and the held-out sentences whose perplexity
+``ffnlib.evaluate`` measures."""
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -15,7 +15,7 @@ from ...interventions import scale_at_positions
 from ._facts import stable_seed
 
 __all__ = ["batches", "wide", "answer_probabilities", "evaluate_prompts", "accuracy_by_relation", "select_facts",
-           "perplexity", "perplexity_of", "heldout_token_lists"]
+           "heldout_token_lists"]
 
 
 def batches(n: int, size: int) -> Iterator[np.ndarray]:
@@ -49,7 +49,7 @@ def answer_probabilities(loaded, prompt_ids: Sequence[Sequence[int]], answer_tok
     n = len(prompt_ids)
     if factors is not None and len(factors) != n:
         raise ParameterError(f"factors has {len(factors)} entries for {n} prompts.")
-    pad = loaded.tokenizer.pad_token_id or 0
+    pad = loaded.pad_id
     out = {"p_answer": np.zeros(n), "rank": np.zeros(n, np.int64), "nll": np.zeros(n),
            "top_token": np.zeros(n, np.int64)}
     order = np.argsort([len(ids) for ids in prompt_ids], kind="stable")
@@ -123,33 +123,6 @@ def select_facts(evaluated: pd.DataFrame, per_relation: int | None, seed: int = 
             ids = np.sort(rng.choice(ids, per_relation, replace=False))
         chosen.extend(ids.tolist())
     return evaluated[evaluated["fact_id"].isin(chosen)].reset_index(drop=True)
-
-
-@torch.no_grad()
-def perplexity(loaded, token_lists: Sequence[Sequence[int]], batch_size: int = 16) -> pd.DataFrame:
-    """Per sentence: the summed negative log-likelihood of its tokens after the first (``nll``) and their
-    number (``tokens``); perplexity = exp(sum nll / sum tokens)."""
-    pad = loaded.tokenizer.pad_token_id or 0
-    rows = []
-    for batch in batches(len(token_lists), batch_size):
-        lengths = [len(token_lists[i]) for i in batch]
-        ids = torch.full((len(batch), max(lengths)), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, i in enumerate(batch):
-            ids[j, : lengths[j]] = torch.tensor(token_lists[i])
-            mask[j, : lengths[j]] = 1
-        logits = wide(loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).logits)
-        log_probs = logits[:, :-1].log_softmax(-1)
-        nll = -log_probs.gather(-1, ids[:, 1:, None].to(logits.device))[..., 0] * mask[:, 1:].to(logits.device)
-        rows.extend({"nll": float(nll[j].sum()), "tokens": lengths[j] - 1} for j in range(len(batch)))
-    return pd.DataFrame(rows)
-
-
-def perplexity_of(frame: pd.DataFrame) -> float:
-    """exp(NLL per token); NaN when a sentence's NLL is NaN (pandas' sum would skip it: a broken model would get
-    perplexity 1), inf past float range."""
-    mean = frame["nll"].to_numpy(np.float64).sum() / max(frame["tokens"].sum(), 1)
-    return math.inf if mean > 700 else float(math.exp(mean))
 
 
 def heldout_token_lists(loaded, sentences: pd.DataFrame, max_tokens: int = 64) -> list[list[int]]:

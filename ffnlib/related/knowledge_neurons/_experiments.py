@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ...evaluate import heldout_nll, perplexity_of
 from ...interventions import intervene
 from ._editing import edited_values
-from ._evaluation import answer_probabilities, perplexity, perplexity_of
+from ._evaluation import answer_probabilities
 from ._facts import stable_seed
 from ._neurons import fact_neurons, random_like, relation_neurons
 
@@ -70,7 +71,7 @@ def specificity(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, heldout: S
     """
     base = answer_probabilities(loaded, prompts["prompt_ids"].tolist(), prompts["answer_token"].tolist(),
                                 batch_size=batch_size)["p_answer"].to_numpy()
-    base_ppl = perplexity_of(perplexity(loaded, heldout)) if len(heldout) else math.nan
+    base_ppl = perplexity_of(heldout_nll(loaded, heldout)) if len(heldout) else math.nan
     fact_rows, ppl_rows = [], []
     for relation, kn in relation_neurons(neurons, share=share).items():
         if not kn:
@@ -80,7 +81,7 @@ def specificity(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, heldout: S
             with intervene(loaded, {n: 0.0 for n in chosen}, scale=True):
                 after = answer_probabilities(loaded, prompts["prompt_ids"].tolist(), prompts["answer_token"].tolist(),
                                              batch_size=batch_size)["p_answer"].to_numpy()
-                ppl = perplexity_of(perplexity(loaded, heldout)) if len(heldout) else math.nan
+                ppl = perplexity_of(heldout_nll(loaded, heldout)) if len(heldout) else math.nan
             fact_rows.append(pd.DataFrame({"suppressed": relation, "kind": kind, "n_neurons": len(chosen),
                                            "relation": prompts["relation"].to_numpy(),
                                            "same_relation": prompts["relation"].to_numpy() == relation,
@@ -152,7 +153,7 @@ def erase_relations(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, heldou
     """
     before = answer_probabilities(loaded, prompts["prompt_ids"].tolist(), prompts["answer_token"].tolist(),
                                   batch_size=batch_size)
-    base_ppl = perplexity_of(perplexity(loaded, heldout)) if len(heldout) else math.nan
+    base_ppl = perplexity_of(heldout_nll(loaded, heldout)) if len(heldout) else math.nan
     fact_rows, ppl_rows = [], []
     for relation, kn in relation_neurons(neurons, top=top).items():
         control = random_like(kn, loaded.adapter.d_ff, np.random.default_rng([seed, stable_seed(relation), 5]))
@@ -161,7 +162,7 @@ def erase_relations(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, heldou
             with edited_values(loaded, zeros):
                 after = answer_probabilities(loaded, prompts["prompt_ids"].tolist(), prompts["answer_token"].tolist(),
                                              batch_size=batch_size)
-                ppl = perplexity_of(perplexity(loaded, heldout)) if len(heldout) else math.nan
+                ppl = perplexity_of(heldout_nll(loaded, heldout)) if len(heldout) else math.nan
             fact_rows.append(pd.DataFrame({"erased": relation, "kind": kind, "n_neurons": len(chosen),
                                            "relation": prompts["relation"].to_numpy(),
                                            "same_relation": prompts["relation"].to_numpy() == relation,

@@ -71,14 +71,15 @@ One concept per module (each private; this package re-exports their public names
 - ``_paper``: the papers' reference numbers (:data:`PAPER`);
 - ``_cache``: the request every cached result shares (its version);
 - ``_ffn``: the FFN's coefficients, the dense FFN, the key rows and the memories' sizes, through the adapter;
-- ``_passes``: batches of sentences, their real tokens and captured activations (``ffnlib.mining``'s batching,
+- ``_passes``: batches of sentences, their real tokens and captured activations (``ffnlib.evaluate``'s batching,
   ``ffnlib.capture``'s hooks and early stop); the co-activation counts;
 - ``_partitions``: the random, balanced k-means and co-activation (METIS) partitions; ``_splits``: :func:`make_splits`;
 - ``_thresholds``: CATS and TEAL thresholds; ``_routers``: centroid keys and the MLP routers;
 - ``_configs``: :class:`Config`; ``_sparsify``: the rules and :func:`sparsify` (coefficients edited through
   :func:`ffnlib.capture.hook_coefficients`); ``_plan``: :class:`Plan`;
-- ``_evaluate``: :func:`evaluate`; ``_tables``: quality, sparsity and random-draw tables (intervals from
-  ``ffnlib.stats``); ``_coherence``: the key-value view; ``_measures``: the findings' measures;
+- ``_evaluate``: :func:`evaluate` (each configuration through ``ffnlib.evaluate``'s held-out evaluation);
+  ``_tables``: quality, sparsity and random-draw tables (intervals from ``ffnlib.stats``); ``_coherence``: the
+  key-value view; ``_measures``: the findings' measures;
 - ``_expert_ffn``: :class:`ExpertFFN`, the expert-sparse forward.
 """
 
@@ -90,7 +91,7 @@ from ._choices import (CLUSTER_ROWS, METHODS, ROUTERS, SPARSITY_TOPS, SPLITS, ch
                        default_expert_size, experts_kept)
 from ._coherence import expert_coherence, memory_topics
 from ._configs import Config, default_configs, replace_share
-from ._evaluate import Evaluation, evaluate, predictions
+from ._evaluate import Evaluation, evaluate
 from ._expert_ffn import ExpertFFN, route_random
 from ._ffn import dense_ffn, ffn_coefficients, key_features, membership, memory_sizes, top_share_mask
 from ._measures import COMPARISONS, measures
@@ -108,8 +109,9 @@ from ._tables import (bootstrap_metrics, per_sentence, quality_table, random_dra
                       sparsity_table)
 from ._thresholds import THRESHOLD_WHAT, calibrate_thresholds
 
-# the old module's public names; CACHE_VERSION, the rules (Rule, ExpertRule, CatsRule, TealRule), labels_frame and
-# predictions are importable from here too, for tests and extensions, without being part of the documented API
+# the old module's public names; CACHE_VERSION, the rules (Rule, ExpertRule, CatsRule, TealRule) and labels_frame
+# are importable from here too, for tests and extensions, without being part of the documented API (the per-token
+# predictions are ffnlib.evaluate's)
 __all__ = ["SPLITS", "ROUTERS", "METHODS", "CLUSTER_ROWS", "SPARSITY_TOPS", "PAPER", "table2_retained", "Sizes",
            "SIZES", "get_sizes", "spread_layers", "default_expert_size", "check_expert_size", "check_share",
            "experts_kept", "ffn_coefficients", "dense_ffn", "key_features", "membership",

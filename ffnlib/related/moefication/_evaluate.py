@@ -1,11 +1,12 @@
 """Evaluation (:func:`evaluate`): held-out sentences through the dense model and every configuration. Per
 configuration and sentence: tokens predicted, summed negative log-likelihood and top-1 agreement with the dense
-model (:func:`predictions`, the output head in chunks); per configuration and layer: the :class:`Record`'s shares;
-from the dense pass, the memories' sparsity. Every finished configuration is saved, so a run resumes."""
+model (``ffnlib.evaluate.heldout_predictions``, with the configuration applied around each batch); per configuration
+and layer: the :class:`Record`'s shares; from the dense pass, the memories' sparsity. Every finished configuration
+is saved, so a run resumes."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,8 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...adapters import Adapter
 from ...capture import capture
+from ...evaluate import MAX_PADDING, heldout_predictions, sentence_batches
 from ...mining import corpus_fingerprint, prepare_sentences
 from ...progress import say, tqdm
 from ...storage import ensure_dir, fingerprint, load_result, save_result
@@ -23,11 +24,11 @@ from ._cache import base_request
 from ._choices import SPARSITY_TOPS
 from ._configs import Config
 from ._ffn import memory_sizes
-from ._passes import MAX_PADDING, batches, real_tokens, run_until
+from ._passes import real_tokens
 from ._plan import Plan
 from ._sparsify import Record
 
-__all__ = ["Evaluation", "MAX_LOGIT_ELEMENTS", "predictions", "evaluate"]
+__all__ = ["Evaluation", "evaluate"]
 
 
 @dataclass
@@ -42,31 +43,6 @@ class Evaluation:
     sparsity: pd.DataFrame
     manifest: dict
     configs: list[Config] = field(default_factory=list)
-
-
-MAX_LOGIT_ELEMENTS = 1 << 24
-
-
-@torch.no_grad()
-def predictions(adapter: Adapter, residual: torch.Tensor, ids: torch.Tensor, lengths: np.ndarray):
-    """Per row: (nll of each next token, top-1 at each position), positions 0..length-2."""
-    rows_idx, pos_idx = [], []
-    for r, n in enumerate(lengths):
-        rows_idx += [r] * (int(n) - 1)
-        pos_idx += list(range(int(n) - 1))
-    rows_t, pos_t = torch.tensor(rows_idx, dtype=torch.long), torch.tensor(pos_idx, dtype=torch.long)
-    hidden = residual[rows_t, pos_t]
-    targets = ids[rows_t, pos_t + 1]
-    chunk = max(1, MAX_LOGIT_ELEMENTS // int(adapter.head.weight.shape[0]))
-    nll, top = [], []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = adapter.logits_from_residual(hidden[start: start + chunk]).float()
-        top.append(logits.argmax(-1))
-        nll.append(torch.logsumexp(logits, -1) - logits.gather(1, targets[start: start + chunk, None])[:, 0])
-    nll = torch.cat(nll).cpu().numpy() if nll else np.zeros(0)
-    top = torch.cat(top).cpu().numpy() if top else np.zeros(0, dtype=np.int64)
-    bounds = np.concatenate([[0], np.cumsum(np.maximum(lengths - 1, 0))])
-    return [(nll[a:b], top[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _sparsity_rows(acts, real: torch.Tensor, norms: dict[int, torch.Tensor], sentence_ids: np.ndarray,
@@ -127,8 +103,7 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
     folder = ensure_dir(Path(out_dir) / f"moe-eval-{fingerprint(request)}") if out_dir is not None else None
     norms_all = {layer: adapter.written_value_norms(layer) for layer in range(adapter.n_layers)}
     record_norms = {layer: norms_all[layer] for layer in plan.layers}
-    planned = list(batches(loaded, table, batch_tokens, MAX_PADDING))
-    last = adapter.n_layers - 1
+    planned = sentence_batches(loaded, table["token_ids"].tolist(), batch_tokens, MAX_PADDING)
     sentence_ids = table["sentence_id"].to_numpy(np.int64)
     dense_top: dict[int, np.ndarray] = {}
     per_sentence, per_layer, sparsity, reused = [], [], None, 0
@@ -149,26 +124,32 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
                 continue
             dense = config.method == "dense"
             record = Record(record_norms)
-            rows, sparsity_rows, top_rows = [], [], []
+            sparsity_rows = []
+
+            @contextmanager
+            def applied(batch, config=config, record=record, dense=dense, sparsity_rows=sparsity_rows):
+                """The configuration around one batch's pass; the dense pass also reads the memories' sparsity."""
+                real = real_tokens(batch.lengths, batch.ids.shape[1], len(loaded.bos), batch.ids.device)
+                record.real = real.reshape(-1)
+                with plan.applied(config, record):
+                    with capture(loaded, None, what=("coefficients",)) if dense else nullcontext() as acts:
+                        yield
+                if dense:
+                    sparsity_rows += _sparsity_rows(acts, real, norms_all, sentence_ids[batch.rows], tops,
+                                                    concentrated)
+                bar.update(1)
+
             with torch.inference_mode():
-                for rows_idx, ids, lengths in planned:
-                    real = real_tokens(lengths, ids.shape[1], len(loaded.bos), ids.device)
-                    record.real = real.reshape(-1)
-                    with ExitStack() as stack:
-                        stack.enter_context(plan.applied(config, record))
-                        final = stack.enter_context(capture(loaded, last, what=("residual_after",)))
-                        acts = stack.enter_context(capture(loaded, None, what=("coefficients",))) if dense else None
-                        run_until(loaded, ids, last)
-                    sids = sentence_ids[rows_idx]
-                    for sid, (nll, top) in zip(sids, predictions(adapter, final.residual_after[last], ids, lengths)):
-                        if dense:
-                            dense_top[int(sid)] = top
-                            top_rows.append({"sentence_id": int(sid), "top1": top.astype(np.int64)})
-                        rows.append({"sentence_id": int(sid), "tokens": len(nll), "nll": float(nll.sum()),
-                                     "agree": int((top == dense_top[int(sid)]).sum())})
-                    if dense:
-                        sparsity_rows += _sparsity_rows(acts, real, norms_all, sids, tops, concentrated)
-                    bar.update(1)
+                predicted = heldout_predictions(loaded, planned, under=applied)
+            rows, top_rows = [], []
+            for index, tokens, nll, top in zip(predicted["sentence"], predicted["tokens"], predicted["nll"],
+                                               predicted["top1"]):
+                sid = int(sentence_ids[index])
+                if dense:
+                    dense_top[sid] = top
+                    top_rows.append({"sentence_id": sid, "top1": top})
+                rows.append({"sentence_id": sid, "tokens": int(tokens), "nll": float(nll),
+                             "agree": int((top == dense_top[sid]).sum())})
             sent = pd.DataFrame(rows).assign(**config.as_dict())
             lay = record.frame().assign(**config.as_dict())
             per_sentence.append(sent)

@@ -1,7 +1,7 @@
 """Passes of a sentence table through the model: batches of right-padded token ids, the mask of their real tokens,
-and the activations captured at some layers with the rest of the model skipped. The batching is the miner's
-(``ffnlib.mining.plan_batches`` and ``make_batch``), the capture and the early stop ``ffnlib.capture``'s; the
-co-activation counts of the co-activation split are the one pass that needs nothing else."""
+and the activations captured at some layers with the rest of the model skipped. The batching is the held-out
+evaluation's (``ffnlib.evaluate.sentence_batches``, on the miner's), the capture and the early stop
+``ffnlib.capture``'s; the co-activation counts of the co-activation split are the one pass that needs nothing else."""
 
 from __future__ import annotations
 
@@ -10,28 +10,17 @@ import pandas as pd
 import torch
 
 from ...capture import capture, forward_until_stop, stop_after
-from ...mining import make_batch, plan_batches
+from ...evaluate import MAX_PADDING, sentence_batches
 from ...progress import tqdm
 from ._ffn import memory_sizes, top_share_mask
 
-__all__ = ["MAX_PADDING", "pad_id", "batches", "real_tokens", "run_until", "captured", "coactivation_counts"]
-
-MAX_PADDING = 0.15  # the largest share of a batch's tokens that may be padding (part of the evaluation's cache key)
-
-
-def pad_id(loaded) -> int:
-    """The id right-padding uses: the tokenizer's pad token (``ffnlib.models`` sets one), else 0."""
-    return loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-
+__all__ = ["batches", "real_tokens", "run_until", "captured", "coactivation_counts"]
 
 def batches(loaded, table: pd.DataFrame, batch_tokens: int, max_padding: float = MAX_PADDING):
     """(rows, ids (rows, T) right-padded on the model's device, lengths) per batch, longest first
-    (:func:`ffnlib.mining.plan_batches`, :func:`ffnlib.mining.make_batch`)."""
-    lengths = np.array([len(t) for t in table["token_ids"]], dtype=np.int64)
-    pad = pad_id(loaded)
-    for rows in plan_batches(lengths, batch_tokens, max_padding):
-        batch = make_batch([table["token_ids"].iloc[r] for r in rows], pad, loaded.device)
-        yield rows, batch.ids, batch.lengths
+    (:func:`ffnlib.evaluate.sentence_batches`: the miner's batching and ``LoadedModel.pad_id``)."""
+    for batch in sentence_batches(loaded, table["token_ids"].tolist(), batch_tokens, max_padding):
+        yield batch.rows, batch.ids, batch.lengths
 
 
 def real_tokens(lengths: np.ndarray, width: int, n_bos: int, device) -> torch.Tensor:
