@@ -5,8 +5,8 @@ in a plain process and in a notebook kernel (papermill, as the suite runs notebo
 
 Policies: ``runtime`` (torch's threads, the OpenMP runtime's own wait policy: ``FFNLIB_THREAD_POLICY=runtime``),
 ``ffnlib`` (the project's policy, :mod:`ffnlib.threads`: torch's threads, passive waiting), ``one`` (one thread).
-The busy process is started by this script: a plain process shares its session, a kernel (started by Jupyter in a
-session of its own) does not, which is what Linux's autogroup scheduler shares the CPU by.
+The busy process is started by this script: a plain process shares its scheduling group, a kernel (started by
+Jupyter with ``setsid``) does not, and Linux's autogroup scheduler shares the CPU between such groups.
 Target: the ratio is at least 0.4 in both kinds of process.
 """
 

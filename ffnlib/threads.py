@@ -2,8 +2,8 @@
 
 Why: torch splits each operation over its OpenMP threads, and by default a thread that finishes its share first
 *spins* at the barrier. On a quiet machine that saves a wake-up; on a shared one it burns the time slice the other
-threads need. It is worst in a Jupyter kernel: Linux's autogroup scheduler shares the CPU between sessions, and
-Jupyter starts every kernel in a session of its own, so against one busy process elsewhere the kernel's two threads
+threads need. It is worst in a Jupyter kernel: Linux's autogroup scheduler shares the CPU between process groups
+started with ``setsid``, and Jupyter starts every kernel that way: against one busy process elsewhere the kernel's two threads
 share about one core, and each barrier waits out a time slice. Mining ran at 0.03x its quiet speed there (0.26x in
 a plain process); with passive waiting 0.67x and 0.74x, at a cost of about 20% on a quiet machine
 (``benchmarks/bench_sharing.py``; dated figures in ``benchmarks/README.md``).
