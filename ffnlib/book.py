@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="_build/book")
     parser.add_argument("--rerun", action="store_true", help="run the ci-scale notebooks again even if executed")
     args = parser.parse_args(argv)
-    from .notebook import slug
+    from .storage import slug
     from .suite import SUITE, run_suite
 
     executed = Path(args.results) / slug(args.model) / "ci" / "notebooks"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from .errors import ParameterError
 from .models import LoadedModel, load_model, resolve_device
 from .precision import resolve_precision, run_folder_name
 from .threads import apply_thread_policy
-from .storage import atomic_write, atomic_write_bytes, ensure_dir, write_json
+from .storage import atomic_write, atomic_write_bytes, ensure_dir, slug, write_json
 
 __all__ = ["Run", "slug", "seed_everything", "start"]
 
@@ -97,12 +96,6 @@ class Run:
         findings = [{**f, "figure": None} for f in findings]  # no figure was drawn
         self.save_summary(name, {"model": self.loaded.describe(), "skipped": reason, "findings": findings})
         raise NothingToAnalyse(reason)
-
-
-def slug(name: str) -> str:
-    """The folder name of a model's results under ``results_dir``: ``slug("org/model") == "org_model"``, and a
-    ``.gguf`` file is named by its file name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if name.endswith(".gguf") else name).strip("_")
 
 
 def seed_everything(seed: int) -> None:

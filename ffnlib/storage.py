@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,11 +24,17 @@ import pandas as pd
 
 from .errors import ResultsError
 
-__all__ = ["CACHE_ENV", "cache_dir", "ensure_dir", "atomic_write_bytes", "atomic_write", "write_json", "read_json",
+__all__ = ["CACHE_ENV", "slug", "cache_dir", "ensure_dir", "atomic_write_bytes", "atomic_write", "write_json", "read_json",
            "sha256_file", "sha256_bytes", "fingerprint", "library_versions", "write_parquet", "save_result",
            "load_result"]
 
 CACHE_ENV = "FFNLIB_CACHE"
+
+
+def slug(name: str) -> str:
+    """The folder name of a model's results under ``results_dir``: ``slug("org/model") == "org_model"``, and a
+    ``.gguf`` file is named by its file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if name.endswith(".gguf") else name).strip("_")
 
 
 def cache_dir() -> Path:

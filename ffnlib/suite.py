@@ -134,7 +134,7 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
 
     from .errors import NotebookSkipped
     from .models import resolve_device
-    from .notebook import slug
+    from .storage import slug
     from .precision import resolve_precision, run_folder_name
     from .threads import set_wait_policy
 

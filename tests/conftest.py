@@ -31,7 +31,8 @@ def wiki():
 
 
 # the test files marked xdist_group("ci-results")
-CI_RESULTS_GROUP = ("tests/test_browser.py", "tests/test_notebooks.py", "tests/test_site.py")
+CI_RESULTS_GROUP = ("tests/test_browser.py", "tests/test_card.py", "tests/test_card_views.py", "tests/test_notebooks.py",
+                    "tests/test_site.py")
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist (or -p no:xdist) never calls it
@@ -48,3 +49,21 @@ def pytest_xdist_node_collection_finished(node, ids):
         raise pytest.UsageError(
             "pytest-xdist's --dist loadgroup is not grouping the tests marked xdist_group: this pytest drops xdist's "
             "group suffix (pytest-xdist#1386). Install the pinned test dependencies: pip install -e '.[test]'")
+
+
+# read the ci-scale results that an earlier file of the group computes
+AFTER_CI_RESULTS = {"tests/test_card.py": "tests/test_notebooks.py",
+                    "tests/test_card_views.py": "tests/test_notebooks.py",
+                    "tests/test_browser.py": "tests/test_notebooks.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/test_card.py, test_card_views.py and test_browser.py read the ci-scale results folder that
+    tests/test_notebooks.py fills (same xdist group, same worker): run their tests right after that file's, not before
+    it (by name), so the notebooks run once and the cards they show are filled."""
+    for reader, writer in AFTER_CI_RESULTS.items():
+        moved = [item for item in items if item.nodeid.startswith(f"{reader}::")]
+        rest = [item for item in items if not item.nodeid.startswith(f"{reader}::")]
+        last = max((i for i, item in enumerate(rest) if item.nodeid.startswith(f"{writer}::")), default=None)
+        if moved and last is not None:
+            items[:] = rest[: last + 1] + moved + rest[last + 1:]

@@ -1,13 +1,15 @@
 """End to end in a real browser: JupyterLab (headless, 127.0.0.1, token) runs notebooks/05_explorer.ipynb at
 scale="ci" in headless Chromium driven by Playwright; the test types a prompt and clicks through the three views,
-checks what renders against the model run in this process, then opens the static atlas pages.
+checks what renders against the model run in this process, opens a knowledge neuron's memory card and follows a link
+of each kind (an expert mate, a trigger example, a fact), then opens the static atlas pages and follows theirs.
+It runs after tests/test_notebooks.py (tests/conftest.py), whose results the cards read.
 
 Set-up: Debian's Chromium (``apt-get install -y chromium`` when missing and we are root) and the ``playwright``
 package (installed into this environment at the version of the lock file, constraints.txt, when missing). The test is
 skipped, saying why, only where neither can be installed. Playwright's own browser download is not used.
 
 ``FFNLIB_SCREENSHOTS=docs/screenshots pytest tests/test_browser.py`` also saves the screenshots that
-docs/guide/05_explorer.md shows there;
+docs/guide/05_explorer.md and docs/card.md show there;
 ``FFNLIB_TEST_RESULTS=<results_dir>`` reuses a results folder where the ci-scale trigger examples are cached
 (the fixture ``ci_results`` mines them otherwise, before the browser starts).
 """
@@ -39,6 +41,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 PROMPT = "The Eiffel Tower is in the city of"
 NOTEBOOK = "05_explorer.ipynb"
+CARD_NOTEBOOKS = ("06_knowledge_neurons", "07_moefication")  # a knowledge neuron's facts, and its expert mates
 
 
 # ---- set-up -------------------------------------------------------------------------------------------
@@ -113,12 +116,19 @@ def ci_results(tmp_path_factory) -> Path:
     from ffnlib.keys import mine_trigger_examples
     from ffnlib.models import load_model
 
+    from ffnlib.suite import NOTEBOOK_DIR, execute
+
     results = Path(os.environ.get("FFNLIB_TEST_RESULTS") or tmp_path_factory.getbasetemp() / "ci-results")
     scale = get_scale("ci")
     mine_trigger_examples(load_model("smollm2-135m"),
                           load_corpus("wiki", split="train", seed=0, max_sentences=scale.mining_sentences),
                           k=scale.top_k, checkpoint_every=scale.checkpoint_every,
                           out_dir=results / "smollm2-135m" / "ci", progress=False)
+    for name in CARD_NOTEBOOKS:  # normally there already, from tests/test_notebooks.py
+        if not (results / "smollm2-135m" / "ci" / "summaries" / f"{name}.json").exists():
+            out = results / "executed" / f"{name}.ipynb"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            execute(NOTEBOOK_DIR / f"{name}.ipynb", out, {"scale": "ci", "results_dir": str(results), "seed": 0})
     return results
 
 
@@ -141,7 +151,7 @@ def lab(tmp_path_factory, ci_results):
     tracker.write_text(json.dumps({"windowingMode": "none"}))
     papermill.execute_notebook(str(ROOT / "notebooks" / NOTEBOOK), str(root / NOTEBOOK), prepare_only=True,
                                parameters={"scale": "ci", "results_dir": str(results), "sample_sentences": 16,
-                                           "atlas_per_layer": 1},
+                                           "atlas_per_layer": 1, "atlas_notable": 2, "atlas_mates": 1},
                                progress_bar=False)
     token, port = secrets.token_hex(16), _free_port()
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config), "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
@@ -330,9 +340,80 @@ def _use_the_explorer(page, lab, tmp_path, expected, errors):
     assert any("Paris" in t for t in tokens[:10] + negated[:10])
     shots["memory_view"] = _shot(page, explorer, tmp_path / "memory_view.png")
     phase("memory view (search)")
+    _follow_the_card(page, explorer, lab, tmp_path, shots)
+    phase("memory card and its links")
     assert not errors, errors
     page.close()
     _save(shots, tmp_path)
+
+
+def _card_memory(results: Path) -> tuple[int, int]:
+    """A knowledge neuron (positive side) of notebook 06 in a layer notebook 07 MoEfied: its card has facts and
+    expert mates."""
+    import pandas as pd
+
+    run = results / "smollm2-135m" / "ci"
+    moefied = json.loads((run / "summaries" / "07_moefication.json").read_text())["layers"]
+    neurons = pd.read_csv(run / "tables" / "06_neurons.csv")
+    neurons = neurons[neurons["layer"].isin(moefied) & (neurons["sign"] == 1)]
+    assert len(neurons), "notebook 06 found a knowledge neuron in a layer notebook 07 MoEfied"
+    return int(neurons["layer"].iloc[0]), int(neurons["memory"].iloc[0])
+
+
+def _prompt_analysed(page, explorer, prompt: str) -> None:
+    """Wait until the prompt view shows ``prompt``'s analysis (its tokens, whitespace aside)."""
+    tail = json.dumps(" ".join(prompt.split())[-24:])
+    page.wait_for_function("() => { const v = document.querySelector('.ffn-prompt-out .ffn-prompt-view > p');"
+                           f"return v && v.textContent.replace(/\\s+/g, ' ').includes({tail}); }}", timeout=60_000)
+    assert explorer.locator(".ffn-prompt-input input").input_value() == prompt
+    assert explorer.locator(".ffn-prompt-out .ffn-prompt-table tr[data-layer]").count() == 30
+
+
+def _open_memory(page, explorer, layer: int, memory: int, how) -> None:
+    how()
+    page.wait_for_selector(f".ffn-memory-out .ffn-card[data-layer='{layer}'][data-memory='{memory}']",
+                           timeout=60_000)
+
+
+def _follow_the_card(page, explorer, lab, tmp_path, shots):
+    """Open a knowledge neuron's card, and follow a link of each kind: expert mate (and back), trigger, fact."""
+    layer, memory = _card_memory(lab["results"])
+    explorer.locator(".lm-TabBar-tab", has_text="Memory").click()
+
+    def show():
+        explorer.locator(".ffn-layer input").fill(str(layer))
+        explorer.locator(".ffn-memory input").fill(str(memory))
+        explorer.locator(".ffn-memory input").press("Tab")  # the number is sent when the box loses the focus
+        explorer.locator("button.ffn-show").click()
+
+    _open_memory(page, explorer, layer, memory, show)
+    card = explorer.locator(".ffn-memory-out .ffn-card")
+    assert card.locator("section").count() == 3  # a section per paper, under today's memory view
+    assert explorer.locator(".ffn-memory-out .ffn-triggers mark").count() == 20
+    assert card.locator(".ffn-card-facts tr").count() >= 2 and card.locator(".ffn-card-percentiles tr").count() > 6
+    assert "run notebook 07_moefication" in card.locator(".ffn-missing[data-field='router']").text_content()
+    page.set_viewport_size({"width": 1400, "height": 1800})  # the whole card, for docs/card.md
+    shots["memory_card"] = _shot(page, card, tmp_path / "memory_card.png", max_height=1750)
+    page.set_viewport_size({"width": 1400, "height": 1200})
+    # an expert mate opens its memory view, whose card links back to this memory
+    mate_link = card.locator(".ffn-mates[data-split='kmeans'] a.ffn-link").first
+    mate = int(mate_link.text_content().lstrip("#"))
+    _open_memory(page, explorer, layer, mate, mate_link.click)
+    assert explorer.locator(".ffn-memory-out .ffn-memory-view h3").first.text_content().startswith(
+        f"Layer {layer}, memory {mate}")
+    back = explorer.locator(".ffn-memory-out .ffn-mates[data-split='kmeans'] a.ffn-link", has_text=f"#{memory}")
+    _open_memory(page, explorer, layer, memory, back.first.click)
+    # a trigger example opens the prompt view on its prefix
+    example = explorer.locator(".ffn-memory-out .ffn-triggers a.ffn-link").first
+    text = example.text_content()
+    example.click()
+    _prompt_analysed(page, explorer, text)
+    # a fact opens the prompt view on its prompt
+    explorer.locator(".lm-TabBar-tab", has_text="Memory").click()
+    fact = explorer.locator(".ffn-memory-out .ffn-fact-prompt a.ffn-link").first
+    prompt = fact.text_content()
+    fact.click()
+    _prompt_analysed(page, explorer, prompt)
 
 
 def _check_the_atlas(browser, lab, tmp_path):
@@ -340,15 +421,18 @@ def _check_the_atlas(browser, lab, tmp_path):
     shots: dict[str, Path] = {}
     atlas = lab["results"] / "smollm2-135m" / "ci" / "atlas"
     manifest = json.loads((atlas / "atlas.json").read_text())
+    layers = sorted({layer for layer, _ in manifest["memories"]})
     page = browser.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     page.goto((atlas / "index.html").as_uri())
     assert "Memory atlas" in page.locator("h3").first.text_content()
-    assert page.locator(".ffn-atlas-index a").count() == 30
+    assert page.locator(".ffn-atlas-index a").count() == len(layers) == 3  # scale ci: 3 layers spread over the depth
     page.locator(".ffn-atlas-index a").first.click()
     page.wait_for_selector(".ffn-atlas-layer")
     links = page.locator(".ffn-atlas-layer a")
-    assert links.count() == 1  # atlas_per_layer=1
-    layer0, memory0 = manifest["memories"][0]
+    assert links.count() == sum(layer == layers[0] for layer, _ in manifest["memories"])
+    layer0, memory0 = manifest["memories"][0]  # the layer's chosen memory (atlas_per_layer=1) comes first
     assert links.first.text_content() == f"#{memory0}"
     links.first.click()
     page.wait_for_selector(".ffn-memory-view")
@@ -362,5 +446,24 @@ def _check_the_atlas(browser, lab, tmp_path):
     page.wait_for_selector(".ffn-memory-view")
     layer1, memory1 = manifest["memories"][1]
     assert page.locator(".ffn-memory-view h3").first.text_content().startswith(f"Layer {layer1}, memory {memory1}")
+    # index -> a knowledge neuron's card page -> an expert mate's page -> the index
+    page.goto((atlas / "index.html").as_uri())
+    neurons = page.locator(".ffn-notable[data-reason='knowledge_neuron'] a")
+    assert neurons.count() >= 1 and page.locator(".ffn-notable").count() == 4
+    neuron = neurons.first.text_content()  # "L29 #238"
+    neurons.first.click()
+    page.wait_for_selector(".ffn-card")
+    layer, memory = (int(x) for x in re.match(r"L(\d+) #(\d+)", neuron).groups())
+    assert page.locator(".ffn-memory-view h3").first.text_content().startswith(f"Layer {layer}, memory {memory}")
+    assert page.locator(".ffn-card-facts tr").count() >= 2 and page.locator(".ffn-card section").count() == 3
+    mates = page.locator(".ffn-mates a.ffn-link")
+    assert mates.count() >= 1  # mates with a page link to it (atlas_mates=1: at least its first k-means mate)
+    mate = int(mates.first.text_content().lstrip("#"))
+    mates.first.click()
+    page.wait_for_selector(".ffn-card")
+    assert page.locator(".ffn-memory-view h3").first.text_content().startswith(f"Layer {layer}, memory {mate}")
+    page.locator("a", has_text="atlas index").first.click()
+    page.wait_for_selector(".ffn-notable")
+    assert requested and all(url.startswith("file://") for url in requested), requested  # offline
     page.close()
     _save(shots, tmp_path)

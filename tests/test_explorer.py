@@ -22,7 +22,8 @@ from ffnlib.adapters import get_adapter
 from ffnlib.capture import capture
 from ffnlib.corpus import load_corpus
 from ffnlib.explorer import (CoefficientSample, Explorer, ValueIndex, analyse_prompt, compare_intervention,
-                             format_edits, key_rows, memory_view, parse_edits, search_trigger_word, search_value_token)
+                             format_edits, key_rows, layer_key_measures, memory_view, parse_edits, search_trigger_word,
+                             search_value_token)
 from ffnlib.keys import mine_trigger_examples, trigger_table
 from ffnlib.models import LoadedModel
 from ffnlib.values import value_logits
@@ -172,6 +173,10 @@ def test_memory_view_shows_triggers_values_histogram_and_measures(smollm, trigge
         assert side.top_tokens["token_id"].tolist() == top.indices.tolist()
         assert side.top_tokens["probability"].to_numpy() == pytest.approx(top.values.numpy(), rel=1e-5)
         assert set(side.measures) >= {"shallow_token", "topic_concentration", "most_common_last_token"}
+    # the atlas's shortcut (the layer's pattern measures computed at once) gives the same measures
+    fast = memory_view(smollm, triggers, layer, memory, n_triggers=5, k_tokens=7,
+                       key_measures=layer_key_measures(triggers, layer))
+    assert [side.measures for side in fast.sides] == [side.measures for side in view.sides]
     page = ui.memory_out.value
     marked = re.findall(r"<mark>(.*?)</mark>", page)
     assert len(marked) == 10 and marked[0] == html.escape(view.sides[0].triggers["last_token"].iloc[0])

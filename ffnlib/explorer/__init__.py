@@ -22,6 +22,10 @@ and the static atlas in ``ffnlib.widgets.atlas`` only render them, with ``ffnlib
   attention (ATB), through the FFN (ATBFF), after the FFN's residual (ATBFFRES) and through the next norm
   (ATBFFRESLN), each row normalised to sum to 1.
 
+With a run's results folder, the memory view also shows the memory's card (``ffnlib.card.memory_card``: what
+every notebook found about it). :func:`notable_memories` ranks the memories the static atlas lists by what they are
+notable for (top value agreement, knowledge neurons, most active, least stable across corpus sizes).
+
 Search (:func:`search_value_token`, :func:`search_trigger_word`) jumps to memories whose value promotes
 a token, or whose trigger examples contain a word. :class:`Explorer` holds the state the widgets show.
 """
@@ -29,7 +33,8 @@ a token, or whose trigger examples contain a word. :class:`Explorer` holds the s
 from ._common import top_tokens, value_norms
 from ._contributions import ContributionMaps, contribution_maps
 from ._interventions import InterventionComparison, compare_intervention, format_edits, greedy_continuation, parse_edits
-from ._memory import MemorySide, MemoryView, key_rows, memory_view, pattern_measures
+from ._memory import MemorySide, MemoryView, key_rows, layer_key_measures, memory_view, pattern_measures
+from ._notable import NOTABLE, NOTABLE_COLUMNS, Notable, notable_memories
 from ._prompt import PromptAnalysis, PromptAttribution, analyse_prompt, attribute_prediction
 from ._sample import CoefficientSample
 from ._search import SEARCH_BY, ValueIndex, search_trigger_word, search_value_token
@@ -39,4 +44,5 @@ __all__ = ["Explorer", "PromptAnalysis", "PromptAttribution", "ContributionMaps"
            "MemoryView", "MemorySide", "CoefficientSample", "ValueIndex", "analyse_prompt", "attribute_prediction",
            "contribution_maps", "compare_intervention", "memory_view", "key_rows", "value_norms",
            "parse_edits", "format_edits", "greedy_continuation", "search_value_token", "search_trigger_word",
-           "top_tokens", "pattern_measures", "SEARCH_BY"]
+           "top_tokens", "pattern_measures", "layer_key_measures", "SEARCH_BY", "NOTABLE", "NOTABLE_COLUMNS", "Notable",
+           "notable_memories"]

@@ -11,17 +11,32 @@ import pandas as pd
 from ._common import check_memory, check_positive, top_tokens
 from ._sample import CoefficientSample
 
-__all__ = ["pattern_measures", "key_rows", "MemorySide", "MemoryView", "memory_view"]
+__all__ = ["pattern_measures", "layer_key_measures", "key_rows", "MemorySide", "MemoryView", "memory_view"]
+
+_KEY_MEASURES = ("triggers", "shallow_token", "shallow_bigram", "labelled", "topic_concentration")
 
 
-def pattern_measures(loaded, triggers, rows: pd.DataFrame) -> dict:
+def layer_key_measures(triggers, layer: int) -> pd.DataFrame:
+    """``ffnlib.keys.key_measures`` of every key of ``layer`` (all its trigger rows), indexed by (memory, sign):
+    what :func:`pattern_measures` computes for one key, for a whole layer at once (the atlas's pages)."""
+    from ..keys import key_measures, with_tokens
+
+    table = triggers.triggers
+    rows = table[table["layer"] == layer]
+    return key_measures(with_tokens(triggers, rows)).set_index(["memory", "sign"])
+
+
+def pattern_measures(loaded, triggers, rows: pd.DataFrame, known=None) -> dict:
     """Section 3's pattern measures of one key's trigger rows (``ffnlib.keys.key_pattern_measures``:
     ``shallow_token``, ``shallow_bigram``, ``topic_concentration``, ...), plus the most common last token
-    of the triggers and its share, for display."""
+    of the triggers and its share, for display. ``known``: the key's row of :func:`layer_key_measures`, when
+    already computed."""
     from ..keys import key_pattern_measures
 
+    raw = {} if rows.empty else (key_pattern_measures(loaded, triggers, rows) if known is None
+                                 else {name: known[name] for name in _KEY_MEASURES})
     measures = {}
-    for name, value in key_pattern_measures(loaded, triggers, rows).items():
+    for name, value in raw.items():
         value = value.item() if hasattr(value, "item") else value
         if isinstance(value, float) and not np.isfinite(value):
             value = None
@@ -94,12 +109,14 @@ class MemoryView:
 
 
 def memory_view(loaded, triggers, layer: int, memory: int, n_triggers: int = 10, k_tokens: int = 10,
-                sample: CoefficientSample | None = None, negative: bool | None = None) -> MemoryView:
+                sample: CoefficientSample | None = None, negative: bool | None = None,
+                key_measures: pd.DataFrame | None = None) -> MemoryView:
     """Everything the memory view shows for memory ``memory`` of ``layer`` (see the ``ffnlib.explorer`` docstring).
 
     ``triggers`` is a ``ffnlib.keys.TriggerExamples`` (or ``None``: values only). ``negative`` adds the
     negative side, ``-v_i`` and the most negative coefficients (default: when the triggers were mined with
-    a negative side, i.e. for gated FFNs).
+    a negative side, i.e. for gated FFNs). ``key_measures``: :func:`layer_key_measures` of the layer, when
+    already computed (many views of one layer).
     """
     adapter = loaded.adapter
     layer, memory = check_memory(adapter, layer, memory)
@@ -116,7 +133,8 @@ def memory_view(loaded, triggers, layer: int, memory: int, n_triggers: int = 10,
             rows = key_rows(triggers, layer, memory, sign)
             one_key = dataclasses.replace(triggers, triggers=rows)  # trigger_table then scans k rows, not all
             shown = trigger_table(one_key, loaded.tokenizer, layer, memory, sign, n=n_triggers)
-            measures = pattern_measures(loaded, triggers, rows)
+            known = key_measures is not None and (memory, sign) in key_measures.index
+            measures = pattern_measures(loaded, triggers, rows, key_measures.loc[(memory, sign)] if known else None)
         else:
             shown, measures = pd.DataFrame(), {}
         sides.append(MemorySide(sign=sign, triggers=shown, top_tokens=table, measures=measures))

@@ -98,6 +98,18 @@ class CoefficientSample:
             for j, memory in enumerate(wanted[layer]):
                 self._columns[(layer, memory)] = columns[:, j].numpy()
 
+    def active_share(self, layers: Iterable[int], rule: str = "relative",
+                     threshold: float = 0.1) -> dict[int, np.ndarray]:
+        """Per layer, the share of the sample's tokens at which each memory is active under notebook 03's rule
+        (``ffnlib.aggregation.active_mask``), in one pass over the sample."""
+        from ..aggregation import active_mask
+
+        layers = sorted({self.loaded.adapter.check_layer(layer) for layer in layers})
+        counts = {layer: torch.zeros(self.loaded.adapter.d_ff, dtype=torch.float64) for layer in layers}
+        if layers:
+            self._run(layers, lambda layer, m: counts[layer].add_(active_mask(m, rule, threshold).sum(0)))
+        return {layer: (count / max(self.n_tokens, 1)).numpy() for layer, count in counts.items()}
+
     def of(self, layer: int, memory: int) -> np.ndarray:
         """The coefficients of one memory at every token of the sample."""
         layer, memory = check_memory(self.loaded.adapter, layer, memory)

@@ -7,6 +7,7 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
+from ..card import MemoryCard, memory_card, open_results
 from ..errors import ParameterError
 from ._common import check_memory, top_tokens
 from ._contributions import ContributionMaps, contribution_maps
@@ -24,7 +25,9 @@ class Explorer:
     """What the explorer widgets show, and the actions they call, as plain methods (tested without a browser).
 
     ``triggers``: a ``TriggerExamples`` (``None`` disables trigger examples and the trigger search);
-    ``sample``: a :class:`CoefficientSample` for the histogram (``None`` leaves it out).
+    ``sample``: a :class:`CoefficientSample` for the histogram (``None`` leaves it out); ``card_results``: the run's
+    results folder (or an open ``ffnlib.card.RunResults``) whose memory card (``ffnlib.card.memory_card``, with the
+    run's ``seed``) the memory view shows under the memory (``None`` leaves it out).
     """
 
     loaded: object
@@ -45,6 +48,9 @@ class Explorer:
     comparison: InterventionComparison | None = None
     contributions_view: ContributionMaps | None = None
     edits: dict = field(default_factory=dict)
+    card_results: object = None
+    seed: int = 0
+    card: MemoryCard | None = None
     _index: dict | None = field(default=None, repr=False)
     _values: ValueIndex | None = field(default=None, repr=False)
 
@@ -63,6 +69,12 @@ class Explorer:
         self.view = memory_view(self.loaded, self.triggers, layer, memory, self.n_triggers, self.k_tokens,
                                 self.sample)
         self.layer, self.memory = self.view.layer, self.view.memory
+        if self.card_results is not None:
+            # opened once: each file is read once, and a layer's triggers are taken from ours
+            self.card_results = open_results(self.loaded, self.card_results, triggers=self.triggers)
+            if self.card is not None and self.card.layer != self.layer:
+                self.card_results.forget_layer(self.card.layer)  # one layer's rows in memory at a time
+            self.card = memory_card(self.loaded, self.layer, self.memory, results=self.card_results, seed=self.seed)
         return self.view
 
     def search(self, query: str, by: str = "value token", limit: int = 20) -> pd.DataFrame:

@@ -1,21 +1,31 @@
 """The memory explorer as ipywidgets: three tabs (memory, prompt, interventions) over an
 :class:`ffnlib.explorer.Explorer`.
 
-This module only wires widgets to the explorer's methods and renders with ``ffnlib.widgets.render``;
-every callback is a plain method (``show_memory``, ``search``, ``pick_result``, ``analyse``, ``attribute``,
-``open_contributor``, ``show_contributions``, ``add_selected``, ``clear_edits``, ``apply``) that tests call directly
-or through ``button.click()``.
+This module only wires widgets to the explorer's methods and renders with ``ffnlib.widgets.render`` (and the
+memory's card, when the explorer has a run's results, with ``ffnlib.widgets.card_view``); every callback is a plain
+method (``show_memory``, ``search``, ``pick_result``, ``analyse``, ``attribute``, ``open_contributor``,
+``show_contributions``, ``add_selected``, ``clear_edits``, ``apply``, ``follow``) that tests call directly or through
+``button.click()``.
+
+Links between views: in the memory view, a trigger example opens the prompt view on its prefix, and in the card a
+fact opens the prompt view on its prompt and an expert mate opens its memory view. A link writes its target (JSON)
+into a hidden text box of the explorer (one inline ``onclick``: widget HTML runs no script), whose change calls
+:meth:`ExplorerWidget.follow`.
+
 Errors a user can cause (a bad layer, an unknown token, unreadable edits) are shown in the view, not raised.
 """
 
 from __future__ import annotations
 
+import html
+import json
 from contextlib import contextmanager
 
 import ipywidgets as w
 
 from ..errors import FFNLibError
 from ..explorer import SEARCH_BY, Explorer, format_edits
+from .card_view import render_card
 from .render import (attribution_label, contributor_label, render_attribution, render_contribution_maps, render_error,
                      render_intervention, render_memory_view, render_prompt_analysis, render_search_results,
                      search_label)
@@ -23,6 +33,9 @@ from .render import (attribution_label, contributor_label, render_attribution, r
 __all__ = ["MODES", "ExplorerWidget", "explorer_widget"]
 
 MODES = ("switch off", "set coefficient to")
+# a link's click: its target (data-link) into the explorer's hidden text box, as typing would
+_FOLLOW = ("var b=this.closest('.ffn-explorer'),i=b&&b.querySelector('.ffn-link-target input');"
+           "if(i){i.value=this.dataset.link;i.dispatchEvent(new Event('change',{bubbles:true}));}return false;")
 
 
 def _classed(widget, *names):
@@ -50,6 +63,7 @@ class ExplorerWidget:
         self.search_button = _classed(w.Button(description="Search"), "ffn-search")
         self.results = _classed(w.Select(options=[], rows=6, layout=w.Layout(width="620px")), "ffn-results")
         self.memory_out = _classed(w.HTML(), "ffn-memory-out")
+        self.link_target = _classed(w.Text(value="", layout=w.Layout(display="none")), "ffn-link-target")
         # prompt view
         self.prompt = _classed(w.Text(value=prompt, description="prompt", layout=w.Layout(width="520px")),
                                "ffn-prompt-input")
@@ -95,9 +109,11 @@ class ExplorerWidget:
         self.add_button.on_click(lambda _: self.add_selected())
         self.clear_button.on_click(lambda _: self.clear_edits())
         self.apply_button.on_click(lambda _: self.apply())
+        self.link_target.observe(lambda change: self._followed(change["new"]), names="value")
 
         memory_tab = w.VBox([w.HBox([self.layer, self.memory, self.show_button]),
-                             w.HBox([self.query, self.search_by, self.search_button]), self.results, self.memory_out])
+                             w.HBox([self.query, self.search_by, self.search_button]), self.results, self.memory_out,
+                             self.link_target])
         contributions = w.Accordion(children=[w.VBox([w.HBox([self.maps_layer, self.maps_button]), self.maps_out])])
         contributions.set_title(0, "contributions")
         prompt_tab = w.VBox([w.HBox([self.prompt, self.analyse_button, self.attribute_button]),
@@ -132,7 +148,36 @@ class ExplorerWidget:
             self.memory.value = int(memory)
         with self._busy(self.show_button, self.memory_out):
             view = self.explorer.show_memory(int(self.layer.value), int(self.memory.value))
-            self.memory_out.value = render_memory_view(view, self.explorer.loaded.name)
+            card = render_card(self.explorer.card, self.link) if self.explorer.card is not None else ""
+            self.memory_out.value = render_memory_view(view, self.explorer.loaded.name, link=self.link, below=card)
+
+    @staticmethod
+    def link(target: dict) -> str:
+        """The attributes of a link to ``target`` (``ffnlib.widgets.render.memory_target`` / ``prompt_target``)."""
+        return (f'href="#" data-link="{html.escape(json.dumps(target), quote=True)}" '
+                f'onclick="{html.escape(_FOLLOW, quote=True)}"')
+
+    def follow(self, target: dict | str) -> None:
+        """Open a link's target: a memory in the memory view, or a prompt in the prompt view (analysed)."""
+        try:
+            target = json.loads(target) if isinstance(target, str) else dict(target)
+            view = target["view"]
+            if view == "memory":
+                self.tabs.selected_index = 0
+                self.show_memory(int(target["layer"]), int(target["memory"]))
+            elif view == "prompt":
+                self.prompt.value = str(target["prompt"])
+                self.tabs.selected_index = 1
+                self.analyse()
+            else:
+                raise ValueError(view)
+        except (ValueError, KeyError, TypeError) as exc:
+            self.memory_out.value = render_error(ValueError(f"Cannot follow the link {target!r}: {exc!r}"))
+
+    def _followed(self, value: str) -> None:
+        if value:
+            self.link_target.value = ""  # the same link can be followed again
+            self.follow(value)
 
     def search(self) -> None:
         with self._busy(self.search_button, self.memory_out):
@@ -204,10 +249,12 @@ class ExplorerWidget:
             self.edit_out.value = render_intervention(self.explorer.apply(self.edit_prompt.value))
 
 
-def explorer_widget(loaded, triggers=None, sample=None, prompt: str = "The capital of France is",
-                    **settings) -> ExplorerWidget:
+def explorer_widget(loaded, triggers=None, sample=None, prompt: str = "The capital of France is", results=None,
+                    seed: int = 0, **settings) -> ExplorerWidget:
     """Build the explorer for a loaded model, mined trigger examples and a :class:`CoefficientSample`.
 
-    ``settings`` go to :class:`ffnlib.explorer.Explorer` (n_triggers, k_tokens, top_memories, max_new_tokens).
+    ``results``: the run's results folder (``run.out``), whose memory card the memory view shows (``seed``: the
+    run's). ``settings`` go to :class:`ffnlib.explorer.Explorer` (n_triggers, k_tokens, top_memories, max_new_tokens).
     """
-    return ExplorerWidget(Explorer(loaded, triggers=triggers, sample=sample, **settings), prompt=prompt)
+    return ExplorerWidget(Explorer(loaded, triggers=triggers, sample=sample, card_results=results, seed=seed,
+                                   **settings), prompt=prompt)

@@ -11,7 +11,8 @@ import pandas as pd
 from ..explorer import ContributionMaps, InterventionComparison, MemoryView, PromptAnalysis, PromptAttribution
 from ..related import contextualization as ctx
 
-__all__ = ["STYLE", "MEASURE_NOTES", "token_html", "render_top_tokens", "render_triggers", "render_measures",
+__all__ = ["STYLE", "MEASURE_NOTES", "token_html", "memory_target", "prompt_target", "link_html", "render_top_tokens",
+           "render_triggers", "render_measures",
            "render_histogram", "render_memory_view", "render_search_results", "render_prompt_analysis",
            "render_contribution_maps", "render_attribution", "render_intervention", "render_error", "search_label",
            "contributor_label", "attribution_label"]
@@ -41,6 +42,8 @@ STYLE = """
 .ffn-note { color: #666; font-size: 12px; }
 .ffn-error { color: #b00020; font-weight: 600; }
 .ffn-up { color: #1a7f37; } .ffn-down { color: #b00020; }
+a.ffn-link { color: inherit; text-decoration: underline dotted #2456b3; cursor: pointer; }
+a.ffn-link:hover { background: #e8effc; }
 </style>
 """
 
@@ -52,6 +55,25 @@ def _e(text) -> str:
 def token_html(token: str) -> str:
     """A token as a monospace chip, whitespace visible (new lines as ⏎)."""
     return f'<span class="ffn-tok">{_e(token.replace(chr(10), "⏎"))}</span>'
+
+
+def memory_target(layer: int, memory: int) -> dict:
+    """A link's target: the memory view of memory ``memory`` of ``layer``."""
+    return {"view": "memory", "layer": int(layer), "memory": int(memory)}
+
+
+def prompt_target(prompt: str) -> dict:
+    """A link's target: the prompt view of ``prompt``."""
+    return {"view": "prompt", "prompt": str(prompt)}
+
+
+def link_html(link, target: dict, inner: str, title: str = "") -> str:
+    """``inner`` (HTML) as a link to ``target`` when ``link(target)`` gives the anchor's attributes (the explorer's
+    widget and the static atlas each make their own), else ``inner`` as it is."""
+    attributes = link(target) if link is not None else None
+    if not attributes:
+        return inner
+    return f'<a class="ffn-link" data-view="{_e(target["view"])}" title="{_e(title)}" {attributes}>{inner}</a>'
 
 
 def _sign_name(sign: int) -> str:
@@ -72,14 +94,20 @@ def render_top_tokens(frame: pd.DataFrame, title: str = "") -> str:
     return f'{head}<table class="ffn-top-tokens"><tr><th>#</th><th>token</th><th>probability</th></tr>{rows}</table>'
 
 
-def render_triggers(frame: pd.DataFrame, title: str = "") -> str:
+def render_triggers(frame: pd.DataFrame, title: str = "", link=None) -> str:
+    """A trigger table; with ``link``, each example links to the prompt view of its prefix (through its marked last
+    token, the position where the memory fires)."""
     head = f"<h4>{_e(title)}</h4>" if title else ""
     if frame.empty:
         return head + '<p class="ffn-note">No trigger examples.</p>'
+    def example(r) -> str:
+        text = f"{_e(r.prefix)}<mark>{_e(r.last_token)}</mark>"
+        return link_html(link, prompt_target(r.prefix + r.last_token), text, "open this prefix in the prompt view")
+
     rows = "".join(
         f'<tr><td class="num">{int(r.rank) + 1}</td><td class="num">{float(r.coefficient):.3g}</td>'
-        f'<td class="ffn-prefix">{_e(r.prefix)}<mark>{_e(r.last_token)}</mark>'
-        f'<span class="ffn-next">{_e(r.next_token)}</span></td></tr>' for r in frame.itertuples())
+        f'<td class="ffn-prefix">{example(r)}<span class="ffn-next">{_e(r.next_token)}</span></td></tr>'
+        for r in frame.itertuples())
     return (f'{head}<table class="ffn-triggers"><tr><th>#</th><th>m</th>'
             f'<th>trigger example (last token marked, next token in grey)</th></tr>{rows}</table>')
 
@@ -155,7 +183,9 @@ def render_histogram(values: np.ndarray | None, bins: int = 40, width: int = 520
             f'xmlns="http://www.w3.org/2000/svg">{bars}{lines}{axis}</svg>')
 
 
-def render_memory_view(view: MemoryView, model_name: str = "") -> str:
+def render_memory_view(view: MemoryView, model_name: str = "", link=None, below: str = "") -> str:
+    """The memory view; ``link`` makes its trigger examples links (see :func:`link_html`), ``below`` (HTML, e.g.
+    the memory's card, ``ffnlib.widgets.card_view.render_card``) is shown under it."""
     sides = []
     for side in view.sides:
         label = "positive side: v" if side.sign > 0 else "negative side: −v (m < 0)"
@@ -164,7 +194,7 @@ def render_memory_view(view: MemoryView, model_name: str = "") -> str:
                           else "Top trigger examples (most negative m)")
         sides.append(f'<div class="{cls}" data-sign="{side.sign}"><h3>{_e(label)}</h3>'
                      f'{render_top_tokens(side.top_tokens, "Top tokens of " + ("v" if side.sign > 0 else "−v"))}'
-                     f'{render_triggers(side.triggers, triggers_title)}{render_measures(side.measures)}</div>')
+                     f'{render_triggers(side.triggers, triggers_title, link)}{render_measures(side.measures)}</div>')
     marks = {}
     for side in view.sides:
         if not side.triggers.empty:
@@ -176,7 +206,7 @@ def render_memory_view(view: MemoryView, model_name: str = "") -> str:
     return (f'{STYLE}<div class="ffn-view ffn-memory-view" data-layer="{view.layer}" data-memory="{view.memory}">'
             f'<h3>Layer {view.layer}, memory {view.memory}{where}</h3>'
             f'<p class="ffn-note">||v|| = {view.value_norm:.3g}</p>{hist}'
-            f'<div class="ffn-sides">{"".join(sides)}</div></div>')
+            f'<div class="ffn-sides">{"".join(sides)}</div>{below}</div>')
 
 
 def render_search_results(frame: pd.DataFrame, by: str) -> str:
