@@ -445,3 +445,62 @@ def test_memory_top_tokens_reuse_notebook_02s_projection(tiny, tmp_path, capsys)
     project_values(tiny, layers=[0], top_k=3, out_dir=tmp_path / "part", progress=False)
     agg.memory_top_tokens(tiny, True, cache=tmp_path / "c", progress=True, projections=tmp_path / "part")
     assert "from the cached projection" not in capsys.readouterr().out
+
+
+# ---- Section 5 per memory (ffnlib.participation) ------------------------------------------------------------
+def test_per_memory_tallies_add_up_to_the_per_example_columns(tiny, tiny_result):
+    """Per layer, the memories' active and agreeing counts sum to the per-example table's n_active and
+    agree_output, and each example's update shares sum to 1: the per-memory table is an exact regrouping."""
+    from ffnlib import participation
+
+    result, folder = tiny_result
+    memories = participation.analyse_memories(tiny, result, out_dir=folder / "out", value_cache=folder / "values",
+                                              progress=False)
+    n = len(result.examples)
+    assert len(memories) == tiny.adapter.n_layers * tiny.adapter.d_ff and (memories["n_examples"] == n).all()
+    per_layer = memories.groupby("layer")
+    counts = result.frame.groupby("layer")
+    np.testing.assert_allclose(per_layer["active_rate"].sum() * n, counts["n_active"].sum())
+    np.testing.assert_allclose(per_layer["agreeing_rate"].sum() * n, counts["agree_output"].sum())
+    np.testing.assert_allclose(per_layer["mean_update_share"].sum(), 1.0, rtol=1e-9)
+    assert memories[list(participation.MEMORY_COLUMNS)].apply(lambda c: c.between(0, 1).all()).all()
+    assert (memories["agreeing_rate"] <= memories["active_rate"]).all()
+
+
+def test_per_memory_table_is_cached_and_resumes(tiny, tiny_result, tmp_path, monkeypatch):
+    from ffnlib import participation
+
+    result, folder = tiny_result
+    kwargs = dict(out_dir=tmp_path, value_cache=folder / "values", progress=False)
+    reference = participation.analyse_memories(tiny, result, **kwargs)
+    name = participation.memories_request(tiny, result)[1]
+    assert (tmp_path / f"{name}.manifest.json").exists() and not list(tmp_path.glob("*.partial"))
+    (tmp_path / f"{name}.manifest.json").unlink()
+    real, calls = participation.batch_tallies, {"n": 0}
+
+    def interrupted(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(participation, "batch_tallies", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        participation.analyse_memories(tiny, result, **kwargs)
+    calls["n"] = 10
+    resumed = participation.analyse_memories(tiny, result, **kwargs)
+    assert calls["n"] == 10 + result.info["batches"] - 1  # the finished batch came from its checkpoint
+    pd.testing.assert_frame_equal(resumed, reference)
+    monkeypatch.setattr(participation, "batch_tallies", lambda *a, **kw: pytest.fail("recomputed a cached table"))
+    pd.testing.assert_frame_equal(participation.analyse_memories(tiny, result, **kwargs), reference)
+
+
+def test_per_memory_table_refuses_another_models_result(tiny, tiny_result):
+    from ffnlib import participation
+
+    result, _ = tiny_result
+    other = agg.AggregationResult(result.frame, result.examples, {**result.manifest, "model": "gpt2"})
+    with pytest.raises(ParameterError, match="is of 'gpt2'"):
+        participation.analyse_memories(tiny, other)
+    with pytest.raises(ParameterError, match="AggregationResult"):
+        participation.analyse_memories(tiny, result.frame)

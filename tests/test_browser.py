@@ -391,7 +391,8 @@ def _follow_the_card(page, explorer, lab, tmp_path, shots):
     assert card.locator("section").count() == 3  # a section per paper, under today's memory view
     assert explorer.locator(".ffn-memory-out .ffn-triggers mark").count() == 20
     assert card.locator(".ffn-card-facts tr").count() >= 2 and card.locator(".ffn-card-percentiles tr").count() > 6
-    assert "run notebook 07_moefication" in card.locator(".ffn-missing[data-field='router']").text_content()
+    assert card.locator(".ffn-card-suppression tr").count() >= 2  # each neuron suppressed alone (notebook 06)
+    assert card.locator(".ffn-card-router tr").count() >= 2  # the trained router's picks of its expert (07)
     page.set_viewport_size({"width": 1400, "height": 1800})  # the whole card, for docs/card.md
     shots["memory_card"] = _shot(page, card, tmp_path / "memory_card.png", max_height=1750)
     page.set_viewport_size({"width": 1400, "height": 1200})

@@ -68,7 +68,8 @@ def test_every_field_is_filled_or_names_the_notebook_that_computes_it(smollm, ru
     card = memory_card(smollm, int(neuron["layer"]), int(neuron["memory"]), results=run)
     _check_filled_or_named(card)
     # what the ci run computes is read, not reported missing
-    for name in ("triggers", "pattern", "value_tokens", "value_agreement", "facts", "corpus_size", "percentiles"):
+    for name in ("triggers", "pattern", "value_tokens", "value_agreement", "aggregation", "facts", "suppression",
+                 "corpus_size", "percentiles"):
         assert getattr(card, name) is not None, card.missing.get(name)
     assert set(card.triggers["sign"]) == {1, -1} and (card.triggers.groupby("sign").size() == 10).all()
     assert card.notes["value_tokens"].startswith("notebook 02's projection")
@@ -89,7 +90,27 @@ def test_a_knowledge_neurons_card_lists_the_fact_it_was_found_for(smollm, run):
     assert len(facts) == 1 and facts["relation"].item() == neuron["relation"]
     assert facts["subject"].item() and facts["answer"].item(), card.notes.get("facts")
     assert facts["mean_score"].item() > 0  # its attribution for that fact, read from 06's cached attribution
-    assert "suppression" in card.missing and _named_notebook(card.missing["suppression"]) == "06_knowledge_neurons"
+    # suppressing it alone, at the fact's prompts, beside a random memory of its layer (notebook 06's rows)
+    alone = card.suppression.set_index(["fact_id", "sign"]).loc[(int(neuron["fact_id"]), int(neuron["sign"]))]
+    each = run.table("06_suppress_each")
+    mine = each[(each["layer"] == neuron["layer"]) & (each["memory"] == neuron["memory"])
+                & (each["fact_id"] == neuron["fact_id"]) & (each["sign"] == neuron["sign"])]
+    assert alone["prompts"] == (mine["kind"] == "knowledge").sum() > 0
+    assert alone["change"] == pytest.approx(mine.loc[mine["kind"] == "knowledge", "change"].mean())
+    assert np.isfinite(alone["random_change"])
+
+
+def test_a_cards_aggregation_is_notebook_03s_per_memory_row(smollm, run):
+    from ffnlib.participation import MEMORY_COLUMNS
+
+    card = memory_card(smollm, 15, 321, results=run)
+    assert card.aggregation is not None, card.missing.get("aggregation")
+    name = run.find(analysis="section5-memories")[0]
+    row = run.load(name).set_index(["layer", "memory"]).loc[(15, 321)]
+    for column in MEMORY_COLUMNS:
+        assert card.aggregation[column].item() == row[column]
+    placed = card.percentiles[card.percentiles["section"] == "aggregation"]
+    assert len(placed) == 3 and placed["control_percentile"].notna().all()  # the ci run has a control
 
 
 def test_an_expert_mates_card_lists_the_first_memory_as_its_mate(smollm, run):
@@ -105,7 +126,14 @@ def test_an_expert_mates_card_lists_the_first_memory_as_its_mate(smollm, run):
         mate = memory_card(smollm, layer, int(row.mates[-1]), results=run)
         theirs = mate.experts.set_index("split").loc[row.split]
         assert theirs["expert"] == row.expert and 0 in theirs["mates"]
-    assert _named_notebook(first.missing["router"]) == "07_moefication"
+    # the trained router's picks of the memory's expert, at each share kept; a mate's expert is the same expert
+    assert first.router is not None, first.missing.get("router")
+    assert set(first.router["split"]) <= set(first.experts["split"]) and len(first.router)
+    assert first.router["picked_rate"].between(0, 1).all()
+    kmeans = first.router[first.router["split"] == "kmeans"].reset_index(drop=True)
+    mate = memory_card(smollm, layer, int(first.experts.set_index("split").loc["kmeans", "mates"][0]), results=run)
+    theirs = mate.router[mate.router["split"] == "kmeans"].reset_index(drop=True)
+    assert kmeans[["share", "expert", "picked_rate"]].equals(theirs[["share", "expert", "picked_rate"]])
 
 
 def test_a_card_on_an_empty_results_folder_names_the_notebooks_for_every_section(smollm, run, tmp_path):

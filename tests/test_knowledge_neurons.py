@@ -315,6 +315,26 @@ def test_the_experiments_leave_the_model_as_it_was():
     assert torch.allclose(vectors[(2, 1)], expected.float().to(vectors[(2, 1)].dtype), rtol=1e-6)
 
 
+def test_suppressing_each_neuron_alone_equals_the_facts_suppression_where_it_is_the_only_one():
+    loaded, prompts, neurons, _ = _edit_study()
+    each = kn.suppress_each(loaded, prompts, neurons, seed=0)
+    together = kn.suppress_amplify(loaded, prompts, neurons, seed=0)
+    analysed = prompts[prompts["fact_id"].isin(neurons["fact_id"])]
+    per_fact = neurons.groupby("fact_id").size()
+    assert len(each) == 2 * sum(per_fact[f] for f in analysed["fact_id"])  # every (prompt, neuron), and a control
+    mine = each[each["kind"] == "knowledge"].merge(neurons, on=["fact_id", "layer", "memory"])
+    assert len(mine) == len(each) // 2  # only the fact's own neurons are suppressed as knowledge neurons
+    control = each[each["kind"] == "random"]
+    assert not set(zip(control["fact_id"], control["layer"], control["control_memory"])) & set(
+        zip(neurons["fact_id"], neurons["layer"], neurons["memory"]))
+    single = per_fact[per_fact == 1].index
+    alone = each[(each["kind"] == "knowledge") & each["fact_id"].isin(single)].sort_values("prompt_id")
+    joint = together[(together["kind"] == "knowledge") & (together["operation"] == "suppress")
+                     & together["fact_id"].isin(single)].sort_values("prompt_id")
+    assert len(alone) and alone["change"].to_numpy() == pytest.approx(joint["change"].to_numpy(), rel=1e-6)
+    assert (alone["change"] != 0).any()  # the tiny model's answers move when a neuron is suppressed
+
+
 def test_an_edit_that_breaks_perplexity_past_the_bound_is_not_a_success():
     assert kn.edit_success(0, 30.0, 44.9)  # rank 1, perplexity 1.50x: within the default bound
     assert not kn.edit_success(0, 30.0, 45.1)  # rank 1, but 1.503x

@@ -405,6 +405,15 @@ def test_evaluation_resumes_after_an_interruption_with_identical_results(llama, 
     pd.testing.assert_frame_equal(resumed.sentences, full.sentences)
     pd.testing.assert_frame_equal(resumed.layers, full.layers)
     pd.testing.assert_frame_equal(resumed.sparsity, full.sparsity)
+    pd.testing.assert_frame_equal(resumed.picks, full.picks)
+    # the trained router's picks: every token picks exactly experts_kept experts, and an expert's memories share it
+    picks = moe.router_picks(full, prepared.splits)
+    assert set(picks["split"]) == {s for s in prepared.splits.splits} and (picks["picked_rate"].between(0, 1)).all()
+    totals = picks.groupby(["split", "share", "layer"]).agg(total=("picked_rate", "sum"), k=("experts_kept", "first"))
+    np.testing.assert_allclose(totals["total"], totals["k"], rtol=1e-9)
+    per_expert = full.picks.merge(prepared.splits.frame.astype({"layer": np.int16}), on=["split", "layer", "memory"])
+    assert (per_expert.groupby(["config", "layer", "expert"])["kept_rate"].nunique() == 1).all()
+    assert (picks["uniform_rate"] == picks["experts_kept"] / picks["n_experts"]).all()
     dense = full.sentences[full.sentences["config"] == "dense"]
     assert (dense["agree"] == dense["tokens"]).all()
     quality = moe.quality_table(prepared.plan, full, n_boot=100)

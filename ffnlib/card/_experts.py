@@ -1,6 +1,6 @@
 """The experts side of a card (notebook 07, MoEfication): the memory's expert under each split (k-means,
 co-activation, and each draw of the random split), the expert's other members, and how often the trained router
-picks that expert where notebook 07 saved it; read from notebook 07's cached splits."""
+picks that expert (``tables/07_router_picks.csv``); read from notebook 07's cached splits and tables."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def experts_part(run, layer: int, memory: int) -> Part:
                       "mates": [m for m in members if m != memory]})
     part.fields["experts"] = pd.DataFrame(table)
     part.notes["experts"] = f"notebook 07's splits ({name}); mates: the expert's other memories"
-    part.lack("router", "it saves each router's weights and validation mass (moe-routers-*.parquet), not how "
-                        "often the router picks each expert")
+    picks = run.table("07_router_picks")
+    if picks is None or not {"split", "share", "layer", "expert", "picked_rate"} <= set(picks.columns):
+        part.lack("router", "the run's notebook 07 saved the routers' weights and validation mass, not how often "
+                            "the trained router picks each expert (tables/07_router_picks.csv)")
+        return part
+    mine = part.fields["experts"][["split", "expert"]]
+    rows = picks[picks["layer"] == layer].merge(mine, on=["split", "expert"])
+    columns = ["split", "share", "expert", "picked_rate", "uniform_rate", "experts_kept", "n_experts"]
+    part.fields["router"] = rows.reindex(columns=columns).sort_values(["split", "share"]).reset_index(drop=True)
+    part.notes["router"] = ("notebook 07's trained (mlp) router on held-out tokens: picked_rate = share of tokens at "
+                            "which it picked this memory's expert, at each share of experts kept; uniform_rate = "
+                            "a router that picks every expert equally often")
     return part

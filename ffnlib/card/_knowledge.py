@@ -18,8 +18,9 @@ from ..related import knowledge_neurons as kn
 from ..storage import fingerprint
 from ._part import Part
 
-__all__ = ["knowledge_neurons", "knowledge_part"]
+__all__ = ["knowledge_neurons", "knowledge_part", "suppression_rows"]
 
+_SUPPRESSION_COLUMNS = ["fact_id", "sign", "relation", "prompts", "change", "random_change"]
 _FACT_COLUMNS = ["relation", "fact_id", "subject", "answer", "prompt", "sign", "prompts", "share", "mean_ratio",
                  "mean_score"]
 
@@ -111,16 +112,34 @@ def knowledge_part(loaded, run, layer: int, memory: int, seed: int = 0) -> Part:
     part.notes.setdefault("facts", f"notebook 06's knowledge neurons of {summary.get('analysed_facts')} facts "
                                    "(share: of the fact's prompts where it was a coarse neuron; mean_ratio: its "
                                    "attribution over the prompt's largest; mean_score: its attribution)")
-    effects = run.table("06_suppress_amplify")
     if len(mine) == 0:
-        part.fields["suppression"] = pd.DataFrame(columns=["fact_id", "operation", "change"])
+        part.fields["suppression"] = pd.DataFrame(columns=_SUPPRESSION_COLUMNS)
         part.notes["suppression"] = "not a knowledge neuron of any analysed fact: nothing was suppressed"
-    else:
-        part.lack("suppression", "it suppresses each fact's knowledge neurons together and saves only the mean "
-                                 "change over facts (tables/06_suppress_amplify.csv), not each fact's")
-        if effects is not None and {"kind", "operation", "mean"} <= set(effects.columns):
-            mean = effects.set_index(["operation", "kind"])["mean"]
-            part.notes["suppression"] = "notebook 06's mean change of a fact's answer probability: " + "; ".join(
-                f"{op} its knowledge neurons {mean.get((op, 'knowledge'), np.nan):+.1%} (as many random memories "
-                f"{mean.get((op, 'random'), np.nan):+.1%})" for op in ("suppress", "amplify"))
+        return part
+    each = run.table("06_suppress_each")
+    if each is None or not {"fact_id", "layer", "memory", "kind", "change"} <= set(each.columns):
+        part.lack("suppression", "the run's notebook 06 saved only the mean change of suppressing each fact's "
+                                 "neurons together (tables/06_suppress_amplify.csv), not each neuron's "
+                                 "(tables/06_suppress_each.csv)")
+        return part
+    part.fields["suppression"] = suppression_rows(each, layer, memory)
+    part.notes["suppression"] = ("notebook 06: this memory's coefficient set to 0 alone at the last position of its "
+                                 "fact's prompts; change = relative change of the answer's probability (mean over "
+                                 "prompts), beside one random memory of the layer suppressed alone")
     return part
+
+
+def suppression_rows(each: pd.DataFrame, layer: int, memory: int) -> pd.DataFrame:
+    """Per fact (and sign), the mean change of the answer's probability when memory ``memory`` of ``layer`` is
+    suppressed alone, and when its random counterpart is (``kn.suppress_each``'s rows)."""
+    mine = each[(each["layer"] == layer) & (each["memory"] == memory)]
+    keys = ["fact_id", "sign"] if "sign" in mine.columns else ["fact_id"]
+    rows = []
+    for key, group in mine.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        alone, random = (group.loc[group["kind"] == kind, "change"] for kind in ("knowledge", "random"))
+        rows.append({**dict(zip(keys, map(int, key))), "relation": group["relation"].iloc[0]
+                     if "relation" in group.columns else None, "prompts": int(len(alone)),
+                     "change": float(alone.mean()) if len(alone) else np.nan,
+                     "random_change": float(random.mean()) if len(random) else np.nan})
+    return pd.DataFrame(rows).reindex(columns=_SUPPRESSION_COLUMNS)

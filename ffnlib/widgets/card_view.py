@@ -70,6 +70,10 @@ def _share(value) -> str:
     return "–" if value is None or not math.isfinite(float(value)) else f"{float(value):.0%}"
 
 
+def _rate(value) -> str:
+    return "–" if value is None or not math.isfinite(float(value)) else f"{float(value):.1%}"
+
+
 def _side(sign) -> str:
     return "+v" if int(sign) > 0 else ("−v" if int(sign) < 0 else "±v")
 
@@ -105,8 +109,12 @@ def _agreement(card: MemoryCard, link) -> str:
 
 
 def _aggregation(card: MemoryCard, link) -> str:
-    frame = card.aggregation.drop(columns=["memory"], errors="ignore")
-    return _table(list(frame.columns), [[_num(v) for v in row] for row in frame.itertuples(index=False)])
+    names = {"active_rate": "active", "mean_update_share": "mean share of the layer's update",
+             "agreeing_rate": "agrees with the layer's prediction", "n_examples": "held-out examples"}
+    frame = card.aggregation[[c for c in names if c in card.aggregation.columns]]
+    rows = [[_num(v) if c == "n_examples" else _rate(v) for c, v in zip(frame.columns, row)]
+            for row in frame.itertuples(index=False)]
+    return _table([names[c] for c in frame.columns], rows, "ffn-card-aggregation")
 
 
 def _corpus(card: MemoryCard, link) -> str:
@@ -151,7 +159,16 @@ def _suppression(card: MemoryCard, link) -> str:
     frame = card.suppression
     if frame.empty:
         return ""
-    return _table(list(frame.columns), [[_num(v) for v in row] for row in frame.itertuples(index=False)])
+    facts = {} if card.facts is None else {int(r.fact_id): f"{r.subject} → {r.answer}" for r in
+                                           card.facts.itertuples() if isinstance(r.subject, str) and r.subject}
+    rows = [[_e(facts.get(int(r.fact_id), f"fact #{int(r.fact_id)}")), _e(r.relation), _side(r.sign), _num(r.prompts),
+             _change(r.change), _change(r.random_change)] for r in frame.itertuples()]
+    return _table(["fact", "relation", "side", "prompts", "answer's probability, it suppressed alone",
+                   "a random memory of the layer suppressed alone"], rows, "ffn-card-suppression")
+
+
+def _change(value) -> str:
+    return "–" if value is None or not math.isfinite(float(value)) else f"{float(value):+.1%}"
 
 
 def _experts(card: MemoryCard, link) -> str:
@@ -164,9 +181,16 @@ def _experts(card: MemoryCard, link) -> str:
     return _table(["split", "expert", "memories", "its other memories (mates)"], rows, "ffn-card-experts")
 
 
+def _router(card: MemoryCard, link) -> str:
+    rows = [[_e(r.split), _share(r.share), _num(int(r.expert)), _rate(r.picked_rate), _rate(r.uniform_rate)]
+            for r in card.router.itertuples()]
+    return _table(["split", "experts kept", "expert", "tokens where the router picks it",
+                   "a router picking every expert equally"], rows, "ffn-card-router")
+
+
 _RENDER = {"pattern": _pattern, "removal": _removal, "value_agreement": _agreement, "aggregation": _aggregation,
            "corpus_size": _corpus, "percentiles": _percentiles, "facts": _facts, "suppression": _suppression,
-           "experts": _experts}
+           "router": _router, "experts": _experts}
 
 
 def _field(card: MemoryCard, name: str, link) -> str:

@@ -53,7 +53,7 @@ from ._editing import (MAX_PERPLEXITY_RATIO, edit_facts, edit_success, edited_va
                        update_vectors)
 from ._evaluation import (accuracy_by_relation, answer_probabilities, evaluate_prompts, heldout_token_lists,
                           select_facts)
-from ._experiments import erase_relations, same_answer_effect, specificity, suppress_amplify
+from ._experiments import erase_relations, same_answer_effect, specificity, suppress_amplify, suppress_each
 from ._facts import (BIGBENCH_VERSION, FACT_SOURCES, countryinfo_facts, load_facts, sample_facts, wikidata_facts,
                      wikidata_facts_from_task)
 from ._integrated_gradients import (METHODS, TARGETS, captum_integrated_gradients, fast_integrated_gradients,
@@ -78,7 +78,8 @@ __all__ = [
     # neurons
     "coarse_neurons", "refine", "find_knowledge_neurons", "neurons_per_fact", "relation_neurons", "random_like",
     # experiments, editing, views
-    "suppress_amplify", "specificity", "same_answer_effect", "erase_relations", "edited_values", "update_vectors",
+    "suppress_amplify", "suppress_each", "specificity", "same_answer_effect", "erase_relations", "edited_values",
+    "update_vectors",
     "MAX_PERPLEXITY_RATIO", "edit_success", "edit_facts", "lambda2_sweep", "sweep_table", "value_view",
     "cached_trigger_examples", "trigger_view", "layer_view",
     # scales and the report's numbers

@@ -19,7 +19,7 @@ from ._evaluation import answer_probabilities
 from ._facts import stable_seed
 from ._neurons import fact_neurons, random_like, relation_neurons
 
-__all__ = ["suppress_amplify", "specificity", "same_answer_effect", "erase_relations"]
+__all__ = ["suppress_amplify", "suppress_each", "specificity", "same_answer_effect", "erase_relations"]
 
 
 def suppress_amplify(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, seed: int = 0,
@@ -57,6 +57,44 @@ def suppress_amplify(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, seed:
             continue
         rows.append({**info, "p_before": before, "p_after": float(p), "change": (float(p) - before) / before})
     return pd.DataFrame(rows)
+
+
+def suppress_each(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, seed: int = 0, factor: float = 0.0,
+                  batch_size: int = 32) -> pd.DataFrame:
+    """Each knowledge neuron alone: its coefficient times ``factor`` (0: suppressed) at the last position of each
+    of its fact's prompts, against one random memory of the same layer (seeded, none of the fact's) treated the
+    same way. :func:`suppress_amplify` changes a fact's neurons together; this says what each one does (the
+    memory card shows it).
+
+    One row per (prompt, neuron, kind): fact_id, relation, prompt_id, layer, memory (the knowledge neuron; for
+    ``kind="random"`` its random counterpart is in ``control_memory``), kind, p_before, p_after, change.
+    """
+    columns = ["fact_id", "relation", "prompt_id", "layer", "memory", "control_memory", "kind", "p_before",
+               "p_after", "change"]
+    by_fact = fact_neurons(neurons)
+    jobs, meta = [], []
+    for fact, group in prompts[prompts["fact_id"].isin(by_fact)].groupby("fact_id"):
+        kn = by_fact[int(fact)]
+        control = random_like(kn, loaded.adapter.d_ff, np.random.default_rng([seed, int(fact), 11]))
+        for row in group.itertuples():
+            jobs.append((row.prompt_ids, row.answer_token, {}))
+            meta.append(None)
+            for neuron, other in zip(kn, control):
+                for kind, chosen in (("knowledge", neuron), ("random", other)):
+                    jobs.append((row.prompt_ids, row.answer_token, {chosen: factor}))
+                    meta.append({"fact_id": int(fact), "relation": row.relation, "prompt_id": int(row.prompt_id),
+                                 "layer": neuron[0], "memory": neuron[1], "control_memory": other[1], "kind": kind})
+    if not jobs:
+        return pd.DataFrame(columns=columns)
+    result = answer_probabilities(loaded, [j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
+                                  batch_size=batch_size)
+    rows, before = [], None
+    for info, p in zip(meta, result["p_answer"]):
+        if info is None:
+            before = float(p)
+            continue
+        rows.append({**info, "p_before": before, "p_after": float(p), "change": (float(p) - before) / before})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def specificity(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, heldout: Sequence[Sequence[int]],

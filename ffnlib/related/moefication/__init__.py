@@ -54,7 +54,8 @@ authors' T5 and BERT settings):
 sparsified (per configuration: per-sentence negative log-likelihood and top-1 agreement with the dense
 model; per layer: memories kept and the share of ``Σ|m_i|·||v_i||`` kept); :func:`quality_table` gives
 perplexity and agreement with seeded bootstrap 95% intervals over sentences (random experts: over
-the random splits and the sentences, the mean over the splits); :func:`sparsity_table` the
+the random splits and the sentences, the mean over the splits); :func:`router_picks` how often the trained
+router picks each expert, against a uniform router's rate; :func:`sparsity_table` the
 share of the ``|m_i|·||v_i||`` mass carried by the top k% of memories; :func:`expert_coherence` the
 key-value view (do an expert's memories share trigger topics or value tokens, against random experts);
 :func:`measures` the numbers the findings registry
@@ -106,7 +107,7 @@ from ._sizes import SIZES, Sizes, get_sizes, spread_layers
 from ._sparsify import CatsRule, ExpertRule, Record, Rule, TealRule, sparsify
 from ._splits import ExpertSplits, labels_frame, make_splits
 from ._tables import (bootstrap_metrics, per_sentence, quality_table, random_draws, random_draws_table,
-                      sparsity_table)
+                      router_picks, sparsity_table)
 from ._thresholds import THRESHOLD_WHAT, calibrate_thresholds
 
 # the old module's public names; CACHE_VERSION, the rules (Rule, ExpertRule, CatsRule, TealRule) and labels_frame
@@ -121,5 +122,5 @@ __all__ = ["SPLITS", "ROUTERS", "METHODS", "CLUSTER_ROWS", "SPARSITY_TOPS", "PAP
            "THRESHOLD_WHAT", "calibrate_thresholds", "centroid_keys", "MLPRouter", "train_router", "Routers",
            "router_data", "train_routers", "Config", "default_configs", "Record", "sparsify", "Plan", "Evaluation",
            "evaluate", "bootstrap_metrics", "random_draws", "per_sentence", "quality_table", "random_draws_table",
-           "sparsity_table", "memory_topics", "expert_coherence", "COMPARISONS", "measures", "ExpertFFN",
-           "route_random", "replace_share"]
+           "sparsity_table", "router_picks", "memory_topics", "expert_coherence", "COMPARISONS", "measures",
+           "ExpertFFN", "route_random", "replace_share"]

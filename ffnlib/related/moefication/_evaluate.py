@@ -1,8 +1,9 @@
 """Evaluation (:func:`evaluate`): held-out sentences through the dense model and every configuration. Per
 configuration and sentence: tokens predicted, summed negative log-likelihood and top-1 agreement with the dense
 model (``ffnlib.evaluate.heldout_predictions``, with the configuration applied around each batch); per configuration
-and layer: the :class:`Record`'s shares; from the dense pass, the memories' sparsity. Every finished configuration
-is saved, so a run resumes."""
+and layer: the :class:`Record`'s shares; per trained-router configuration, how often each memory was kept (its
+expert picked); from the dense pass, the memories' sparsity. Every finished configuration is saved, so a run
+resumes."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ._passes import real_tokens
 from ._plan import Plan
 from ._sparsify import Record
 
-__all__ = ["Evaluation", "evaluate"]
+__all__ = ["Evaluation", "evaluate", "records_picks"]
 
 
 @dataclass
@@ -36,13 +37,20 @@ class Evaluation:
     """Per configuration and held-out sentence: tokens predicted, summed negative log-likelihood, top-1
     agreements with the dense model (``sentences``); per configuration and layer: the Record's shares
     (``layers``); from the dense pass, per sentence and layer, the |m|·||v|| mass in the top k% of
-    memories (``sparsity``)."""
+    memories (``sparsity``); per configuration with the trained (mlp) router, layer and memory, the share of
+    held-out tokens at which the memory's expert was picked (``picks``)."""
 
     sentences: pd.DataFrame
     layers: pd.DataFrame
     sparsity: pd.DataFrame
     manifest: dict
     configs: list[Config] = field(default_factory=list)
+    picks: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def records_picks(config: Config) -> bool:
+    """Whether the evaluation keeps each memory's kept rate for ``config``: the trained router's choices."""
+    return config.method == "experts" and config.router == "mlp"
 
 
 def _sparsity_rows(acts, real: torch.Tensor, norms: dict[int, torch.Tensor], sentence_ids: np.ndarray,
@@ -73,6 +81,8 @@ def _sparsity_rows(acts, real: torch.Tensor, norms: dict[int, torch.Tensor], sen
 def _load_config(folder: Path, config: Config, request: dict):
     """A finished configuration's saved parts (None when any is missing or stale)."""
     names = [config.name, f"{config.name}-layers"]
+    if records_picks(config):
+        names.append(f"{config.name}-picks")
     if config.method == "dense":
         names += ["dense-sparsity", "dense-top1"]
     parts = [load_result(folder, name, request) for name in names]
@@ -106,7 +116,7 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
     planned = sentence_batches(loaded, table["token_ids"].tolist(), batch_tokens, MAX_PADDING)
     sentence_ids = table["sentence_id"].to_numpy(np.int64)
     dense_top: dict[int, np.ndarray] = {}
-    per_sentence, per_layer, sparsity, reused = [], [], None, 0
+    per_sentence, per_layer, picks, sparsity, reused = [], [], [], None, 0
     bar = tqdm(total=len(configs) * len(planned), desc="Evaluating sparsified models", unit="batch",
                disable=not progress)
     try:
@@ -116,6 +126,8 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
             if saved is not None:
                 per_sentence.append(saved[0])
                 per_layer.append(saved[1])
+                if records_picks(config):
+                    picks.append(saved[2])
                 if config.method == "dense":
                     sparsity = saved[2]
                     dense_top = {int(s): np.asarray(t) for s, t in zip(saved[3]["sentence_id"], saved[3]["top1"])}
@@ -123,7 +135,7 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
                 bar.update(len(planned))
                 continue
             dense = config.method == "dense"
-            record = Record(record_norms)
+            record = Record(record_norms, per_memory=records_picks(config))
             sparsity_rows = []
 
             @contextmanager
@@ -154,6 +166,8 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
             lay = record.frame().assign(**config.as_dict())
             per_sentence.append(sent)
             per_layer.append(lay)
+            if records_picks(config):
+                picks.append(record.memories().assign(**config.as_dict()))
             if dense:
                 sparsity = pd.DataFrame(sparsity_rows)
             if folder is not None:
@@ -161,6 +175,8 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
                     save_result(folder, "dense-sparsity", sparsity, creq)
                     save_result(folder, "dense-top1", pd.DataFrame(top_rows), creq)
                 save_result(folder, f"{config.name}-layers", lay, creq)
+                if records_picks(config):
+                    save_result(folder, f"{config.name}-picks", picks[-1], creq)
                 save_result(folder, config.name, sent, creq)
     finally:
         bar.close()
@@ -168,4 +184,4 @@ def evaluate(plan: Plan, heldout: pd.DataFrame, configs: Sequence[Config], batch
         say(f"Reused {reused} of {len(configs)} evaluated configurations from {folder} (same model, plan, "
              f"sentences and settings); computed the other {len(configs) - reused}.", progress)
     return Evaluation(pd.concat(per_sentence, ignore_index=True), pd.concat(per_layer, ignore_index=True),
-                      sparsity, request, configs)
+                      sparsity, request, configs, pd.concat(picks, ignore_index=True) if picks else pd.DataFrame())

@@ -92,12 +92,15 @@ class TealRule(Rule):
 
 
 class Record:
-    """Per-layer sums over the real tokens of a sparsified run: memories kept, inputs kept, size kept."""
+    """Per-layer sums over the real tokens of a sparsified run: memories kept, inputs kept, size kept; with
+    ``per_memory``, also how often each memory was kept (for experts: how often the router picked its expert)."""
 
-    def __init__(self, norms: dict[int, torch.Tensor]):
+    def __init__(self, norms: dict[int, torch.Tensor], per_memory: bool = False):
         self.norms = norms
         self.real: torch.Tensor | None = None  # flattened (rows·tokens,) bool, set before each forward
         self.sums: dict[int, np.ndarray] = {}  # layer -> [tokens, kept_memories, kept_inputs, size_kept]
+        self.per_memory = per_memory
+        self.kept: dict[int, torch.Tensor] = {}  # layer -> (d_ff,) tokens at which each memory was kept
 
     def _flat_real(self, n: int, device) -> torch.Tensor:
         if self.real is None or self.real.numel() != n:
@@ -114,6 +117,17 @@ class Record:
         inputs = (x_new[real] != 0).float().mean(-1).sum() if x_new is not None else real.sum()
         add = np.array([int(real.sum()), float(kept.mean(-1).sum()), float(inputs), float(share.sum())])
         self.sums[layer] = self.sums.get(layer, np.zeros(4)) + add
+        if self.per_memory:
+            counts = kept.double().sum(0).cpu()
+            self.kept[layer] = self.kept[layer] + counts if layer in self.kept else counts
+
+    def memories(self) -> pd.DataFrame:
+        """With ``per_memory``: per layer and memory, the share of real tokens at which the memory was kept."""
+        parts = [pd.DataFrame({"layer": np.int16(layer), "memory": np.arange(len(counts), dtype=np.int32),
+                               "kept_rate": counts.numpy() / max(self.sums[layer][0], 1)})
+                 for layer, counts in sorted(self.kept.items())]
+        return (pd.concat(parts, ignore_index=True) if parts else
+                pd.DataFrame(columns=["layer", "memory", "kept_rate"]))
 
     def frame(self) -> pd.DataFrame:
         rows = [{"layer": layer, "tokens": int(s[0]), "kept_memories": s[1] / max(s[0], 1),

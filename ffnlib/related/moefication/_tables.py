@@ -12,13 +12,14 @@ import numpy as np
 import pandas as pd
 
 from ...stats import percentile_interval, resample_indices, two_level
+from ._choices import experts_kept
 from ._configs import Config
 from ._evaluate import Evaluation
 from ._partitions import split_draw, split_kind
 from ._plan import Plan
 
 __all__ = ["bootstrap_metrics", "random_draws", "per_sentence", "quality_table", "random_draws_table",
-           "sparsity_table"]
+           "sparsity_table", "router_picks"]
 
 
 def bootstrap_metrics(evaluation: Evaluation, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
@@ -160,3 +161,22 @@ def sparsity_table(evaluation: Evaluation, n_layers: int, n_boot: int = 1000, se
             row[f"{column}_low"], row[f"{column}_high"] = low, high
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def router_picks(evaluation: Evaluation, splits) -> pd.DataFrame:
+    """How often the trained (mlp) router picks each expert on held-out tokens: per split, share, layer and expert,
+    ``picked_rate`` (the share of tokens at which it was among the ``experts_kept``), beside ``uniform_rate``
+    = experts_kept / n_experts, the rate of a router that picks every expert equally often (the base rate)."""
+    columns = ["split", "share", "layer", "expert", "picked_rate", "experts_kept", "n_experts", "uniform_rate"]
+    picks = evaluation.picks
+    if picks is None or picks.empty:
+        return pd.DataFrame(columns=columns)
+    labels = splits.frame[["split", "layer", "memory", "expert"]]
+    merged = picks.astype({"layer": np.int64, "memory": np.int64}).merge(
+        labels.astype({"layer": np.int64, "memory": np.int64}), on=["split", "layer", "memory"], how="left")
+    table = merged.groupby(["split", "share", "layer", "expert"], sort=True)["kept_rate"].mean().rename("picked_rate")
+    table = table.reset_index()
+    table["n_experts"] = splits.n_experts
+    table["experts_kept"] = [experts_kept(float(share), splits.n_experts) for share in table["share"]]
+    table["uniform_rate"] = table["experts_kept"] / table["n_experts"]
+    return table[columns]
