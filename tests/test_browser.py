@@ -1,7 +1,8 @@
 """End to end in a real browser: JupyterLab (headless, 127.0.0.1, token) runs notebooks/05_explorer.ipynb at
 scale="ci" in headless Chromium driven by Playwright; the test types a prompt and clicks through the three views,
 checks what renders against the model run in this process, opens a knowledge neuron's memory card and follows a link
-of each kind (an expert mate, a trigger example, a fact), then opens the static atlas pages and follows theirs.
+of each kind (an expert mate, a trigger example, a fact, a memory like this one), then opens the static atlas pages
+and follows theirs.
 It runs after tests/test_notebooks.py (tests/conftest.py), whose results the cards read.
 
 Set-up: Debian's Chromium (``apt-get install -y chromium`` when missing and we are root) and the ``playwright``
@@ -376,7 +377,8 @@ def _open_memory(page, explorer, layer: int, memory: int, how) -> None:
 
 
 def _follow_the_card(page, explorer, lab, tmp_path, shots):
-    """Open a knowledge neuron's card, and follow a link of each kind: expert mate (and back), trigger, fact."""
+    """Open a knowledge neuron's card, and follow a link of each kind: expert mate (and back), trigger, fact, a
+    memory like this one."""
     layer, memory = _card_memory(lab["results"])
     explorer.locator(".lm-TabBar-tab", has_text="Memory").click()
 
@@ -415,6 +417,12 @@ def _follow_the_card(page, explorer, lab, tmp_path, shots):
     prompt = fact.text_content()
     fact.click()
     _prompt_analysed(page, explorer, prompt)
+    # a memory like this one (by value, then by shared trigger examples) opens its memory view
+    explorer.locator(".lm-TabBar-tab", has_text="Memory").click()
+    assert explorer.locator(".ffn-memory-out .ffn-similar-list").count() == 2
+    like = explorer.locator(".ffn-memory-out .ffn-similar-list[data-by='value'] a.ffn-link").first
+    like_layer, like_memory = (int(x) for x in re.match(r"L(\d+) #(\d+)", like.text_content()).groups())
+    _open_memory(page, explorer, like_layer, like_memory, like.click)
 
 
 def _check_the_atlas(browser, lab, tmp_path):

@@ -27,7 +27,10 @@ every notebook found about it). :func:`notable_memories` ranks the memories the 
 notable for (top value agreement, knowledge neurons, most active, least stable across corpus sizes).
 
 Search (:func:`search_value_token`, :func:`search_trigger_word`) jumps to memories whose value promotes
-a token, or whose trigger examples contain a word. :class:`Explorer` holds the state the widgets show.
+a token, or whose trigger examples contain a word. "Memories like this one" (:func:`similar_by_value`,
+:func:`similar_by_triggers`) lists the memories of the model, across all layers, nearest to one memory: by the
+correlation of their values' logits over the vocabulary, or by the trigger examples their keys share, each with the
+similarity of random pairs of memories as a base rate. :class:`Explorer` holds the state the widgets show.
 """
 
 from ._common import top_tokens, value_norms
@@ -38,6 +41,7 @@ from ._notable import NOTABLE, NOTABLE_COLUMNS, Notable, notable_memories
 from ._prompt import PromptAnalysis, PromptAttribution, analyse_prompt, attribute_prediction
 from ._sample import CoefficientSample
 from ._search import SEARCH_BY, ValueIndex, search_trigger_word, search_value_token
+from ._similar import SIMILAR_BY, SimilarMemories, TriggerSets, similar_by_triggers, similar_by_value
 from ._state import Explorer
 
 __all__ = ["Explorer", "PromptAnalysis", "PromptAttribution", "ContributionMaps", "InterventionComparison",
@@ -45,4 +49,5 @@ __all__ = ["Explorer", "PromptAnalysis", "PromptAttribution", "ContributionMaps"
            "contribution_maps", "compare_intervention", "memory_view", "key_rows", "value_norms",
            "parse_edits", "format_edits", "greedy_continuation", "search_value_token", "search_trigger_word",
            "top_tokens", "pattern_measures", "layer_key_measures", "SEARCH_BY", "NOTABLE", "NOTABLE_COLUMNS", "Notable",
-           "notable_memories"]
+           "notable_memories", "SIMILAR_BY", "SimilarMemories", "TriggerSets", "similar_by_value",
+           "similar_by_triggers"]

@@ -10,7 +10,8 @@ import torch
 
 from ..errors import ParameterError
 
-__all__ = ["check_memory", "check_positive", "check_prompt", "value_norms", "top_tokens", "top_distribution"]
+__all__ = ["check_memory", "check_positive", "check_sign", "check_prompt", "value_norms", "top_tokens",
+           "top_distribution"]
 
 
 def check_memory(adapter, layer: int, memory: int) -> tuple[int, int]:
@@ -25,6 +26,13 @@ def check_positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ParameterError(f"{name} must be a positive int, got {value!r}.")
     return int(value)
+
+
+def check_sign(sign) -> int:
+    """The side of a memory: +1 (``v_i``) or -1 (``-v_i``, gated FFNs' negative coefficients)."""
+    if isinstance(sign, bool) or sign not in (1, -1):
+        raise ParameterError(f"sign must be +1 or -1, got {sign!r}.")
+    return int(sign)
 
 
 def check_prompt(prompt) -> str:
@@ -52,9 +60,8 @@ def top_tokens(loaded, layer: int, memories: Sequence[int], signs: Sequence[int]
     memories = [int(m) for m in memories]
     if not memories:
         return []
-    signs = [signs] * len(memories) if isinstance(signs, (int, np.integer)) else [int(s) for s in signs]
-    if any(s not in (1, -1) for s in signs):
-        raise ParameterError(f"sign must be +1 or -1, got {signs}.")
+    signs = [signs] * len(memories) if isinstance(signs, (int, np.integer)) else list(signs)
+    signs = [check_sign(s) for s in signs]
     vectors = adapter.values(layer)[memories] * torch.tensor(signs, dtype=adapter.values(layer).dtype,
                                                            device=adapter.values(layer).device)[:, None]
     probs = adapter.logits_from_values(vectors).float().softmax(-1)

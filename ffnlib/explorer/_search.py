@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from ..errors import ParameterError
-from ._common import check_positive
+from ._common import check_memory, check_positive, check_sign
 
 __all__ = ["SEARCH_BY", "trigger_sentence_index", "ValueIndex", "search_value_token", "search_trigger_word"]
 
@@ -43,6 +43,14 @@ class ValueIndex:
     one matrix-vector product per layer, since the mean and spread of ``x·e`` over the vocabulary follow
     from the mean and covariance of the head's rows. The best candidates by z-score are then projected
     exactly (``Adapter.logits_from_values``) to get the token's rank and probability.
+
+    The same moments give the Pearson correlation of two values' logit vectors over the vocabulary
+    (:meth:`correlations`, :meth:`pair_correlations`): ``cov = x1ᵀ C x2 + (x1 + x2)·c + var(b)``, with ``C``
+    the covariance of the head's rows and ``c`` their covariance with the head's bias. All are of the logits
+    before a final softcap (Gemma 2), which changes no ranking.
+
+    >>> index = ValueIndex(loaded)
+    >>> index.correlations(20, 7)[0, 3]   # corr. of v_7 of layer 20 with every value of layer 3, over the vocabulary
     """
 
     def __init__(self, loaded):
@@ -56,9 +64,12 @@ class ValueIndex:
         centred = weight - self.mean
         self.covariance = centred.T @ centred / weight.shape[0]
         self.bias_mean, self.bias_var = float(self.bias.mean()), float(self.bias.var(unbiased=False))
-        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.bias_covariance = centred.T @ (self.bias - self.bias_mean) / weight.shape[0]  # Cov(e_t, b_t), (d,)
+        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _layer(self, layer: int):
+        """(x, mean, xᵀCx, x·c) of every value of ``layer``: x as the head reads it, the mean of its logits over
+        the vocabulary, and the two parts of their variance that depend on x (``var = xᵀCx + 2 x·c + var(b)``)."""
         if layer not in self._inputs:
             adapter = self.loaded.adapter
             x = adapter.values(layer).float()
@@ -66,9 +77,57 @@ class ValueIndex:
                 x = x - x.mean(-1, keepdim=True)
             x = x * adapter.norm_gain().float()
             mean = x @ self.mean + self.bias_mean
-            std = ((x @ self.covariance) * x).sum(-1).add(self.bias_var).clamp_min(1e-12).sqrt()
-            self._inputs[layer] = (x, mean, std)
+            self._inputs[layer] = (x, mean, ((x @ self.covariance) * x).sum(-1), x @ self.bias_covariance)
         return self._inputs[layer]
+
+    def _std(self, quadratic: torch.Tensor, cross: torch.Tensor, sign=1) -> torch.Tensor:
+        """The spread of the logits of ``sign · x`` over the vocabulary, from :meth:`_layer`'s parts."""
+        return (quadratic + 2 * sign * cross + self.bias_var).clamp_min(1e-12).sqrt()
+
+    @torch.no_grad()
+    def correlations(self, layer: int, memory: int, sign: int = 1, layers: Iterable[int] | None = None,
+                     signs: Sequence[int] = (1,)) -> torch.Tensor:
+        """(len(signs), n_layers, d_ff): the Pearson correlation, over the vocabulary, of the logits of
+        ``sign · v_memory`` of ``layer`` with those of ``s · v_j`` for each ``s`` in ``signs`` and every value
+        ``v_j`` of ``layers`` (default: all)."""
+        adapter = self.loaded.adapter
+        layer_list = adapter.check_layers(layers)
+        layer, memory = check_memory(adapter, layer, memory)
+        sign = check_sign(sign)
+        x, _, quadratic, cross = self._layer(layer)
+        x1, q1, c1 = sign * x[memory], quadratic[memory], sign * cross[memory]
+        std1 = self._std(q1, c1)
+        pull = self.covariance @ x1 + self.bias_covariance  # cov(s·x, x1) = s·x·pull + x1·c + var(b)
+        out = torch.empty(len(signs), len(layer_list), adapter.d_ff, device=x.device)
+        for j, other in enumerate(layer_list):
+            xs, _, quadratic, cross = self._layer(other)
+            dot = xs @ pull
+            for i, s in enumerate(signs):
+                out[i, j] = (s * dot + c1 + self.bias_var) / (std1 * self._std(quadratic, cross, s))
+        return out
+
+    @torch.no_grad()
+    def pair_correlations(self, first, second) -> torch.Tensor:
+        """The correlation over the vocabulary of each pair of values' logits, pair by pair: ``first[n]`` and
+        ``second[n]`` are (layer, memory, sign) triples (sequences, or (n, 3) integer arrays)."""
+        first, second = (np.asarray(t, dtype=np.int64).reshape(-1, 3) for t in (first, second))
+        if len(first) != len(second):
+            raise ParameterError(f"Pairs need as many first as second values, got {len(first)} and {len(second)}.")
+        (xa, qa, ca), (xb, qb, cb) = self._gather(first), self._gather(second)
+        cov = ((xa @ self.covariance) * xb).sum(-1) + ca + cb + self.bias_var
+        return cov / (self._std(qa, ca) * self._std(qb, cb))
+
+    def _gather(self, triples: np.ndarray):
+        """The signed x, xᵀCx and signed x·c of each (layer, memory, sign) row of ``triples``."""
+        x = torch.zeros(len(triples), self.weight.shape[1], device=self.weight.device)
+        quadratic, cross = torch.zeros(len(triples), device=x.device), torch.zeros(len(triples), device=x.device)
+        for layer in np.unique(triples[:, 0]).tolist():
+            picked = np.flatnonzero(triples[:, 0] == layer)
+            values, _, q, c = self._layer(self.loaded.adapter.check_layer(layer))
+            rows, memories = (torch.as_tensor(a, device=x.device) for a in (picked, triples[picked, 1]))
+            signs = torch.as_tensor(triples[picked, 2], dtype=x.dtype, device=x.device)
+            x[rows], quadratic[rows], cross[rows] = signs[:, None] * values[memories], q[memories], signs * c[memories]
+        return x, quadratic, cross
 
     @torch.no_grad()
     def z_scores(self, token_id: int, layers: Iterable[int] | None = None) -> torch.Tensor:
@@ -77,8 +136,8 @@ class ValueIndex:
         e, b = self.weight[token_id], float(self.bias[token_id])
         rows = []
         for layer in layer_list:
-            x, mean, std = self._layer(layer)
-            rows.append((x @ e + b - mean) / std)
+            x, mean, quadratic, cross = self._layer(layer)
+            rows.append((x @ e + b - mean) / self._std(quadratic, cross))
         return torch.stack(rows)
 
     @torch.no_grad()

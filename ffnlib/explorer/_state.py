@@ -16,6 +16,7 @@ from ._memory import MemoryView, memory_view
 from ._prompt import PromptAnalysis, PromptAttribution, analyse_prompt, attribute_prediction
 from ._sample import CoefficientSample
 from ._search import SEARCH_BY, ValueIndex, search_trigger_word, search_value_token, trigger_sentence_index
+from ._similar import SIMILAR_BY, SimilarMemories, TriggerSets, similar_by_triggers, similar_by_value
 
 __all__ = ["Explorer"]
 
@@ -27,7 +28,8 @@ class Explorer:
     ``triggers``: a ``TriggerExamples`` (``None`` disables trigger examples and the trigger search);
     ``sample``: a :class:`CoefficientSample` for the histogram (``None`` leaves it out); ``card_results``: the run's
     results folder (or an open ``ffnlib.card.RunResults``) whose memory card (``ffnlib.card.memory_card``, with the
-    run's ``seed``) the memory view shows under the memory (``None`` leaves it out).
+    run's ``seed``) the memory view shows under the memory (``None`` leaves it out); ``n_similar``: how many
+    memories like the shown one (:meth:`like_this`, by value and by triggers) it lists (0 leaves them out).
     """
 
     loaded: object
@@ -51,8 +53,11 @@ class Explorer:
     card_results: object = None
     seed: int = 0
     card: MemoryCard | None = None
+    n_similar: int = 5
+    similar: dict = field(default_factory=dict)  # "value" / "triggers" -> SimilarMemories of the shown memory
     _index: dict | None = field(default=None, repr=False)
     _values: ValueIndex | None = field(default=None, repr=False)
+    _trigger_sets: TriggerSets | None = field(default=None, repr=False)
 
     @property
     def adapter(self):
@@ -69,6 +74,11 @@ class Explorer:
         self.view = memory_view(self.loaded, self.triggers, layer, memory, self.n_triggers, self.k_tokens,
                                 self.sample)
         self.layer, self.memory = self.view.layer, self.view.memory
+        self.similar = {}
+        if self.n_similar:
+            self.similar["value"] = self.like_this("value")
+            if self.triggers is not None and (self.layer, self.memory, 1) in self.trigger_sets:
+                self.similar["triggers"] = self.like_this("triggers")
         if self.card_results is not None:
             # opened once: each file is read once, and a layer's triggers are taken from ours
             self.card_results = open_results(self.loaded, self.card_results, triggers=self.triggers)
@@ -77,13 +87,38 @@ class Explorer:
             self.card = memory_card(self.loaded, self.layer, self.memory, results=self.card_results, seed=self.seed)
         return self.view
 
+    @property
+    def value_index(self) -> ValueIndex:
+        if self._values is None:
+            self._values = ValueIndex(self.loaded)
+        return self._values
+
+    @property
+    def trigger_sets(self) -> TriggerSets:
+        if self._trigger_sets is None:
+            self._trigger_sets = TriggerSets(self.triggers)
+        return self._trigger_sets
+
+    def like_this(self, by: str = "value", layer: int | None = None, memory: int | None = None, sign: int = 1,
+                  limit: int | None = None) -> SimilarMemories:
+        """The memories most like one (default: the shown one), by its value's distribution over the vocabulary
+        (``by="value"``, :func:`similar_by_value`) or by shared trigger examples (``"triggers"``,
+        :func:`similar_by_triggers`)."""
+        if by not in SIMILAR_BY:
+            raise ParameterError(f"Find similar memories by one of {SIMILAR_BY}, got {by!r}.")
+        layer, memory = self.layer if layer is None else layer, self.memory if memory is None else memory
+        limit = self.n_similar if limit is None else limit
+        if by == "value":
+            return similar_by_value(self.loaded, layer, memory, sign, limit=limit, index=self.value_index,
+                                    seed=self.seed)
+        return similar_by_triggers(self.loaded, self.triggers, layer, memory, sign, limit=limit,
+                                   index=self.trigger_sets, seed=self.seed)
+
     def search(self, query: str, by: str = "value token", limit: int = 20) -> pd.DataFrame:
         if by not in SEARCH_BY:
             raise ParameterError(f"Search by one of {SEARCH_BY}, got {by!r}.")
         if by == "value token":
-            if self._values is None:
-                self._values = ValueIndex(self.loaded)
-            self.results = search_value_token(self.loaded, query, limit=limit, index=self._values)
+            self.results = search_value_token(self.loaded, query, limit=limit, index=self.value_index)
         else:
             self.results = search_trigger_word(self.loaded, self.triggers, query, limit=limit,
                                                index=self.sentence_index)

@@ -7,8 +7,9 @@ method (``show_memory``, ``search``, ``pick_result``, ``analyse``, ``attribute``
 ``show_contributions``, ``add_selected``, ``clear_edits``, ``apply``, ``follow``) that tests call directly or through
 ``button.click()``.
 
-Links between views: in the memory view, a trigger example opens the prompt view on its prefix, and in the card a
-fact opens the prompt view on its prompt and an expert mate opens its memory view. A link writes its target (JSON)
+Links between views: in the memory view, a trigger example opens the prompt view on its prefix, a memory listed
+under "Memories like this one" opens its memory view, and in the card a fact opens the prompt view on its prompt and
+an expert mate opens its memory view. A link writes its target (JSON)
 into a hidden text box of the explorer (one inline ``onclick``: widget HTML runs no script), whose change calls
 :meth:`ExplorerWidget.follow`.
 
@@ -28,7 +29,7 @@ from ..explorer import SEARCH_BY, Explorer, format_edits
 from .card_view import render_card
 from .render import (attribution_label, contributor_label, render_attribution, render_contribution_maps, render_error,
                      render_intervention, render_memory_view, render_prompt_analysis, render_search_results,
-                     search_label)
+                     render_similar, search_label)
 
 __all__ = ["MODES", "ExplorerWidget", "explorer_widget"]
 
@@ -149,7 +150,8 @@ class ExplorerWidget:
         with self._busy(self.show_button, self.memory_out):
             view = self.explorer.show_memory(int(self.layer.value), int(self.memory.value))
             card = render_card(self.explorer.card, self.link) if self.explorer.card is not None else ""
-            self.memory_out.value = render_memory_view(view, self.explorer.loaded.name, link=self.link, below=card)
+            below = render_similar(self.explorer.similar, self.link) + card
+            self.memory_out.value = render_memory_view(view, self.explorer.loaded.name, link=self.link, below=below)
 
     @staticmethod
     def link(target: dict) -> str:

@@ -8,12 +8,14 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from ..explorer import ContributionMaps, InterventionComparison, MemoryView, PromptAnalysis, PromptAttribution
+from ..explorer import (ContributionMaps, InterventionComparison, MemoryView, PromptAnalysis, PromptAttribution,
+                        SimilarMemories)
 from ..related import contextualization as ctx
 
 __all__ = ["STYLE", "MEASURE_NOTES", "token_html", "memory_target", "prompt_target", "link_html", "render_top_tokens",
            "render_triggers", "render_measures",
-           "render_histogram", "render_memory_view", "render_search_results", "render_prompt_analysis",
+           "render_histogram", "render_memory_view", "render_similar", "render_search_results",
+           "render_prompt_analysis",
            "render_contribution_maps", "render_attribution", "render_intervention", "render_error", "search_label",
            "contributor_label", "attribution_label"]
 
@@ -36,8 +38,9 @@ STYLE = """
 .ffn-next { color: #999; font-style: italic; }
 .ffn-bar { display: inline-block; height: 9px; background: #5b8def; vertical-align: middle; margin-right: 4px; }
 .ffn-neg .ffn-bar { background: #e0685b; }
-.ffn-sides { display: flex; flex-wrap: wrap; gap: 24px; }
-.ffn-side { flex: 1 1 420px; min-width: 320px; }
+.ffn-sides, .ffn-similar-lists { display: flex; flex-wrap: wrap; gap: 24px; }
+.ffn-side, .ffn-similar-list { flex: 1 1 420px; min-width: 320px; }
+.ffn-similar td:first-child { white-space: nowrap; }
 .ffn-changed { color: #b35900; font-weight: 600; }
 .ffn-note { color: #666; font-size: 12px; }
 .ffn-error { color: #b00020; font-weight: 600; }
@@ -207,6 +210,36 @@ def render_memory_view(view: MemoryView, model_name: str = "", link=None, below:
             f'<h3>Layer {view.layer}, memory {view.memory}{where}</h3>'
             f'<p class="ffn-note">||v|| = {view.value_norm:.3g}</p>{hist}'
             f'<div class="ffn-sides">{"".join(sides)}</div>{below}</div>')
+
+
+def render_similar(similar: Mapping[str, SimilarMemories], link=None) -> str:
+    """The memory view's "Memories like this one" section: a table per measure (``ffnlib.explorer.Explorer.similar``),
+    each memory a link to its memory view (with ``link``, see :func:`link_html`), and the base rates under it."""
+    if not similar:
+        return ""
+    lists = []
+    for by, found in similar.items():
+        shared = by == "triggers"
+        head = ("<tr><th>memory</th><th>side</th><th>similarity</th>" + ("<th>shared</th>" if shared else "")
+                + "<th>top tokens of its value</th></tr>")
+        rows = "".join(
+            f'<tr class="{"ffn-neg" if r.sign < 0 else ""}" data-layer="{r.layer}" data-memory="{r.memory}">'
+            f'<td>{link_html(link, memory_target(r.layer, r.memory), f"L{r.layer} #{r.memory}", "open this memory")}'
+            f'</td><td>{_sign_name(r.sign)}</td><td class="num">{r.similarity:.3f}</td>'
+            + (f'<td class="num">{r.shared}</td>' if shared else "")
+            + f'<td>{" ".join(token_html(t) for t in r.top_tokens)}</td></tr>' for r in found.memories.itertuples())
+        table = (f'<table>{head}{rows}</table>' if rows else
+                 '<p class="ffn-note">No other memory shares a trigger example with this one.</p>')
+        base = found.random_pairs
+        rate = (f'Median over the {found.n_compared} other memories: {found.median:.3f}; random pairs of memories: '
+                f'median {base["median"]:.3f}, 95th percentile {base["p95"]:.3f}, 99th {base["p99"]:.3f} '
+                f'({base["n_pairs"]} pairs).' if base.get("n_pairs") else
+                f'Median over the {found.n_compared} other memories: {found.median:.3f}.')
+        lists.append(f'<div class="ffn-similar-list" data-by="{_e(by)}"><h4>By {_e(by)}: '
+                     f'{_e(found.measure)}</h4>{table}<p class="ffn-note">{_e(rate)}</p></div>')
+    return (f'<section class="ffn-similar"><h3>Memories like this one</h3><p class="ffn-note">The nearest memories '
+            f'of all layers (this one left out), each through its nearer side (v or −v).</p>'
+            f'<div class="ffn-similar-lists">{"".join(lists)}</div></section>')
 
 
 def render_search_results(frame: pd.DataFrame, by: str) -> str:
