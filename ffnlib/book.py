@@ -76,10 +76,13 @@ COURSE: tuple[Part, ...] = (
     Part("Part 4 · Across models, by hand, and with more data",
          ("compare the paper's findings across models (two pretrained, one trained here) and with the paper's own numbers;",
           "explore one prompt's memories interactively in JupyterLab;",
+          "say what one memory stores from its card: its key's pattern, the token its value writes with each sign, "
+          "and whether that token follows its top trigger;",
           "say which findings change as the mined corpus grows, with intervals."),
-         ("notebooks/04_compare_models", "notebooks/05_explorer", "notebooks/10_corpus_size"),
-         "about 1 h of reading; the explorer as long as curiosity lasts",
-         "reading; 05 is a good starting point for a small project."),
+         ("notebooks/04_compare_models", "notebooks/05_explorer", "exercises/05_explorer_exercises",
+          "notebooks/10_corpus_size"),
+         "about 1 h of reading and 20 min of exercises; the explorer as long as curiosity lasts",
+         "reading, and exercises 05 (one memory's card); 05 is a good starting point for a small project."),
     Part("Part 5 · Related work through the key-value view",
          ("attribute a fact to memories with integrated gradients, and read knowledge neurons as keys and values "
           "(Dai et al., 2022);",

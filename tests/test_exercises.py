@@ -54,7 +54,7 @@ def _text(cell) -> str:
 
 
 def test_every_paper_section_and_related_notebook_with_exercises_has_a_set():
-    assert SETS == ["01_keys", "02_values", "03_aggregation", "06_knowledge_neurons", "07_moefication",
+    assert SETS == ["01_keys", "02_values", "03_aggregation", "05_explorer", "06_knowledge_neurons", "07_moefication",
                     "08_relu_vs_softmax", "09_ff_attention_maps"]
     related = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb") if "05" < p.stem[:2] < "10"}
     assert related <= set(SETS), "every related-work notebook has its exercise set"
@@ -278,6 +278,132 @@ def test_softmax_memory_checks_name_the_wrong_axis_the_missing_norm_and_the_sign
            match="kept only the largest slot")
 
 
+# ---- 05: one memory's card ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def card_run(smollm, tmp_path_factory):
+    """A ci-scale run of the default model whose results folder holds nothing yet (as in a fresh checkout)."""
+    from ffnlib.config import get_scale
+    from ffnlib.notebook import Run
+
+    out = tmp_path_factory.mktemp("card") / "smollm2-135m" / "ci"
+    out.mkdir(parents=True)
+    return Run(loaded=smollm, scale=get_scale("ci"), seed=0, out=out, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def card_results(card_run):
+    return ex.card_results(card_run, LAYER)  # mines the layer and projects its values: nothing is cached yet
+
+
+def trigger_pattern(triggers, sign):
+    """The notebook's solution."""
+    rows = triggers[triggers["sign"] == sign]
+    tokens = rows["last_token"].value_counts()
+    labelled = rows["topic"][rows["topic"].notna() & (rows["topic"] != "Uncategorized")].value_counts()
+    topic, share = (labelled.index[0], labelled.iloc[0] / labelled.sum()) if labelled.sum() >= 5 else (None, None)
+    return {"last_token": tokens.index[0], "last_token_share": tokens.iloc[0] / len(rows), "topic": topic,
+            "topic_share": share}
+
+
+def value_reading(triggers, value_tokens, sign):
+    """The notebook's solution."""
+    top = value_tokens[value_tokens["sign"] == sign].sort_values("rank")["token"].iloc[0]
+    first = triggers[triggers["sign"] == sign].sort_values("rank").iloc[0]
+    return {"promotes": top, "agrees": first["next_token"] == top}
+
+
+def test_card_exercise_without_results_mines_the_layer_and_picks_memories_that_tell_mistakes_apart(
+        smollm, card_run, card_results):
+    assert card_results.folder == card_run.out / "exercises" / f"layer-{LAYER}"
+    memories = ex.card_memories(card_results, LAYER)
+    assert len(memories) == len(set(memories)) == 8
+    cards = ex.exercise_cards(smollm, LAYER, card_results, memories)
+    for card in cards:  # the two tables the student reads, both signs, CARD_TRIGGERS rows each
+        assert set(card.triggers["sign"]) == {1, -1}
+        assert (card.triggers.groupby("sign").size() == ex.CARD_TRIGGERS).all()
+        assert set(card.value_tokens["sign"]) == {1, -1} and card.value_agreement is not None
+    # the first (the one the notebook shows) is the most confident of the values that agree with their top trigger
+    agreement = cards[0].value_agreement
+    assert agreement["agrees"].any()
+    first = agreement[agreement["agrees"]]["max_prob"].max()
+    others = [c.value_agreement for c in cards[1:]]
+    assert all(a[a["agrees"]]["max_prob"].max() <= first for a in others if a["agrees"].any())
+
+
+def test_card_exercise_reads_the_runs_results_when_they_hold_the_layer(smollm, card_results, tmp_path):
+    """A run whose folder holds the layer's trigger examples and value projection (as after notebooks 01 and 02)
+    is read as it is: nothing is mined, and the cards are the same."""
+    from ffnlib.config import get_scale
+    from ffnlib.notebook import Run
+
+    out = tmp_path / "smollm2-135m" / "ci"
+    shutil.copytree(card_results.folder, out)
+    run = Run(loaded=smollm, scale=get_scale("ci"), seed=0, out=out, device="cpu")
+    results = ex.card_results(run, LAYER)
+    assert results.folder == out and not (out / "exercises").exists()
+    memories = ex.card_memories(card_results, LAYER)
+    assert ex.card_memories(results, LAYER) == memories
+    mine, theirs = (ex.exercise_cards(smollm, LAYER, r, memories[:2]) for r in (results, card_results))
+    for a, b in zip(mine, theirs):
+        assert a.triggers.equals(b.triggers) and a.value_agreement.equals(b.value_agreement)
+
+
+def test_card_checks_pass_the_solutions_and_a_stub_is_not_done(smollm, card_results, capsys):
+    ex.check_trigger_pattern(trigger_pattern, smollm, LAYER, card_results)
+    ex.check_value_reading(value_reading, smollm, LAYER, card_results)
+    printed = capsys.readouterr().out
+    assert "✔ `trigger_pattern` passed" in printed and "✔ `value_reading` passed" in printed
+    assert "of 16 values agree" in printed  # every sign of the 8 cards was checked, none left out as ambiguous
+
+    def trigger_pattern_stub(triggers, sign):
+        raise NotImplementedError()
+
+    with pytest.raises(ex.NotDoneYet, match="is not written yet"):
+        ex.check_trigger_pattern(trigger_pattern_stub, smollm, LAYER, card_results)
+
+
+def test_card_checks_name_the_off_by_ones_the_sign_and_the_topic_rules(smollm, card_results):
+    cards = ex.exercise_cards(smollm, LAYER, card_results)
+
+    def next_token(triggers, sign):
+        return trigger_pattern(triggers.assign(last_token=triggers["next_token"]), sign)
+
+    def both_signs(triggers, sign):
+        return trigger_pattern(triggers.assign(sign=sign), sign)
+
+    def every_topic(triggers, sign):
+        rows, topics = triggers[triggers["sign"] == sign], triggers[triggers["sign"] == sign]["topic"].value_counts()
+        return {**trigger_pattern(triggers, sign), "topic": topics.index[0], "topic_share": topics.iloc[0] / len(rows)}
+
+    def count(triggers, sign):
+        answer = trigger_pattern(triggers, sign)
+        return {**answer, "last_token_share": answer["last_token_share"] * (triggers["sign"] == sign).sum()}
+
+    args = (smollm, LAYER, card_results, cards)
+    _fails(ex.check_trigger_pattern, next_token, *args, match="FOLLOWS each trigger")
+    _fails(ex.check_trigger_pattern, both_signs, *args, match="counted the triggers of both signs")
+    _fails(ex.check_trigger_pattern, every_topic, *args, match="only the triggers with a topic label")
+    _fails(ex.check_trigger_pattern, count, *args, match="should be a share")
+
+    def minus_v(triggers, value_tokens, sign):  # -v for a positive coefficient, +v for a negative one
+        return value_reading(triggers, value_tokens.assign(sign=-value_tokens["sign"]), sign)
+
+    def last_token(triggers, value_tokens, sign):
+        return value_reading(triggers.assign(next_token=triggers["last_token"]), value_tokens, sign)
+
+    def any_trigger(triggers, value_tokens, sign):
+        answer = value_reading(triggers, value_tokens, sign)
+        rows = triggers[triggers["sign"] == sign]
+        return {**answer, "agrees": bool((rows["next_token"] == answer["promotes"]).any())}
+
+    _fails(ex.check_value_reading, minus_v, *args, match="read the tokens of the other sign")
+    _fails(ex.check_value_reading, last_token, *args, match="off-by-one trap")
+    _fails(ex.check_value_reading, any_trigger, *args, match="about the key's TOP trigger")
+    _fails(ex.check_value_reading, lambda t, v, s: {"promotes": 0, "agrees": False}, *args, match="the token's text")
+    _fails(ex.check_value_reading, lambda t, v, s: value_reading(t, v, s)["promotes"], *args,
+           match="should return a dict with the keys")
+
+
 def test_every_exercise_has_hints_under_the_name_its_stub_message_gives():
     """A stub's NotDoneYet says `hint('<function name>')`: every function a source notebook asks for has hints."""
     import ast
@@ -290,7 +416,7 @@ def test_every_exercise_has_hints_under_the_name_its_stub_message_gives():
 
 
 def test_hints_come_one_at_a_time_and_a_stub_says_where_to_write(capsys):
-    ex._hints_given.clear()
+    ex.hints.hints_given.clear()
     first, second = ex.hint("agrees"), ex.hint("agrees")
     assert first.startswith("Hint 1 of 3") and second.startswith("Hint 2 of 3") and first != second
     ex.hint("agrees")
@@ -305,4 +431,5 @@ def test_hints_come_one_at_a_time_and_a_stub_says_where_to_write(capsys):
         ex.check_fig11_case(fig11_case)
     assert set(ex.HINTS) >= {"memory_coefficients", "trigger_prefix", "value_distribution", "agrees", "top_tokens",
                              "fig11_case", "integrated_gradients", "coarse_neurons", "expert_scores", "expert_ffn",
-                             "norm_split", "activation_shares", "softmax_memory", "top_mass"}
+                             "norm_split", "activation_shares", "softmax_memory", "top_mass", "trigger_pattern",
+                             "value_reading"}

@@ -33,6 +33,7 @@ from ._aggregation import PER_MEMORY_ANALYSIS, PER_MEMORY_COLUMNS
 from ._card import MemoryCard, jsonable, memory_card
 from ._corpus import layer_survival, survival
 from ._folder import RunResults, open_results
+from ._keys import PATTERN_TOP
 from ._knowledge import knowledge_neurons
 from ._part import FIELD_NOTEBOOKS, needs
 from ._percentiles import PERCENTILE_COLUMNS, Measure, percentile, percentile_table
@@ -40,4 +41,4 @@ from ._values import layer_agreement
 
 __all__ = ["MemoryCard", "memory_card", "RunResults", "open_results", "FIELD_NOTEBOOKS", "needs", "Measure",
            "percentile", "percentile_table", "PERCENTILE_COLUMNS", "survival", "jsonable", "PER_MEMORY_ANALYSIS",
-           "PER_MEMORY_COLUMNS", "layer_agreement", "layer_survival", "knowledge_neurons"]
+           "PER_MEMORY_COLUMNS", "layer_agreement", "layer_survival", "knowledge_neurons", "PATTERN_TOP"]
