@@ -11,7 +11,14 @@ folder would be. Each step is checked against a recomputation that does not go t
 - aggregation: the model's prediction and the counts of positive coefficients against a plain forward pass;
 - the explorer's prompt view: its coefficients against the independent hook;
 - an intervention: switching a memory off (or doubling it) equals editing its value in a copy of the weights;
-- the atlas: a page per chosen memory, showing its strongest trigger example.
+- the atlas: a page per chosen memory, showing its strongest trigger example;
+- knowledge neurons (06): the last layer's integrated-gradients scores add up to F(m) - F(0), and the fast path
+  gives captum's numbers;
+- MoEfication (07): its reading of the FFN is the model's, and the expert-sparse FFN equals the masked dense one;
+- ReLU vs softmax (08): the top-mass share of a pretrained model against the oracle's coefficients;
+- corpus size (10): the snapshots' measures, from the mined snapshots, up to the whole corpus.
+
+Notebook 09's decomposition is checked on every family in ``tests/test_contextualization.py``.
 """
 
 from __future__ import annotations
@@ -26,11 +33,16 @@ import pytest
 import torch
 
 from ffnlib.aggregation import analyse_aggregation
+from ffnlib.capture import capture
 from ffnlib.corpus import load_corpus
 from ffnlib.explorer import analyse_prompt, memory_view
 from ffnlib.interventions import intervene
 from ffnlib.keys import mine_trigger_examples, removal_experiment, removal_plan
+from ffnlib.corpus_size import snapshot_measures
 from ffnlib.models import LoadedModel, load_model
+from ffnlib.related import knowledge_neurons as kn
+from ffnlib.related import moefication as moe
+from ffnlib.related.relu_softmax import pretrained_top_mass, top_mass
 from ffnlib.values import project_values, top_trigger_targets
 from ffnlib.widgets.atlas import export_atlas
 from tiny_models import CASE_IDS, CASES, Case, build_config
@@ -218,6 +230,62 @@ def test_atlas_pages(case, family_run):
         last_token = run.loaded.tokenizer.decode([tokens[int(top["sentence_id"])][int(top["position"])]]).strip()
         assert html.escape(last_token) in page.read_text(), f"{page.name} does not show its strongest trigger"
         assert f"memories/{page.name}" in (index.parent / "layers" / f"layer_{layer:02d}.html").read_text()
+
+
+# ---- the related work (notebooks 06, 07, 08, 10) on every family --------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_knowledge_attribution_completeness_and_captum(case, family_run):
+    loaded = family_run(case).loaded
+    prompt = loaded.encode(PROMPT)
+    answer = loaded.tokenizer(" Paris", add_special_tokens=False)["input_ids"][:1]
+    last, d_ff = loaded.adapter.n_layers - 1, loaded.adapter.d_ff
+    # the log-probability: a random model gives " Paris" a probability near 1/vocabulary, too small to compare
+    target = dict(layers=[last], target="answer_logprob")
+    result = kn.knowledge_attribution(loaded, prompt, answer, steps=16, method="gausslegendre", **target)
+    zeroed = kn.answer_probabilities(loaded, [prompt], answer, [{(last, i): 0.0 for i in range(d_ff)}])
+    change = result.value + zeroed["nll"].item()  # log p(answer) - log p(answer | the layer's m = 0)
+    assert abs(change) > 1e-4, "the layer's memories move the answer"
+    assert float(result.scores.sum()) == pytest.approx(change, abs=5e-6), "completeness (nll is float32)"
+    fast = kn.knowledge_attribution(loaded, prompt, answer, steps=4, implementation="fast", **target)
+    slow = kn.knowledge_attribution(loaded, prompt, answer, steps=4, implementation="captum", **target)
+    assert_close(fast.scores, slow.scores, "fast path against captum (float32 model)", tol=2e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_expert_ffn_equals_the_masked_dense_ffn(case, family_run):
+    loaded = family_run(case).loaded
+    adapter = loaded.adapter
+    ids = loaded.encode(PROMPT)
+    size = moe.default_expert_size(adapter.d_ff, preferred=8)
+    for layer in range(adapter.n_layers):
+        with torch.inference_mode(), capture(loaded, layer, what=("ffn_input", "coefficients")) as acts:
+            loaded.model(input_ids=torch.tensor([ids]))
+        x, m = acts.ffn_input[layer][0], acts.coefficients[layer][0]
+        assert_close(m, oracle_coefficients(loaded, ids, layer), f"captured coefficients, layer {layer}")
+        assert_close(moe.ffn_coefficients(adapter, layer, x), m, f"MoEfication's reading of layer {layer}")
+        ffn = moe.ExpertFFN.from_layer(adapter, layer, moe.random_split(adapter.d_ff, size, seed=layer))
+        chosen = moe.route_random(x.shape[0], ffn.n_experts, max(1, ffn.n_experts // 2), seed=layer)
+        with torch.inference_mode():
+            assert_close(ffn.forward(x, chosen), moe.dense_ffn(adapter, layer, x, ffn.memory_mask(chosen)),
+                         f"expert-sparse FFN, layer {layer}")
+            everything = torch.arange(ffn.n_experts).expand(x.shape[0], -1)
+            assert_close(ffn.forward(x, everything), adapter.down(layer)(m), f"every expert, layer {layer}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_top_mass_and_corpus_size_snapshots(case, family_run):
+    run = family_run(case)
+    loaded = run.loaded
+    ids = loaded.encode(PROMPT)
+    expected = np.nanmean([float(top_mass(oracle_coefficients(loaded, ids, layer)).nanmean())
+                           for layer in range(loaded.adapter.n_layers)])
+    assert pretrained_top_mass(loaded, [PROMPT]) == pytest.approx(expected, rel=1e-5)
+    measures = snapshot_measures(loaded, run.examples, out_dir=run.out / "results", n_boot=20, progress=False)
+    sizes = sorted(measures["sentences"].unique())
+    assert len(sizes) >= 2 and sizes[-1] == len(run.examples.sentences)
+    assert measures.groupby("sentences")["key"].apply(set).map(len).nunique() == 1  # every finding at every size
+    shares = measures[measures["key"].str.contains("share|agree", regex=True)]["value"].dropna()
+    assert len(shares) and shares.between(0, 1).all()
 
 
 def test_every_family_is_in_the_matrix():

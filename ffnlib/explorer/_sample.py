@@ -50,7 +50,7 @@ class CoefficientSample:
     def _run(self, layers: list[int], keep) -> None:
         """One batched pass over the sample that stops after the last of ``layers``; ``keep(layer, m)`` gets
         each layer's coefficients (real tokens only, BOS left out) batch by batch."""
-        pad = self.loaded.tokenizer.pad_token_id or 0
+        pad = self.loaded.pad_id
         for start in range(0, len(self.ids), self.batch_size):
             batch = self.ids[start: start + self.batch_size]
             width = max(len(ids) for ids in batch)
