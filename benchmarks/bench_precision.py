@@ -1,6 +1,6 @@
 """bf16 against float32 on one machine, in one run: what reduced precision buys and what it costs.
 
-    python benchmarks/bench_precision.py [--device cpu|cuda] [--sentences 120] [--suite]
+    python benchmarks/bench_precision.py [--device cpu|cuda] [--sentences 120] [--suite | --suite-only]
 
 - **Matmul**: GFLOP/s of a 4096x576 by 576x1536 product (SmolLM2's FFN shape) in float32 and bf16.
 - **Forward**: tokens per second of the model's transformer body on 64 held-out sentences padded to 48 tokens.
@@ -125,11 +125,17 @@ def main() -> int:
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--suite", action="store_true", help="also run notebooks 00-04 in both dtypes (long)")
     parser.add_argument("--scale", default="default")
+    parser.add_argument("--suite-only", action="store_true", help="only the --suite rows (skips the others)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # bf16 where it is emulated says so once per load; the rows say it here
     native = native_bfloat16(args.device)
     print(f"Machine: {machine(args.device)}; native bf16: {native}\n")
     rows = []
+    if args.suite_only:
+        from suite_fidelity import compare_runs  # noqa: E402
+
+        print(table(compare_runs(args.model, args.scale, args.device)))
+        return 0
     f32, bf16 = matmul_gflops(args.device, torch.float32), matmul_gflops(args.device, torch.bfloat16)
     rows.append({"row": "matmul 4096x576 @ 576x1536, bf16 / float32", "ours": f"{bf16:.1f} GFLOP/s",
                  "baseline": f"{f32:.1f} GFLOP/s", "ratio": bf16 / f32})
