@@ -120,6 +120,20 @@ def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder_in_bf16(smollm, 
     assert len(verdicts) >= 20 and "holds" not in verdicts, verdicts
     assert all(f["control"] not in ("", "no control") for s in summaries.values() for f in s["findings"]
                if f["verdict"] != "not measured")
+    # the memory card reads this run and its control: every field is filled or names the notebook that computes it
+    from ffnlib.card import memory_card
+    from ffnlib.models import load_model
+
+    layer = int(summaries["07_moefication"]["layers"][-1])
+    card = memory_card(load_model(str(folder), precision="bfloat16"), layer, 3, results=str(tmp_path / "results"),
+                       scale="ci")
+    for name in card.tables():
+        if getattr(card, name) is None:
+            assert card.missing[name].removeprefix("run notebook ").split(":")[0] in SUITE, card.missing[name]
+        else:
+            assert name not in card.missing, name
+    for name in ("triggers", "value_tokens", "aggregation", "experts", "router", "corpus_size", "percentiles"):
+        assert getattr(card, name) is not None, card.missing.get(name)
 
 
 def test_the_control_parameter_reaches_the_notebooks_that_take_it(tmp_path):
