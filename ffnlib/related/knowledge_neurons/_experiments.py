@@ -22,6 +22,20 @@ from ._neurons import fact_neurons, random_like, relation_neurons
 __all__ = ["suppress_amplify", "suppress_each", "specificity", "same_answer_effect", "erase_relations"]
 
 
+def _changes(loaded, jobs: list, meta: list, batch_size: int) -> list[dict]:
+    """Run ``jobs`` (prompt ids, answer token, factors); each prompt's unchanged run (``meta`` None) comes first and
+    is the ``p_before`` of the changed runs after it. One row per changed run: its meta, p_before, p_after, change."""
+    result = answer_probabilities(loaded, [j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
+                                  batch_size=batch_size)
+    rows, before = [], None
+    for info, p in zip(meta, result["p_answer"]):
+        if info is None:
+            before = float(p)
+            continue
+        rows.append({**info, "p_before": before, "p_after": float(p), "change": (float(p) - before) / before})
+    return rows
+
+
 def suppress_amplify(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, seed: int = 0,
                      factors: Mapping[str, float] | None = None, batch_size: int = 32) -> pd.DataFrame:
     """Dai's suppress (coefficient x 0) and amplify (x 2) of each fact's neurons at the last position of each
@@ -48,15 +62,7 @@ def suppress_amplify(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, seed:
     if not jobs:
         return pd.DataFrame(columns=["fact_id", "relation", "prompt_id", "kind", "operation", "n_neurons",
                                      "p_before", "p_after", "change"])
-    result = answer_probabilities(loaded, [j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
-                                  batch_size=batch_size)
-    rows, before = [], None
-    for info, p in zip(meta, result["p_answer"]):
-        if info is None:
-            before = float(p)
-            continue
-        rows.append({**info, "p_before": before, "p_after": float(p), "change": (float(p) - before) / before})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(_changes(loaded, jobs, meta, batch_size))
 
 
 def suppress_each(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, seed: int = 0, factor: float = 0.0,
@@ -86,15 +92,7 @@ def suppress_each(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, seed: in
                                  "layer": neuron[0], "memory": neuron[1], "control_memory": other[1], "kind": kind})
     if not jobs:
         return pd.DataFrame(columns=columns)
-    result = answer_probabilities(loaded, [j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
-                                  batch_size=batch_size)
-    rows, before = [], None
-    for info, p in zip(meta, result["p_answer"]):
-        if info is None:
-            before = float(p)
-            continue
-        rows.append({**info, "p_before": before, "p_after": float(p), "change": (float(p) - before) / before})
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(_changes(loaded, jobs, meta, batch_size), columns=columns)
 
 
 def specificity(loaded, prompts: pd.DataFrame, neurons: pd.DataFrame, heldout: Sequence[Sequence[int]],
