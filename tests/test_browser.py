@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ci_results import ci_results_dir
 
 # one pytest-xdist worker runs this file, tests/test_notebooks.py and tests/test_site.py (--dist loadgroup): they
 # share one ci-scale results folder, which this file's fixture mines first
@@ -117,20 +118,13 @@ def ci_results(tmp_path_factory) -> Path:
     from ffnlib.keys import mine_trigger_examples
     from ffnlib.models import load_model
 
-    from ffnlib.suite import NOTEBOOK_DIR, execute
-
-    results = Path(os.environ.get("FFNLIB_TEST_RESULTS") or tmp_path_factory.getbasetemp() / "ci-results")
+    results = ci_results_dir(tmp_path_factory)
     scale = get_scale("ci")
     mine_trigger_examples(load_model("smollm2-135m"),
                           load_corpus("wiki", split="train", seed=0, max_sentences=scale.mining_sentences),
                           k=scale.top_k, checkpoint_every=scale.checkpoint_every,
                           out_dir=results / "smollm2-135m" / "ci", progress=False)
-    for name in CARD_NOTEBOOKS:  # normally there already, from tests/test_notebooks.py
-        if not (results / "smollm2-135m" / "ci" / "summaries" / f"{name}.json").exists():
-            out = results / "executed" / f"{name}.ipynb"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            execute(NOTEBOOK_DIR / f"{name}.ipynb", out, {"scale": "ci", "results_dir": str(results), "seed": 0})
-    return results
+    return ci_results_dir(tmp_path_factory, CARD_NOTEBOOKS)  # normally there already, from test_notebooks.py
 
 
 @pytest.fixture(scope="module")

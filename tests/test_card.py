@@ -5,14 +5,14 @@ its own, the fixture executes the notebooks the card reads (01, 02, 03, 06, 07, 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ci_results import ci_results_dir
 from ffnlib.card import FIELD_NOTEBOOKS, MemoryCard, memory_card, open_results, percentile, survival
-from ffnlib.suite import NOTEBOOK_DIR, SUITE, execute
+from ffnlib.suite import SUITE
 
 # the same worker and results folder as tests/test_notebooks.py (`make test` runs --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("ci-results")
@@ -22,14 +22,7 @@ READ = ("01_keys", "02_values", "03_aggregation", "06_knowledge_neurons", "07_mo
 
 @pytest.fixture(scope="module")
 def ci_results(tmp_path_factory) -> Path:
-    results = Path(os.environ.get("FFNLIB_TEST_RESULTS") or tmp_path_factory.getbasetemp() / "ci-results")
-    summaries = results / "smollm2-135m" / "ci" / "summaries"
-    for name in READ:  # normally there already, from tests/test_notebooks.py
-        if not (summaries / f"{name}.json").exists():
-            out = results / "executed" / f"{name}.ipynb"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            execute(NOTEBOOK_DIR / f"{name}.ipynb", out, {"scale": "ci", "results_dir": str(results), "seed": 0})
-    return results
+    return ci_results_dir(tmp_path_factory, READ)  # normally there already, from tests/test_notebooks.py
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import os
 import pkgutil
 import threading
 import urllib.parse
@@ -20,11 +19,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from ci_results import ci_results_dir
 
 import ffnlib
 from ffnlib import book
 from ffnlib.errors import FFNLibError
-from ffnlib.suite import NOTEBOOK_DIR, SUITE, execute
+from ffnlib.suite import NOTEBOOK_DIR, SUITE
 
 # the ci-scale notebooks executed by tests/test_notebooks.py (same worker, same results folder)
 pytestmark = pytest.mark.xdist_group("ci-results")
@@ -85,14 +85,8 @@ def test_the_docs_pages_and_the_api_reference_are_part_of_the_site(site):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    results = Path(os.environ.get("FFNLIB_TEST_RESULTS") or tmp_path_factory.getbasetemp() / "ci-results")
-    executed = results / "executed"
-    executed.mkdir(parents=True, exist_ok=True)
-    for name in SUITE:  # normally already there, from tests/test_notebooks.py
-        if not (executed / f"{name}.ipynb").exists():
-            execute(NOTEBOOK_DIR / f"{name}.ipynb", executed / f"{name}.ipynb",
-                    {"scale": "ci", "results_dir": str(results), "seed": 0})
-    return book.build(executed, tmp_path_factory.mktemp("book"))
+    results = ci_results_dir(tmp_path_factory, SUITE)  # normally already there, from tests/test_notebooks.py
+    return book.build(results / "executed", tmp_path_factory.mktemp("book"))
 
 
 @pytest.fixture(scope="module")
