@@ -2,7 +2,8 @@
 the summed next-token negative log-likelihood, the tokens predicted and the top-1 predictions; perplexity from them.
 
 Knowledge neurons' held-out perplexity (before and after an edit) and MoEfication's evaluation of each sparsified
-configuration both run :func:`heldout_predictions`. Sentences are batched by length (:func:`ffnlib.mining.plan_batches`,
+configuration both run :func:`heldout_predictions`. Each token's NLL is :func:`ffnlib.nll.token_nll`, the formula
+notebook 08's training uses too. Sentences are batched by length (:func:`ffnlib.mining.plan_batches`,
 right-padded by :func:`ffnlib.mining.make_batch` with :attr:`ffnlib.models.LoadedModel.pad_id`); each pass stops after
 the last block, and the output head runs only at real positions, in chunks (:data:`MAX_LOGIT_ELEMENTS`). Logits
 are float32 (``adapter.logits_from_residual``) whatever the model computes in, and so is every NLL; a sentence's
@@ -22,6 +23,7 @@ import torch
 
 from .capture import capture, forward_until_stop, stop_after
 from .mining import make_batch, plan_batches
+from .nll import token_nll
 
 __all__ = ["MAX_LOGIT_ELEMENTS", "MAX_PADDING", "SentenceBatch", "sentence_batches", "next_token_predictions",
            "heldout_predictions", "heldout_nll", "perplexity_of"]
@@ -68,7 +70,7 @@ def next_token_predictions(adapter, residual: torch.Tensor, ids: torch.Tensor,
     for start in range(0, hidden.shape[0], chunk):
         logits = adapter.logits_from_residual(hidden[start: start + chunk]).float()
         top.append(logits.argmax(-1))
-        nll.append(torch.logsumexp(logits, -1) - logits.gather(1, targets[start: start + chunk, None])[:, 0])
+        nll.append(token_nll(logits, targets[start: start + chunk]))
     nll = torch.cat(nll).cpu().numpy() if nll else np.zeros(0, dtype=np.float32)
     top = torch.cat(top).cpu().numpy() if top else np.zeros(0, dtype=np.int64)
     bounds = np.concatenate([[0], np.cumsum(np.maximum(lengths - 1, 0))])

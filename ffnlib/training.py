@@ -54,11 +54,12 @@ import pandas as pd
 import torch
 
 from .errors import CheckpointError, ParameterError, ResultsError
+from .nll import block_losses
 from .progress import tqdm
 from .storage import fingerprint
 
 __all__ = ["VARIANTS", "EOT", "TrainSpec", "TrainResult", "train_tokenizer", "cached_tokenizer", "blocks",
-           "batch_indices", "build_model", "spec_sentences", "make_optimizer", "block_losses", "CHECKPOINT_KEYS", "load_checkpoint", "train_lm",
+           "batch_indices", "build_model", "spec_sentences", "make_optimizer", "CHECKPOINT_KEYS", "load_checkpoint", "train_lm",
            "WIKI_RELU_LM", "TRAINED_MODELS", "trained_model_folder"]
 
 VARIANTS = ("relu", "gelu", "swiglu", "softmax", "softmax_ln")
@@ -251,19 +252,6 @@ def make_optimizer(model, spec: TrainSpec):
                                                                eta_min=spec.lr / 10)],
         milestones=[warm])
     return optimizer, schedule
-
-
-@torch.no_grad()
-def block_losses(model, data: torch.Tensor, batch: int = 32) -> np.ndarray:
-    """Each block's mean next-token cross-entropy (nats per token), (n_blocks,): the unit of the intervals."""
-    model.eval()
-    out = []
-    for start in range(0, len(data), batch):
-        ids = data[start: start + batch]
-        logits = model(ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        out.append(loss.mean(dim=1).double().numpy())
-    return np.concatenate(out)
 
 
 def _after_step(step: int) -> None:

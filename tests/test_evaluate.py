@@ -1,7 +1,8 @@
 """Held-out evaluation (ffnlib.evaluate): per-sentence NLL, tokens and top-1 against a plain loop over the model's
 own logits on several families, batching and padding that change nothing, an intervention that does nothing giving
 the dense numbers (and one that does something giving the same numbers per batch as around the whole call), the
-pad-id rule, perplexity's NaN and overflow, and float32 numbers from a bf16 model."""
+pad-id rule, perplexity's NaN and overflow, float32 numbers from a bf16 model; and notebook 08's held-out blocks
+(ffnlib.nll) against the model's own loss."""
 
 from __future__ import annotations
 
@@ -131,3 +132,24 @@ def test_a_bf16_model_gives_float32_nlls_close_to_float32s():
                                                                                batch.lengths))
     np.testing.assert_allclose(ev.heldout_nll(half, sentences)["nll"], ev.heldout_nll(full, sentences)["nll"],
                                rtol=0.05)
+
+
+@pytest.mark.parametrize("case_id", ["gpt2", "llama"])
+def test_block_losses_match_the_models_own_loss_block_by_block(case_id):
+    """notebook 08's held-out unit (ffnlib.nll.block_losses, in batches) against transformers' own mean
+    cross-entropy of each block alone; and the one NLL formula against log_softmax in float64."""
+    from ffnlib.nll import block_losses, token_nll
+
+    loaded = _loaded(case_id)
+    blocks = torch.from_numpy(np.random.default_rng(1).integers(3, VOCAB, (7, 12)))
+    got = block_losses(loaded.model, blocks, batch=3)
+    assert got.shape == (7,) and np.isfinite(got).all()
+    with torch.no_grad():
+        own = [float(loaded.model(ids[None], labels=ids[None]).loss) for ids in blocks]
+    np.testing.assert_allclose(got, own, rtol=2e-6)
+    assert got.std() > 1e-3  # the blocks differ, so a shuffled or repeated block would show
+    logits = torch.randn(5, 11) * 4
+    targets = torch.tensor([0, 3, 10, 7, 7])
+    exact = -logits.double().log_softmax(-1)[torch.arange(5), targets]
+    assert token_nll(logits.bfloat16(), targets).dtype == torch.float32
+    np.testing.assert_allclose(token_nll(logits, targets).numpy(), exact.numpy(), rtol=1e-6)
