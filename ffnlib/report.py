@@ -27,11 +27,11 @@ from .errors import FFNLibError, ResultsError
 from .storage import atomic_write_bytes, write_json
 from .version import describe_versions
 
-from .findings import ARCHITECTURAL, SIZE_SHARE, VERDICTS
+from .findings import ARCHITECTURAL, FINDINGS, SIZE_SHARE, VERDICTS
 
 __all__ = ["SECTION_OF", "COLUMNS", "Finding", "normalise_verdict", "load_summaries", "RULES_TEXT",
            "CORPUS_SIZE_HEADER", "CORPUS_SIZE_TEXT", "render_markdown", "render_html", "write_report",
-           "add_summaries", "publish_report", "main"]
+           "add_summaries", "publish_report", "verdict_counts", "headline_table", "main"]
 
 SECTION_OF = {"01": "Sec. 3", "02": "Sec. 4", "03": "Sec. 5"}  # notebook number -> paper section
 COLUMNS = ("section", "finding", "paper", "ours", "control", "verdict")
@@ -235,13 +235,12 @@ def render_markdown(run_dir: str | Path, summaries: dict[str, dict]) -> str:
         lines.append(f"- Made in parts: {', '.join(parts)}; the rest from this run. Each part's manifests say what "
                      "it was computed from.")
     lines.append("")
-    counts = {v: 0 for v in VERDICTS}
+    counts = verdict_counts(summaries)
     table = ["| section | finding | paper | ours [95% CI] | random-init control [95% CI] | verdict |",
              "|---|---|---|---|---|---|"]
     rules = []
     for name, summary in summaries.items():
         for f in summary.get("findings", []):
-            counts[f["verdict"]] += 1
             cells = [str(f[c]).replace("|", "\\|") for c in ("section", "finding", "paper", "ours_cell", "control_cell")]
             table.append("| " + " | ".join(cells) + f" | **{f['verdict']}** |")
             if f.get("rule"):
@@ -432,19 +431,67 @@ def publish_report(run_dir: str | Path, dest: str | Path) -> Path:
     return dest / "report.md"
 
 
+def verdict_counts(summaries: dict[str, dict], paper_only: bool = False) -> dict[str, int]:
+    """How many findings got each verdict (:data:`ffnlib.findings.VERDICTS`) in a run's summaries; ``paper_only``:
+    only the paper's own (Sections 3-5, notebooks 01-03)."""
+    counts = {v: 0 for v in VERDICTS}
+    for name, summary in summaries.items():
+        if paper_only and name[:2] not in SECTION_OF:
+            continue
+        for f in summary.get("findings", []):
+            counts[f["verdict"]] += 1
+    return counts
+
+
+def headline_table(folders) -> str:
+    """The README's table of verdict counts, one pair of rows per report folder (a run folder or a published copy
+    with its summaries): the paper's findings, then all of them, naming the notebooks a report lacks. Made by
+    ``python -m ffnlib.report --headline docs/reports/*-default``."""
+    lines = ["| report | findings | holds | partly | architectural | does not hold | not measured |",
+             "|---|---|---|---|---|---|---|"]
+    registered = sorted({f.notebook for f in FINDINGS})
+    for folder in map(Path, folders):
+        summaries = load_summaries(folder)
+        if not summaries:
+            raise ResultsError(f"{folder} has no summaries/*.json: give a run folder (results/<model>/<scale>) or a "
+                               "report published with its summaries (python -m ffnlib.report RUN --publish DEST).")
+        model = next((s["model"] for s in summaries.values() if isinstance(s.get("model"), dict)), {})
+        name = _run_identity(folder)[0]
+        form = f"{'gated' if model.get('gated') else 'plain'} FFN, {model.get('layers', '?')} layers"
+        missing = [n.split("_")[0] for n in registered if n not in summaries]
+        for label, paper_only in (("the paper's", True), ("all", False)):
+            counts = verdict_counts(summaries, paper_only)
+            total = sum(counts.values())
+            label = f"{label} {total}" + ("" if paper_only or not missing else
+                                          f" (no notebook {', '.join(missing)})")
+            report = f"[{name}]({folder.as_posix()}/report.md) ({form})" if paper_only else ""
+            lines.append(f"| {report} | {label} | {counts['holds']} | {counts['partly']} | {counts[ARCHITECTURAL]} | "
+                         f"{counts['does not hold']} | {counts['not measured']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     """``python -m ffnlib.report RUN_DIR [--add DIR ...] [--publish DEST]``: (re)write a run's report, with the
-    notebooks of other runs of the same model and scale added where asked, and optionally copy it."""
+    notebooks of other runs of the same model and scale added where asked, and optionally copy it.
+    ``python -m ffnlib.report --headline DIR ...``: print the README's table of verdict counts."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("run_dir", help="results/<model>/<scale>")
+    parser.add_argument("run_dir", nargs="?", help="results/<model>/<scale>")
     parser.add_argument("--publish", metavar="DEST", help="also copy report.md, its figures and summaries to DEST")
     parser.add_argument("--add", metavar="DIR", action="append", default=[],
                         help="first add the notebooks summarised in DIR (a run folder or a published copy of the "
                              "same model and scale) that this run has not run: a report made in parts")
+    parser.add_argument("--headline", metavar="DIR", nargs="+",
+                        help="print the README's table of verdict counts for these reports (run folders or published "
+                             "copies with their summaries) instead")
     args = parser.parse_args(argv)
+    if (args.run_dir is None) == (args.headline is None):
+        parser.error("give a run folder, or --headline with report folders")
     try:
+        if args.headline:
+            print(headline_table(args.headline), end="")
+            return 0
         for source in args.add:
             added = add_summaries(args.run_dir, source)
             print(f"added from {source}: {', '.join(added) or 'nothing (this run has all its notebooks)'}")

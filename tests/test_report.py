@@ -191,3 +191,32 @@ def test_the_report_states_the_code_each_notebook_ran(tmp_path):
     md, page = write_report(run)
     assert f"- Code: ffnlib 0.1.0, commit {'a' * 12}\n" in md.read_text()
     assert f"Code: ffnlib 0.1.0, commit {'a' * 12}" in page.read_text()
+
+
+def test_the_headline_table_counts_each_reports_verdicts_and_names_missing_notebooks(tmp_path, capsys):
+    """The README's table (``python -m ffnlib.report --headline``) from reports' summaries: the paper's findings
+    (notebooks 01-03) apart from all, a notebook a report lacks named; and a folder without summaries refused."""
+    from ffnlib.findings import findings_rows, of_notebook
+    from ffnlib.report import headline_table, main
+    from ffnlib.stats import Estimate
+
+    run = tmp_path / "tiny" / "default"
+    (run / "summaries").mkdir(parents=True)
+    ours = {"last_hurts_most": Estimate(-0.4, -0.45, -0.35, 100, "keys", "bootstrap")}
+    control = {"last_hurts_most": Estimate(-0.1, -0.15, -0.05, 25, "keys", "bootstrap")}
+    model = {"model": "tiny", "layers": 2, "d_ff": 4, "gated": True}
+    (run / "summaries" / "01_keys.json").write_text(json.dumps({
+        "findings": findings_rows("01_keys", ours, control, {}, "random-init-abc"), "model": model}))
+    (run / "summaries" / "09_ff_attention_maps.json").write_text(json.dumps({
+        "findings": findings_rows("09_ff_attention_maps", {}, None), "model": model}))
+    n01, n09 = len(of_notebook("01_keys")), len(of_notebook("09_ff_attention_maps"))
+    table = headline_table([run])
+    rows = table.splitlines()
+    assert rows[2] == f"| [tiny]({run.as_posix()}/report.md) (gated FFN, 2 layers) | the paper's {n01} | 1 | 0 | 0 | " \
+                      f"0 | {n01 - 1} |"
+    # 09 without numbers: not measured; notebook 10 registers no findings of its own (it re-judges 01's and 02's)
+    assert rows[3] == f"|  | all {n01 + n09} (no notebook 02, 03, 06, 07, 08) | 1 | 0 | 0 | 0 | {n01 + n09 - 1} |"
+    assert main(["--headline", str(run)]) == 0 and capsys.readouterr().out == table
+    (tmp_path / "empty").mkdir()
+    assert main(["--headline", str(tmp_path / "empty")]) == 2
+    assert "has no summaries/*.json" in capsys.readouterr().err
