@@ -6,7 +6,7 @@
 #   make book     the course site (notebooks at scale=ci, exercises, reports) in _build/book/html, offline
 #   make exercises  regenerate the exercises' student copies (exercises/release/) from their sources (nbgrader)
 #   make lock     rewrite constraints.txt, the exact set `make setup` installs, from what .venv holds now
-# Options: MODEL=gemma3-270m  SCALE=ci|default|full  DEVICE=cpu|cuda  RESULTS=results  CONTROL=random-init|none  PRECISION=float32|bfloat16|float16|auto
+# Options: MODEL=gemma3-270m  SCALE=ci|default|full  DEVICE=cpu|cuda  RESULTS=results  CONTROL=random-init|none  CONTROL_DRAWS=3  PRECISION=float32|bfloat16|float16|auto
 #          TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" for a GPU build.
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +19,7 @@ PRECISION ?= float32
 RESULTS ?= results
 ADD ?=
 CONTROL ?= random-init
+CONTROL_DRAWS ?=
 TEST_WORKERS ?= 2
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
@@ -47,7 +48,7 @@ lock:
 	  $(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' ) > $(LOCK)
 
 run: setup
-	$(PY) -m ffnlib.suite --model $(MODEL) --scale $(SCALE) --device $(DEVICE) --results $(RESULTS) --control $(CONTROL) --precision $(PRECISION)
+	$(PY) -m ffnlib.suite --model $(MODEL) --scale $(SCALE) --device $(DEVICE) --results $(RESULTS) --control $(CONTROL) $(if $(CONTROL_DRAWS),--control-draws $(CONTROL_DRAWS)) --precision $(PRECISION)
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15

@@ -29,6 +29,8 @@ class Scale:
     control_removal_keys: int  # keys per layer in the random-weights control's removal experiment
     control_aggregation_examples: int  # held-out prefixes for the control's Section 5
     corpus: str = "wiki"  # the embedded corpus: "wiki", or "wiki+" (plus BIG-bench's Wikipedia paragraphs, a download)
+    control_draws: int = 3  # random initialisations of the control (seeds seed, seed + 1, ...): its interval covers
+    # them and the units (ffnlib.stats.over_draws). ci: 1, for the tests' time
     # notebook 09 (contribution maps, ffnlib.related.contextualization.notebook_sizes)
     maps_sentences: int = 300  # held-out sentences decomposed
     maps_max_tokens: int = 40  # their largest token count
@@ -60,7 +62,7 @@ SCALES: dict[str, Scale] = {
                 maps_sentences=4, maps_max_tokens=20, maps_bigram_sentences=2000, maps_control_sentences=4,
                 moe_train_sentences=24, moe_router_sentences=24, moe_calibration_sentences=16, moe_heldout_sentences=8,
                 moe_shares=(0.25,), moe_layers=3, moe_kmeans_iter=1, moe_router_epochs=3, moe_n_boot=200,
-                moe_random_splits=2, atlas_layers=3),
+                moe_random_splits=2, atlas_layers=3, control_draws=1),
     "default": Scale("default", mining_sentences=8000, top_k=50, removal_keys=100, aggregation_examples=4000,
                      checkpoint_every=1000, control_removal_keys=10, control_aggregation_examples=1000,
                      maps_sentences=300, maps_max_tokens=40, maps_bigram_sentences=20000, maps_control_sentences=150,

@@ -33,7 +33,7 @@ from .errors import ParameterError
 from .findings import Finding, finding, judge
 from .keys import TriggerExamples, key_pattern_table, section3_measures, snapshot_sizes, trigger_snapshot
 from .progress import tqdm
-from .stats import N_BOOT, Estimate
+from .stats import N_BOOT, Estimate, over_draws
 from .values import project_values, section4_measures, target_ranks, top_trigger_targets, value_agreement
 
 PAPER_TOKENS = 100_000_000  # the paper mined WikiText-103's training split: more than 100M tokens
@@ -114,23 +114,26 @@ def _estimate(row, prefix: str = "") -> Estimate | None:
 
 def judge_by_size(measures: pd.DataFrame) -> pd.DataFrame:
     """The registry's verdict of each finding at every snapshot size: the trained model's measures (``model
-    == "trained"``) against the control's (``"control"``) of the same size, where there is one.
+    == "trained"``) against the control's (``"control"``) of the same size, where there is one (several rows of
+    a size and finding: the control's random draws, combined by :func:`ffnlib.stats.over_draws`).
 
     Rows: sentences, tokens, key, claim, ours, control (texts with intervals), verdict."""
     missing = [c for c in MEASURE_COLUMNS if c not in measures]
     if missing:
         raise ParameterError(f"measures lacks the column(s) {missing}: give snapshot_measures(...)'s frame.")
     trained = measures[measures["model"] == "trained"]
-    control = measures[measures["model"] == "control"].set_index(["sentences", "key"])
+    control = measures[measures["model"] == "control"]
+    draws = {cell: group.to_dict("records") for cell, group in control.groupby(["sentences", "key"], sort=False)}
     rows = []
     for row in trained.itertuples(index=False):
         row = row._asdict()
         f = finding(row["key"])
         ours, base = _estimate(row), _estimate(row, "baseline")
         theirs = theirs_base = None
-        if (row["sentences"], row["key"]) in control.index:
-            other = control.loc[(row["sentences"], row["key"])].to_dict()
-            theirs, theirs_base = _estimate(other), _estimate(other, "baseline")
+        if (row["sentences"], row["key"]) in draws:  # one row per draw of the control: their mean, over_draws
+            others = draws[(row["sentences"], row["key"])]
+            theirs = over_draws([_estimate(other) for other in others])
+            theirs_base = over_draws([_estimate(other, "baseline") for other in others])
         rows.append({"sentences": row["sentences"], "tokens": row["tokens"], "key": row["key"], "claim": f.claim,
                      "ours": f.text(ours), "control": "no control" if theirs is None else f.text(theirs),
                      "verdict": judge(f, ours, theirs, base, theirs_base)})

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Scale, check_parameters, get_scale
+from .config import Scale, check_int, check_parameters, get_scale
 from .errors import ParameterError
 from .models import LoadedModel, load_model, resolve_device
 from .precision import resolve_precision, run_folder_name
@@ -44,26 +44,33 @@ class Run:
     out: Path
     device: str
     params: dict = field(default_factory=dict)
-    _control: "Run | None" = field(default=None, repr=False)
+    _controls: dict = field(default_factory=dict, repr=False)  # draw -> the control's Run
 
     @property
     def model_name(self) -> str:
         return self.loaded.name
 
-    def control(self) -> "Run":
+    def control(self, draw: int = 0) -> "Run":
         """The random-weights control of this run: the same architecture re-initialised by its own initialiser
-        (seeded by the run's seed, ``ffnlib.controls.random_init``), the same tokenizer and sizes. Its results
-        are cached under ``results_dir/controls/<control>/<scale>/``, keyed by the architecture and the seed,
-        so every notebook (and every model of the same architecture) computes them once."""
-        if self._control is None:
+        (seeded by the run's seed plus ``draw``, ``ffnlib.controls.random_init``), the same tokenizer and sizes.
+        Its results are cached under ``results_dir/controls/<control>/<scale>/``, keyed by the architecture and
+        the seed, so every notebook (and every model of the same architecture) computes them once."""
+        if draw not in self._controls:
             from .controls import random_init
 
-            loaded = random_init(self.loaded, self.seed)
+            loaded = random_init(self.loaded, self.seed + draw)
             out = ensure_dir(self.out.parent.parent / "controls" / loaded.name
                              / run_folder_name(self.scale.name, loaded.precision))
-            self._control = Run(loaded=loaded, scale=self.scale, seed=self.seed, out=out, device=self.device,
-                                params={**self.params, "control_of": self.model_name})
-        return self._control
+            self._controls[draw] = Run(loaded=loaded, scale=self.scale, seed=self.seed, out=out, device=self.device,
+                                       params={**self.params, "control_of": self.model_name, "draw": draw})
+        return self._controls[draw]
+
+    def controls(self, draws: int | None = None) -> list["Run"]:
+        """The control's random draws: ``draws`` initialisations (None: the scale's ``control_draws``), the first
+        being :meth:`control`. A notebook measures each and combines them with
+        :func:`ffnlib.stats.over_draws_by_key`, so the control's interval covers the initialisation too."""
+        n = check_int("control_draws", self.scale.control_draws if draws is None else draws)
+        return [self.control(i) for i in range(n)]
 
     def save_figure(self, fig, name: str) -> list[Path]:
         """Save a matplotlib figure as PNG and SVG under ``out/figures``."""

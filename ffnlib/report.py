@@ -130,9 +130,12 @@ def _control_line(summaries: dict[str, dict]) -> str:
     if not names:
         return "none (verdicts against each finding's own baseline only)"
     sizes = _control_sizes(summaries)
+    draws = max(len(name.split(", ")) for name in names)
+    drawn = ("" if draws == 1 else f"; drawn {draws} times, each finding's control number being the mean over the "
+             "draws, with an interval that covers the draws and the sampled units (ffnlib.stats.over_draws)")
     return (f"the same architecture with random weights (its own initialiser from its config, seeded; "
-            f"{', '.join(names)}), run on the same corpus with the same parameters"
-            + (f", on smaller samples: {sizes}" if sizes else ""))
+            f"{'; '.join(names)}), run on the same corpus with the same parameters"
+            + (f", on smaller samples: {sizes}" if sizes else "") + drawn)
 
 
 def _control_sizes(summaries: dict[str, dict]) -> str:

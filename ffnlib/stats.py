@@ -11,6 +11,9 @@
   resample's numbers per configuration and pair them (MoEfication's quality and sparsity tables).
 - :func:`two_level`: the mean over a few groups (e.g. random splits) of a statistic of units (e.g. sentences), with
   a bootstrap that resamples the groups and then the units, so the interval covers both.
+- :func:`over_draws`: the mean of one measure over several random draws of what it is measured on (e.g. random
+  initialisations of the control), with an interval that covers the spread between the draws and each draw's own
+  sampling; :func:`over_draws_by_key` does it for dicts of estimates.
 - :func:`binomial`: the exact (Clopper-Pearson) interval of a share, where one fits (e.g. 97 of the 100 most
   confident values in the upper layers).
 - :func:`spearman_with_depth`: the trend of a per-layer curve, rows of curves at once.
@@ -29,7 +32,8 @@ import numpy as np
 from .errors import ParameterError
 
 __all__ = ["LEVEL", "N_BOOT", "MAX_BOOT_CELLS", "COUNTS_CACHE_BYTES", "Estimate", "bootstrap_samples", "bootstrap",
-           "percentile_interval", "resample_indices", "resampled", "two_level", "share", "binomial", "shift",
+           "percentile_interval", "resample_indices", "resampled", "two_level", "over_draws", "over_draws_by_key", "share",
+           "binomial", "shift",
            "spearman_with_depth"]
 
 LEVEL = 0.95  # every interval in the reports
@@ -233,6 +237,49 @@ def two_level(per_unit, statistic: Callable[[np.ndarray], np.ndarray], unit: str
         picks = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=int(n_boot)).astype(np.float64)
         samples = np.where(picks > 0, picks * per_group, 0.0).sum(1) / n_groups  # a group not drawn: no NaN from it
     return _percentile_estimate(value, samples, n, unit, "two-level bootstrap")
+
+
+def over_draws(estimates) -> Estimate | None:
+    """The mean of one measure over random draws (e.g. the control's random initialisations, each measured on the
+    same units with its own 95% interval), with an interval that covers the draws and the units together.
+
+    Each side's half-width is ``sqrt((t · s / sqrt(n))² + mean(h_i²))``: ``s`` the draws' standard deviation, ``t``
+    Student's 97.5% point with n - 1 degrees of freedom, ``h_i`` draw i's own half-width on that side. The draws'
+    sampling errors are taken as fully correlated (they share the units), so the interval is never narrower than a
+    typical draw's own: a normal approximation, used where the estimates carry no bootstrap samples to mix (as
+    :func:`two_level` does for groups it measures itself). It is then kept within the span of the draws' own
+    intervals, so that it never reaches values no draw's interval reaches (a share below 0). One draw: that estimate,
+    unchanged. Draws that were not measured are left out (none measured: the first estimate given, or None).
+
+    >>> over_draws([Estimate(0.10, 0.0, 0.3), Estimate(0.15, 0.05, 0.35), Estimate(0.20, 0.1, 0.4)]).text(digits=3)
+    '0.150 [0.000, 0.385]'
+    """
+    from scipy.stats import t as student
+
+    given = [e for e in estimates if e is not None]
+    measured = [e for e in given if e.measured]
+    if not measured:
+        return given[0] if given else None
+    if len(measured) == 1:
+        return measured[0]
+    n = len(measured)
+    values = np.array([e.value for e in measured])
+    value = float(values.mean())
+    between = float(student.ppf(0.5 + LEVEL / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    low = value - math.sqrt(between ** 2 + float(np.mean([(e.value - e.low) ** 2 for e in measured])))
+    high = value + math.sqrt(between ** 2 + float(np.mean([(e.high - e.value) ** 2 for e in measured])))
+    low, high = max(low, min(e.low for e in measured)), min(high, max(e.high for e in measured))
+    return Estimate(value, low, high, measured[0].n, measured[0].unit, f"mean of {n} draws")
+
+
+def over_draws_by_key(draws) -> dict | None:
+    """:func:`over_draws` for each key of a list of ``{key: Estimate}`` (one dict per draw; a key some draw lacks
+    counts as not measured there). One draw: a copy of its dict; none: None."""
+    draws = [d for d in draws if d is not None]
+    if len(draws) <= 1:
+        return dict(draws[0]) if draws else None
+    keys = list(dict.fromkeys(k for d in draws for k in d))
+    return {k: over_draws([d.get(k) for d in draws]) for k in keys}
 
 
 def share(indicator, unit: str, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:

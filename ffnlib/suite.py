@@ -123,15 +123,17 @@ def execute(notebook: Path, output: Path, params: dict, stream: bool = False) ->
 
 def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str = "results", seed: int = 0,
               device: str = "cpu", notebooks=None, log=print, stream: bool = False,
-              control: str = "random-init", precision: str = "float32") -> Path:
+              control: str = "random-init", precision: str = "float32", control_draws: int | None = None) -> Path:
     """Run the suite's notebooks in order, then write the report. ``control``: ``"random-init"`` (every
     finding judged against the same architecture with random weights) or ``"none"``; passed to the notebooks
-    that take it. ``precision``: the dtype the models compute in (:mod:`ffnlib.precision`); a run in another
-    precision than float32 has its own folder, ``<scale>-<precision>``."""
+    that take it, with ``control_draws`` (the control's random initialisations; None: the scale's).
+    ``precision``: the dtype the models compute in (:mod:`ffnlib.precision`); a run in another precision than
+    float32 has its own folder, ``<scale>-<precision>``."""
     import warnings
 
     import papermill
 
+    from .config import check_int
     from .errors import NotebookSkipped
     from .models import resolve_device
     from .storage import slug
@@ -142,6 +144,8 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
         warnings.simplefilter("always")
         selected, results_dir = preflight(model, scale, results, notebooks, device, control, precision)
         chosen = resolve_precision(precision, resolve_device(device))
+    if control_draws is not None:
+        check_int("control_draws", control_draws)
     for message in dict.fromkeys(str(w.message) for w in caught):
         log(f"[ffnlib] warning: {message}")
     if precision != "float32":
@@ -157,9 +161,11 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
     for nb in selected:
         start = time.perf_counter()
         log(f"[ffnlib] running {nb.name} ({model}, scale={scale}) ...")
-        takes_control = "control" in papermill.inspect_notebook(str(nb))
+        declared = papermill.inspect_notebook(str(nb))
+        control_params = {name: value for name, value in (("control", control), ("control_draws", control_draws))
+                          if name in declared and value is not None}
         try:
-            execute(nb, out / nb.name, {**params, "control": control} if takes_control else params, stream=stream)
+            execute(nb, out / nb.name, {**params, **control_params}, stream=stream)
         except NotebookSkipped as exc:  # the model gives it nothing to analyse; its findings are not measured
             log(f"[ffnlib] {nb.name} stopped, nothing to analyse ({exc}); going on -> {out / nb.name}")
             continue
@@ -187,6 +193,9 @@ def main(argv=None) -> int:
     parser.add_argument("--control", default="random-init", choices=["random-init", "none"],
                         help="judge every finding against the same architecture with random weights (default), "
                              "or not")
+    parser.add_argument("--control-draws", type=int, default=None,
+                        help="random initialisations of the control, its interval covering them (default: the "
+                             "scale's, 3 at default and full, 1 at ci)")
     parser.add_argument("--quiet", action="store_true",
                         help="do not stream the notebooks' output (progress bars, messages) to the console")
     args = parser.parse_args(argv)
@@ -198,7 +207,8 @@ def main(argv=None) -> int:
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         run_suite(args.model, args.scale, args.results, args.seed, args.device, args.notebooks,
-                  stream=not args.quiet, control=args.control, precision=args.precision)
+                  stream=not args.quiet, control=args.control, precision=args.precision,
+                  control_draws=args.control_draws)
     except FFNLibError as exc:
         print(f"ffnlib: {exc}", file=sys.stderr)
         return 2

@@ -121,6 +121,10 @@ def test_the_trend_of_a_known_line_is_recovered_and_judged_against_the_paper():
     assert all(ax.get_xscale() == "log" for ax in fig.axes if ax.get_visible())
 
 
+def verdicts_text(trained, control):
+    return corpus_size.judge_by_size(pd.concat([trained, control])).set_index("sentences")
+
+
 def test_the_verdict_at_each_size_follows_the_registry():
     tokens = [1e4, 2e4]
     trained = _constructed("02_values.agreement_rise", tokens, [0.002, 0.015], 0.001)
@@ -129,6 +133,11 @@ def test_the_verdict_at_each_size_follows_the_registry():
     # at the small size both intervals lie above 0 and overlap: the architecture shows it untrained;
     # at the larger size the trained model beats the control
     assert verdicts.loc[100] == ARCHITECTURAL and verdicts.loc[200] == "holds"
+    # two more draws of the control, one of them far higher: the mean over the draws and its wider interval
+    far = _constructed("02_values.agreement_rise", tokens, [0.0155, 0.0155], 0.001, model="control")
+    drawn = corpus_size.judge_by_size(pd.concat([trained, control, control, far])).set_index("sentences")
+    assert drawn.loc[200, "verdict"] != "holds"  # 0.015 no longer beats the draws' mean 0.0057 [< 0, > 0.02]
+    assert drawn.loc[200, "control"] != verdicts_text(trained, control).loc[200, "control"]
     alone = corpus_size.judge_by_size(trained)
     assert (alone["control"] == "no control").all()
     with pytest.raises(ParameterError, match="lacks the column"):

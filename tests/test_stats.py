@@ -59,3 +59,38 @@ def test_bad_input_is_a_clear_error_and_no_units_is_not_measured():
     with pytest.raises(ParameterError, match="seed"):
         two_level(_groups([0.5]), RATIO, "u", seed=-1)
     assert not two_level(np.zeros((2, 0, 2)), RATIO, "u").measured
+
+
+def test_over_draws_one_draw_is_that_draw_and_equal_draws_keep_their_interval():
+    from ffnlib.stats import Estimate, over_draws, over_draws_by_key
+
+    one = Estimate(0.2, 0.15, 0.3, 40, "sentences", "bootstrap")
+    assert over_draws([one]) is one and over_draws([None, one, Estimate.missing("sentences")]) is one
+    same = over_draws([one, one, one])  # no spread between the draws: each side keeps its own half-width
+    assert np.allclose([same.value, same.low, same.high], [0.2, 0.15, 0.3]) and (same.n, same.unit) == (40, "sentences")
+    assert same.method == "mean of 3 draws"
+    assert over_draws([None, None]) is None and not over_draws([Estimate.missing("keys")]).measured
+    draws = {"a": one, "b": None}
+    assert over_draws_by_key([draws]) == draws and over_draws_by_key([]) is None
+
+
+def test_over_draws_widens_with_the_spread_between_draws_and_the_value_is_their_mean():
+    """The BLOOM case of docs/verdicts.md: three random initialisations whose own intervals (over 4 sentences) do
+    not overlap. The combined interval covers every draw, so a trained value above the first draw's interval no
+    longer beats the control."""
+    from ffnlib.stats import Estimate, over_draws, over_draws_by_key
+
+    draws = [Estimate(0.0, 0.0, 0.0, 4), Estimate(0.1667, 0.125, 0.25, 4), Estimate(0.25, 0.2, 0.3, 4)]
+    combined = over_draws(draws)
+    assert combined.value == pytest.approx(np.mean([d.value for d in draws]))
+    # t(2) * sd / sqrt(3) = 0.31 reaches past every draw's interval on both sides: kept to their span, a share >= 0
+    assert (combined.low, combined.high) == (0.0, 0.3)
+    ours = Estimate(0.208, 0.167, 0.292, 4)
+    assert ours.low > draws[0].high and not ours.low > combined.high
+    # inside the span, each side is sqrt((t * sd / sqrt(n))^2 + mean(h_i^2))
+    wide = [Estimate(0.10, 0.0, 0.3), Estimate(0.15, 0.05, 0.35), Estimate(0.20, 0.1, 0.4)]
+    between = 4.302652729911275 * 0.05 / np.sqrt(3)
+    assert over_draws(wide).high == pytest.approx(0.15 + np.sqrt(between ** 2 + np.mean([0.2 ** 2] * 3)))
+    assert over_draws(wide).low == 0.0  # 0.15 - 0.159 < 0: the span's end
+    by_key = over_draws_by_key([{"x": d, "y": d} for d in draws])
+    assert by_key["x"] == by_key["y"] == combined

@@ -84,8 +84,9 @@ def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder_in_bf16(smollm, 
     """OPT is the family with the paper's own FFN form (plain, ReLU, with biases); its FFN runs on
     (batch * tokens, d). The whole suite, as ``make run MODEL=<folder> SCALE=ci PRECISION=bfloat16`` runs it, on a
     tiny random OPT saved with save_pretrained: every notebook in bf16 (the ci-results group runs them all in
-    float32 on SmolLM2). Its weights are random, so judged against its random-weights control (another random
-    initialisation) no finding may hold."""
+    float32 on SmolLM2), with the control drawn twice (``--control-draws 2``; the ci scale draws it once). Its
+    weights are random, so judged against its random-weights control (other random initialisations) no finding
+    may hold."""
     import torch
     from tiny_models import CASE_IDS, CASES, build_config
 
@@ -99,7 +100,7 @@ def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder_in_bf16(smollm, 
     smollm.tokenizer.save_pretrained(folder)
     lines = []
     run_dir = run_suite(model=str(folder), scale="ci", results=str(tmp_path / "results"), log=lines.append,
-                        precision="bfloat16")
+                        precision="bfloat16", control_draws=2)
     assert run_dir.name == "ci-bfloat16" and any("computing in bfloat16" in line for line in lines)
     summaries = load_summaries(run_dir)
     assert set(summaries) == set(SUITE)
@@ -108,6 +109,9 @@ def test_the_whole_suite_runs_on_a_tiny_opt_model_from_a_folder_in_bf16(smollm, 
     assert {s["model"]["precision"] for s in summaries.values() if isinstance(s.get("model"), dict)} == {"bfloat16"}
     report = (run_dir / "report.md").read_text()
     assert "plain FFN" in report and "OPTForCausalLM" in report and "computing in bfloat16" in report
+    # the control drawn twice (two random initialisations) in every notebook that has one
+    assert "drawn 2 times, each finding's control number being the mean over the draws" in report
+    assert all(len(s["control"]["draws"]) == 2 for s in summaries.values() if s.get("control"))
     if summaries["06_knowledge_neurons"].get("skipped"):  # a random model knows no facts: 06 stops, the suite goes on
         assert "`06_knowledge_neurons` stopped with nothing to analyse" in report
         assert {f["verdict"] for f in summaries["06_knowledge_neurons"]["findings"]} == {"not measured"}
