@@ -55,11 +55,12 @@ def run(model: str = "smollm2-135m", examples: int = 4000, batch_tokens: int = 2
     import torch
 
     from ffnlib import aggregation as agg
+    from ffnlib import batching
     from ffnlib.models import load_model
 
     loaded = load_model(model, device=device)
     sample = agg.sample_examples(loaded, examples, seed)
-    batches = agg.make_batches(sample["position"].to_numpy() + 1, batch_tokens)
+    batches = batching.plan_shortest_first(sample["position"].to_numpy() + 1, batch_tokens)
     tokens = int((sample["position"] + 1).sum())
     padded = int(sum(len(b) * (sample["position"].iloc[b].max() + 1) for b in batches))
     pad_id = loaded.tokenizer.pad_token_id or 0
@@ -77,13 +78,13 @@ def run(model: str = "smollm2-135m", examples: int = 4000, batch_tokens: int = 2
     agg.memory_top_tokens(loaded, negative=loaded.adapter.gated, progress=False)  # the user cache, as a run uses
 
     with torch.inference_mode():  # warm-up: one small batch
-        ids, mask, _ = agg.batch_inputs(sample, batches[0][:4], pad_id, loaded.device)
+        ids, mask, _ = batching.prefix_inputs(sample, batches[0][:4], pad_id, loaded.device)
         loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
-            ids, mask, _ = agg.batch_inputs(sample, batch, pad_id, loaded.device)
+            ids, mask, _ = batching.prefix_inputs(sample, batch, pad_id, loaded.device)
             loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
     bare = time.perf_counter() - start
 

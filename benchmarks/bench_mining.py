@@ -19,8 +19,8 @@ Rows (all measured in this run):
 - padding share of the miner's batches (target < 5%);
 - a batch's fixed cost, in padded tokens: the miner (hooked, k, both signs) runs the same tokens, sentences of
   one length, as one batch of ``batch_tokens`` and as eight batches of an eighth, alternating, several times;
-  (eight small − one big) / 7 over the time per token. It checks ``mining.BATCH_COST``, the cost per batch that
-  the miner's batch plan (``mining.plan_least_padding``) weighs against padding;
+  (eight small − one big) / 7 over the time per token. It checks ``batching.BATCH_COST``, the cost per batch that
+  the miner's batch plan (``batching.plan_least_padding``) weighs against padding;
 - the snapshots at every doubling of the corpus (notebook 10): the miner's own time taking them (flushing its
   pools, saving each as a prefix run's top-k state) as a share of its mining time, plus the extra work of
   planning batches within each prefix rather than over the whole corpus, counted: extra padded tokens plus the
@@ -61,7 +61,7 @@ SETUP = """
 import json, os, resource, tempfile, time, numpy as np, torch
 from ffnlib.corpus import load_corpus
 from ffnlib.models import load_model
-from ffnlib import keys, mining
+from ffnlib import batching, keys, mining
 loaded = load_model({model!r}, device={device!r})
 sentences = load_corpus("wiki", split="train", seed=0, max_sentences={sentences})
 
@@ -98,7 +98,7 @@ hooks = [a.down(layer).register_forward_pre_hook(lambda m, args, layer=layer: ca
 pad = loaded.tokenizer.pad_token_id or 0
 order = []
 with torch.inference_mode():
-    for rows in mining.plan_least_padding(lengths, {batch_tokens}):  # the miner's plan without snapshots
+    for rows in batching.plan_least_padding(lengths, {batch_tokens}):  # the miner's plan without snapshots
         width = int(lengths[rows].max())
         ids = torch.full((len(rows), width), pad)
         for i, r in enumerate(rows):
@@ -130,10 +130,10 @@ print(json.dumps({{"seconds": seconds, "tokens": int(lengths.sum()), "peak": sta
 
 def miner_plan(lengths, batch_tokens: int, k: int) -> list:
     """The miner's batches: length-sorted within each doubling prefix of the corpus (its snapshots)."""
-    from ffnlib import keys, mining
+    from ffnlib import batching, keys
 
-    sizes = mining.doubling_sizes(len(lengths), keys.auto_snapshot_floor(len(lengths), k))
-    return mining.plan_prefix_batches(lengths, batch_tokens, sizes)[0]
+    sizes = batching.doubling_sizes(len(lengths), keys.auto_snapshot_floor(len(lengths), k))
+    return batching.plan_prefix_batches(lengths, batch_tokens, sizes)[0]
 
 
 def batch_cost(loaded, token_ids, batch_tokens: int, k: int, repeats: int = 5) -> tuple[float, int, float]:
@@ -259,7 +259,7 @@ def main() -> None:
 
     import psutil
 
-    from ffnlib import keys, mining
+    from ffnlib import batching, keys, mining
     from ffnlib.corpus import load_corpus
     from ffnlib.models import load_model
 
@@ -313,11 +313,11 @@ def main() -> None:
     lengths = np.array([len(t) for t in token_ids])
     cost, width, per_token = batch_cost(loaded, token_ids, args.batch_tokens, args.k)
     rows.append({"row": "a miner's batch's fixed cost, in padded tokens", "ours": f"{cost:.0f}",
-                 "baseline": f"mining.BATCH_COST = {mining.BATCH_COST}", "ratio": cost / mining.BATCH_COST,
+                 "baseline": f"batching.BATCH_COST = {batching.BATCH_COST}", "ratio": cost / batching.BATCH_COST,
                  "target": "—", "met": None,
                  "note": f"one batch of {args.batch_tokens} tokens vs eight (width {width}), "
                          f"{per_token * 1e3:.2f} ms per token"})
-    whole = mining.plan_least_padding(lengths, args.batch_tokens)  # the plan of a run without snapshots
+    whole = batching.plan_least_padding(lengths, args.batch_tokens)  # the plan of a run without snapshots
     segments = miner_plan(lengths, args.batch_tokens, args.k)
     single, segmented = padded_tokens(lengths, whole), padded_tokens(lengths, segments)
     taking = snapshot_seconds / ours[0]

@@ -2,7 +2,7 @@
 
 Our corpus is about 1% of the paper's (WikiText-103, more than 100M tokens). Is a gap to the paper's number
 the corpus or the model? The miner answers it almost for free: it mines the corpus in prefix segments that
-double (250 sentences, 500, 1,000, ...; :func:`ffnlib.mining.doubling_sizes`), and its top-k state after each
+double (250 sentences, 500, 1,000, ...; :func:`ffnlib.batching.doubling_sizes`), and its top-k state after each
 is exactly what a run on that prefix alone gives (:func:`ffnlib.keys.trigger_snapshot`). Here:
 
 - :func:`snapshot_measures`: on each snapshot, the measures of the findings that depend on the mined trigger

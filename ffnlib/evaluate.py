@@ -3,8 +3,8 @@ the summed next-token negative log-likelihood, the tokens predicted and the top-
 
 Knowledge neurons' held-out perplexity (before and after an edit) and MoEfication's evaluation of each sparsified
 configuration both run :func:`heldout_predictions`. Each token's NLL is :func:`ffnlib.nll.token_nll`, the formula
-notebook 08's training uses too. Sentences are batched by length (:func:`ffnlib.mining.plan_batches`,
-right-padded by :func:`ffnlib.mining.make_batch` with :attr:`ffnlib.models.LoadedModel.pad_id`); each pass stops after
+notebook 08's training uses too. Sentences are batched by length (:func:`ffnlib.batching.plan_batches`,
+right-padded by :func:`ffnlib.batching.make_batch` with :attr:`ffnlib.models.LoadedModel.pad_id`); each pass stops after
 the last block, and the output head runs only at real positions, in chunks (:data:`MAX_LOGIT_ELEMENTS`). Logits
 are float32 (``adapter.logits_from_residual``) whatever the model computes in, and so is every NLL; a sentence's
 NLL is the float32 sum of its tokens', stored as a Python float, and :func:`perplexity_of` sums in float64.
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .capture import capture, forward_until_stop, stop_after
-from .mining import make_batch, plan_batches
+from .batching import make_batch, plan_batches
 from .nll import token_nll
 
 __all__ = ["MAX_LOGIT_ELEMENTS", "MAX_PADDING", "SentenceBatch", "sentence_batches", "next_token_predictions",

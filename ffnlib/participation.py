@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .aggregation import (AggregationResult, active_mask, batch_inputs, make_batches, memory_predictions,
-                          memory_top_tokens)
+from .aggregation import AggregationResult, active_mask, memory_predictions, memory_top_tokens
+from .batching import plan_shortest_first, prefix_inputs
 from .capture import capture, forward_until_stop, stop_after
 from .errors import ParameterError
 from .progress import tqdm
@@ -116,7 +116,7 @@ def batch_tallies(loaded, result, batch, settings, top_positive, top_negative, v
     """:func:`memory_tallies` of one batch of ``result``'s examples, from one forward pass (stopped after the last
     block); ``layer_tops`` is the layer output's top token per (layer, example)."""
     adapter = loaded.adapter
-    ids, mask, last = batch_inputs(result.examples, batch, loaded.pad_id, loaded.device)
+    ids, mask, last = prefix_inputs(result.examples, batch, loaded.pad_id, loaded.device)
     rows = torch.arange(len(batch), device=loaded.device)
     with capture(loaded, what=("coefficients",)) as acts, stop_after(loaded, adapter.n_layers - 1):
         forward_until_stop(loaded.model, input_ids=ids, attention_mask=mask, use_cache=False)
@@ -143,7 +143,7 @@ def analyse_memories(loaded, result: AggregationResult, out_dir: str | Path | No
     layer_tops = frame["output_top"].to_numpy(np.int64).reshape(len(result.examples), adapter.n_layers).T
     top_positive, top_negative = value_tops(loaded, result, value_cache, out_dir, progress)
     value_norms = torch.stack([adapter.written_value_norms(layer) for layer in range(adapter.n_layers)])
-    batches = make_batches(result.examples["position"].to_numpy() + 1, int(settings["batch_tokens"]))
+    batches = plan_shortest_first(result.examples["position"].to_numpy() + 1, int(settings["batch_tokens"]))
     partial = Path(out_dir) / f"{name}.partial" if out_dir is not None else None
     totals = {key: np.zeros((adapter.n_layers, adapter.d_ff)) for key in _TALLIES}
     for index, batch in enumerate(tqdm(batches, desc="Section 5 per memory", disable=not progress)):

@@ -21,6 +21,7 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import ffnlib.aggregation as agg  # noqa: E402
+import ffnlib.batching as batching  # noqa: E402
 from ffnlib import FFNLibError, ParameterError  # noqa: E402
 from ffnlib.adapters import get_adapter  # noqa: E402
 from ffnlib.capture import capture  # noqa: E402
@@ -209,11 +210,11 @@ def test_sampling_never_picks_a_bos_position(smollm):
 
 def test_batches_cover_every_example_once_within_the_token_budget():
     lengths = np.array([5, 1, 9, 3, 3, 7, 2, 30])
-    batches = agg.make_batches(lengths, batch_tokens=12)
+    batches = batching.plan_shortest_first(lengths, batch_tokens=12)
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
     for batch in batches:
         assert len(batch) == 1 or len(batch) * lengths[batch].max() <= 12
-    assert [b.tolist() for b in batches] == [b.tolist() for b in agg.make_batches(lengths, 12)]
+    assert [b.tolist() for b in batches] == [b.tolist() for b in batching.plan_shortest_first(lengths, 12)]
 
 
 # ---- the whole analysis on a tiny model -------------------------------------------------------------------
@@ -272,7 +273,7 @@ def test_resume_after_an_interruption_is_identical(tiny, tiny_result, tmp_path, 
             raise KeyboardInterrupt  # as if the kernel were stopped in the middle of batch 3
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(agg, "analyse_batch", interrupted)
+    monkeypatch.setattr("ffnlib.aggregation._analyse.analyse_batch", interrupted)  # where analyse_aggregation looks it up
     kwargs = dict(n_examples=24, batch_tokens=96, out_dir=tmp_path, value_cache=folder / "values", progress=False)
     with pytest.raises(KeyboardInterrupt):
         agg.analyse_aggregation(tiny, **kwargs)
@@ -285,7 +286,7 @@ def test_resume_after_an_interruption_is_identical(tiny, tiny_result, tmp_path, 
         return real(*args, **kwargs)
 
     calls["n"] = 0
-    monkeypatch.setattr(agg, "analyse_batch", counted)
+    monkeypatch.setattr("ffnlib.aggregation._analyse.analyse_batch", counted)
     resumed = agg.analyse_aggregation(tiny, **kwargs)
     assert calls["n"] == result.info["batches"] - 2 and resumed.info["resumed"] == 2
     pd.testing.assert_frame_equal(resumed.frame, result.frame)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import ffnlib.aggregation as agg  # noqa: E402
 import ffnlib.distributed as dist  # noqa: E402
 import ffnlib.keys as keys  # noqa: E402
-from ffnlib import ParameterError, mining  # noqa: E402
+from ffnlib import ParameterError, batching  # noqa: E402
 from ffnlib.corpus import load_corpus  # noqa: E402
 from ffnlib.models import load_model  # noqa: E402
 from ffnlib.storage import read_json  # noqa: E402
@@ -78,7 +78,7 @@ def cluster():
     import dask
     from distributed import Client, LocalCluster
 
-    saved = dist._environ_snapshot()
+    saved = dist.environ_snapshot()
     with dask.config.set({"distributed.scheduler.allowed-failures": dist.ALLOWED_FAILURES}):
         local = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                              silence_logs=50)
@@ -86,7 +86,7 @@ def cluster():
     yield local.scheduler_address, client
     client.close()
     local.close()
-    dist._restore_environ(saved)  # the nanny wrote OMP_NUM_THREADS=1 etc. into os.environ: later tests spawn kernels
+    dist.restore_environ(saved)  # the nanny wrote OMP_NUM_THREADS=1 etc. into os.environ: later tests spawn kernels
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_snapshots_fall_on_shard_boundaries_and_equal_a_run_on_the_prefix(mined,
     sizes = keys.snapshot_sizes(result)
     assert sizes == [30, 60, 120] and result.stats["snapshots"] == [30, 60]  # "auto": a quarter of 120
     lengths = [len(t) for t in result.sentences["token_ids"]]
-    _, ends = mining.plan_prefix_batches(lengths, MINE["batch_tokens"], sizes)
+    _, ends = batching.plan_prefix_batches(lengths, MINE["batch_tokens"], sizes)
     shard_ends = {t["end_batch"] for t in result.stats["cluster"]["shard_timings"]}
     assert set(ends) <= shard_ends  # no shard spans the end of a snapshot's prefix
     for size in sizes[:-1]:
@@ -226,7 +226,7 @@ def test_a_worker_killed_in_the_middle_of_a_shard_changes_nothing(single, tiny, 
     address, client = cluster
     (reference, _) = single
     (tmp_path / "armed").write_text("")
-    client.run(dist._arm_pause, str(tmp_path))
+    client.run(dist.arm_pause, str(tmp_path))
     box = {}
 
     def run():
@@ -246,7 +246,7 @@ def test_a_worker_killed_in_the_middle_of_a_shard_changes_nothing(single, tiny, 
     assert victim != os.getpid()
     os.kill(victim, signal.SIGKILL)
     thread.join(120)
-    client.run(dist._arm_pause, "")
+    client.run(dist.arm_pause, "")
     assert not thread.is_alive()
     assert "error" not in box, box.get("error")
     result = box["result"]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from ffnlib import CorpusError, ParameterError  # noqa: E402
-from ffnlib import keys, mining  # noqa: E402
+from ffnlib import batching, keys, mining  # noqa: E402
 from ffnlib.adapters import get_adapter  # noqa: E402
 from ffnlib.capture import capture  # noqa: E402
 from ffnlib.corpus import load_corpus  # noqa: E402
@@ -229,9 +229,9 @@ def test_pool_of_unsorted_candidates_is_exact_on_ties(spare, monkeypatch):
 
 def test_plan_batches_by_length_and_budget():
     lengths = [5, 30, 6, 30, 29, 5, 100]
-    batches = mining.plan_batches(lengths, 64)  # at most 5% padding per batch
+    batches = batching.plan_batches(lengths, 64)  # at most 5% padding per batch
     assert [list(b) for b in batches] == [[6], [1, 3], [4], [2], [0, 5]]
-    assert [list(b) for b in mining.plan_batches(lengths, 64, max_padding=1.0)] == [[6], [1, 3], [4, 2], [0, 5]]
+    assert [list(b) for b in batching.plan_batches(lengths, 64, max_padding=1.0)] == [[6], [1, 3], [4, 2], [0, 5]]
     assert sorted(np.concatenate(batches).tolist()) == list(range(7))
 
 
@@ -239,7 +239,7 @@ def test_the_least_padding_plan_is_optimal_and_keeps_the_budget():
     rng = np.random.default_rng(0)
     for n, cost in ((7, 0), (9, 5), (10, 40)):
         lengths = rng.integers(1, 20, size=n)
-        plan = mining.plan_least_padding(lengths, 48, batch_cost=cost)
+        plan = batching.plan_least_padding(lengths, 48, batch_cost=cost)
         assert sorted(np.concatenate(plan).tolist()) == list(range(n))
         assert all(len(b) == 1 or len(b) * lengths[b].max() <= 48 for b in plan)
         total = sum(len(b) * int(lengths[b].max()) + cost for b in plan)
@@ -252,11 +252,11 @@ def test_the_least_padding_plan_is_optimal_and_keeps_the_budget():
                 found = sum(len(r) * int(lengths[r].max()) + cost for r in runs)
                 best = found if best is None else min(best, found)
         assert total == best, (n, cost, total, best)
-    assert [len(b) for b in mining.plan_least_padding([100, 3, 3], 48, batch_cost=0)] == [1, 2]  # too long: alone
-    assert mining.plan_least_padding([], 48) == []
+    assert [len(b) for b in batching.plan_least_padding([100, 3, 3], 48, batch_cost=0)] == [1, 2]  # too long: alone
+    assert batching.plan_least_padding([], 48) == []
     # on a few hundred sentences (a snapshot's prefix segment) it pads less than the greedy 5% bound, in no more batches
     lengths = rng.integers(4, 120, size=250)
-    least, greedy = mining.plan_least_padding(lengths, 2048), mining.plan_batches(lengths, 2048)
+    least, greedy = batching.plan_least_padding(lengths, 2048), batching.plan_batches(lengths, 2048)
     padded = lambda plan: sum(len(b) * int(lengths[b].max()) for b in plan) - int(lengths.sum())  # noqa: E731
     assert padded(least) < padded(greedy) and len(least) <= len(greedy)
 
@@ -340,20 +340,20 @@ def test_corrupted_checkpoint_is_detected_and_recomputed(tiny, sentences, tmp_pa
 
 # ---- snapshots: the state after each doubling of the corpus -----------------------------------------------
 def test_doubling_sizes_and_the_prefix_plan():
-    assert mining.doubling_sizes(40, 8) == [8, 16, 32, 40]
-    assert mining.doubling_sizes(32, 8) == [8, 16, 32]
-    assert mining.doubling_sizes(5, 8) == [5] and mining.doubling_sizes(40, None) == [40]
+    assert batching.doubling_sizes(40, 8) == [8, 16, 32, 40]
+    assert batching.doubling_sizes(32, 8) == [8, 16, 32]
+    assert batching.doubling_sizes(5, 8) == [5] and batching.doubling_sizes(40, None) == [40]
     lengths = np.random.default_rng(0).integers(3, 30, size=40)
-    batches, ends = mining.plan_prefix_batches(lengths, 64, [8, 16, 32, 40])
+    batches, ends = batching.plan_prefix_batches(lengths, 64, [8, 16, 32, 40])
     assert ends[-1] == len(batches)
     start = 0
     for size, end in zip([8, 16, 32, 40], ends):  # the batches up to ends[j] cover exactly the first sizes[j] rows
         assert sorted(np.concatenate(batches[:end]).tolist()) == list(range(size))
         start = end
     with pytest.raises(AssertionError, match="must end at the number of rows"):
-        mining.plan_prefix_batches(lengths, 64, [8, 16])
+        batching.plan_prefix_batches(lengths, 64, [8, 16])
     with pytest.raises(ParameterError, match="positive number of sentences"):
-        mining.doubling_sizes(40, 0)
+        batching.doubling_sizes(40, 0)
 
 
 def test_a_snapshot_equals_a_run_on_that_prefix_of_the_corpus(tiny, sentences, tmp_path):
@@ -384,7 +384,7 @@ def test_a_snapshot_equals_a_run_on_that_prefix_of_the_corpus(tiny, sentences, t
 
 def test_snapshots_survive_an_interruption(tiny, sentences, tmp_path, monkeypatch):
     ref = _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "ref")
-    batches, ends = mining.plan_prefix_batches([len(t) for t in ref.sentences["token_ids"]], 160, [8, 16, 32, 40])
+    batches, ends = batching.plan_prefix_batches([len(t) for t in ref.sentences["token_ids"]], 160, [8, 16, 32, 40])
     with pytest.raises(Interrupt):  # past the second snapshot
         _mine(tiny, sentences, snapshot_floor=8, out_dir=tmp_path / "run", checkpoint_every=1000,
               on_batch=_interrupt_at(ends[1] + 1))
@@ -495,8 +495,8 @@ def test_sigkill_at_five_points_resumes_and_ends_identical(tiny, sentences, tmp_
     rc, _, log = run(tmp_path / "ref")
     assert rc == 0 and "DONE 0" in log, log
     lengths = [len(t) for t in mining.prepare_sentences(tiny, sentences)["token_ids"]]
-    sizes = mining.doubling_sizes(len(lengths), keys.auto_snapshot_floor(len(lengths), 5))
-    n = len(mining.plan_prefix_batches(lengths, 64, sizes)[0])
+    sizes = batching.doubling_sizes(len(lengths), keys.auto_snapshot_floor(len(lengths), 5))
+    n = len(batching.plan_prefix_batches(lengths, 64, sizes)[0])
     assert n >= 16, n
     out = tmp_path / "killed"
     resumed = [0]

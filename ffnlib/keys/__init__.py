@@ -20,7 +20,8 @@ which can be negative: the most negative coefficients make the memory write ``-v
 - :func:`summarise_annotations`: human annotations (written with ``ffnlib.widgets.annotation``).
 """
 
-from ..mining import TopKState, corpus_fingerprint, merge, plan_batches, prepare_sentences, read_coefficients
+from ..batching import plan_batches
+from ..mining import TopKState, corpus_fingerprint, merge, prepare_sentences, read_coefficients
 from ._annotations import ANNOTATION_COLUMNS, PATTERN_KINDS, covered_ranks, read_annotations, summarise_annotations
 from ._examples import TRIGGER_COLUMNS, TriggerExamples, trigger_html, trigger_table
 from ._measures import section3_measures

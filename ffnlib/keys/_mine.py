@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..mining import Checkpoint, TopKState, doubling_sizes, hooked, plan_prefix_batches
+from ..batching import doubling_sizes, plan_prefix_batches
+from ..mining import Checkpoint, TopKState, hooked
 from ..progress import say
 from ..storage import ensure_dir
 from ._examples import TriggerExamples

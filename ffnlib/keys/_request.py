@@ -8,14 +8,15 @@ import pandas as pd
 
 from ..config import check_int
 from ..errors import ParameterError
-from ..mining import BATCH_COST, PER_SENTENCE, corpus_fingerprint, doubling_sizes, prepare_sentences
+from ..batching import BATCH_COST, doubling_sizes
+from ..mining import PER_SENTENCE, corpus_fingerprint, prepare_sentences
 from ..storage import fingerprint
 
 __all__ = ["RESULT_VERSION", "MINING_PLAN", "SNAPSHOT_FLOOR", "TriggerRequest", "auto_snapshot_floor",
            "check_snapshot_floor", "trigger_request", "prefix_order", "snapshot_request"]
 
 RESULT_VERSION = 1  # bump when what the miner computes changes
-# the miner's batch plan (mining.plan_prefix_batches): part of a checkpoint's identity, since a checkpoint
+# the miner's batch plan (batching.plan_prefix_batches): part of a checkpoint's identity, since a checkpoint
 # counts the batches done
 MINING_PLAN = f"least padding + {BATCH_COST} tokens per batch, per prefix segment"
 SNAPSHOT_FLOOR = 250  # the first snapshot's sentences ("auto": fewer on a small corpus, never fewer than k)

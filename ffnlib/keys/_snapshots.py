@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 
 from ..errors import ParameterError
-from ..mining import EMPTY, MAX_POSITION, POSITION_BITS, TopKState, doubling_sizes, json_normal
+from ..batching import doubling_sizes
+from ..mining import EMPTY, MAX_POSITION, POSITION_BITS, TopKState, json_normal
 from ..storage import atomic_write_bytes, load_result, read_json, save_result, sha256_bytes, write_json
 from ._examples import TriggerExamples
 from ._request import snapshot_request

@@ -1,57 +1,6 @@
-"""Section 5: how the memories of a layer, and then the layers, make the model's prediction.
+"""Section 5's computation: the examples, one forward pass per batch, and the per-example table.
 
-The paper ran 4,000 validation prefixes through its model and asked two questions.
-
-**Within a layer (Sec. 5.1).** The FFN output is ``Σ_i m_i v_i``. How many memories are active per
-example (Fig. 7), and does the layer's top prediction come from one memory (Fig. 8)? A memory's own
-prediction is the top token of its value read as the model reads its residual stream (``v_i`` for a
-positive coefficient; ``-v_i`` for a negative one, which only gated FFNs produce in quantity).
-
-**Across layers (Sec. 5.2).** The residual stream carries a prediction from layer to layer. How often
-does the residual's top token (before the FFN is added) already equal the model's final prediction
-(Fig. 9), how much probability does it give that token (Fig. 10), and when the FFN is added, does the
-output keep the residual's token, take the FFN's, or become a third token (Fig. 11)?
-
-Choices, and where they come from:
-
-- **Examples**: held-out sentences of the corpus (document-disjoint from the mining split), one random
-  position per sentence, as the authors' code did. The position is never a BOS token and always has a
-  next token (``position`` in ``len(bos) .. len(ids) - 2``), so every example has a target
-  (``next_token``). The position is drawn from ``numpy.random.default_rng([seed, sentence_id])``, so a
-  smaller run is a subset of a larger one. The model reads only the prefix ``ids[:position + 1]``
-  (causal attention makes this identical to reading the whole sentence).
-- **Projection**: residual vectors (before the FFN, after it) go through the model's full final norm
-  and head (``Adapter.logits_from_residual``), as the model does at its end. The FFN output's own top
-  prediction uses the same function on the FFN output. With an RMSNorm the norm's scale is one
-  positive number per vector, so the top token equals that of ``head(g ⊙ ffn_output)``, the value-style
-  projection; the paper's model had no final norm, so for it all readings coincide.
-- **Active memories** (``active_rule``): ``"relative"`` counts memory ``i`` as active when
-  ``|m_i| > active_threshold · max_j |m_j|`` (default for gated FFNs, whose coefficients are rarely
-  exactly zero); ``"positive"`` when ``m_i > 0`` (the paper's rule, default for ReLU FFNs). Both counts
-  are stored for every example (``n_relative``, ``n_positive``); ``n_active`` is the chosen rule.
-- **90%-norm number** (``n_norm``): rank the sub-updates ``m_i v_i`` by their size ``|m_i|·||v_i||``;
-  ``n_norm`` is the smallest ``k`` such that the ``k`` largest sizes add up to at least
-  ``norm_share`` (0.9) of the sum of all sizes. This is cheap (no partial sums of vectors) and an
-  upper bound on how concentrated the update is: cancellation between sub-updates is ignored.
-- **Zero agreement**: the layer's top prediction differs from the prediction of every active memory.
-  The layer's prediction is taken two ways: the FFN output's projection (``agree_ffn``; the paper's
-  text) and the layer output, residual + FFN (``agree_output``; the authors' code). The columns hold
-  how many active memories agree (0 = zero agreement); ``agree_*_positive`` the same with the paper's
-  rule (memories with ``m_i > 0``), whatever ``active_rule`` is.
-- **Stop words / short prefixes**: among (example, layer) pairs where at least one active memory
-  agrees, the share whose *target* (the layer's top prediction token, decoded, stripped, lowercased) is
-  a spaCy English stop word, and the share whose prefix is shorter than 5 tokens (BOS not counted).
-  The paper's model had a word-level vocabulary; our tokens are sub-words, so "5 tokens" is shorter.
-- **Cases of Fig. 11** (:func:`classify`): ``residual`` (output top = residual top ≠ FFN top),
-  ``ffn`` (output top = FFN top ≠ residual top), ``agreement`` (all three equal), ``composition``
-  (output top is neither).
-
-Everything for a batch comes from one forward pass (hooks on all layers; the forward stops after the
-last layer, since the model's final logits are ``logits_from_residual(residual_after[last])``). All
-vocabulary projections of a batch go through the head as one stacked tensor (in chunks of bounded
-memory). Each batch's rows are written atomically to ``out_dir`` so that an interrupted run resumes;
-the finished table is saved with a manifest and reused when the same request comes again.
-"""
+The choices are described in :mod:`ffnlib.aggregation`."""
 
 from __future__ import annotations
 
@@ -63,29 +12,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .capture import capture, forward_until_stop, stop_after
-from .corpus import load_corpus
-from .errors import CorpusError, ParameterError
-from .progress import tqdm
-from .reference import PAPER_LAYERS, paper_reference, relative_depth
-from .stats import N_BOOT, Estimate, bootstrap, share, spearman_with_depth
-from .storage import cache_dir, fingerprint, load_result, save_result
+from ..batching import plan_shortest_first, prefix_inputs
+from ..capture import capture, forward_until_stop, stop_after
+from ..corpus import load_corpus
+from ..errors import CorpusError, ParameterError
+from ..progress import tqdm
+from ..stats import share
+from ..storage import cache_dir, fingerprint, load_result, save_result
+from ._measures import agreement_breakdown, layer_summary
 
-__all__ = ["ACTIVE_RULES", "CASES", "AGAINST", "SHORT_PREFIX", "classify", "memory_counts", "active_mask",
-           "memory_predictions", "agreeing_memories", "sample_examples", "make_batches", "batch_inputs",
-           "memory_top_tokens", "stop_word_flags", "project_tops", "analyse_batch", "AggregationResult",
-           "check_examples", "resolve_examples", "check_settings", "aggregation_request", "load_cached_aggregation",
-           "analyse_aggregation", "layer_summary", "agreement_breakdown", "composition_examples", "paper_curves",
-           "section5_measures", "curves", "side_by_side"]
+__all__ = ["ACTIVE_RULES", "classify", "memory_counts", "active_mask", "memory_predictions", "agreeing_memories",
+           "sample_examples", "memory_top_tokens", "stop_word_flags", "project_tops", "analyse_batch",
+           "AggregationResult", "check_examples", "resolve_examples", "check_settings", "aggregation_request",
+           "load_cached_aggregation", "analyse_aggregation"]
 
 ACTIVE_RULES = ("auto", "relative", "positive")
-CASES = ("residual", "ffn", "agreement", "composition")
-AGAINST = ("output", "ffn")
-SHORT_PREFIX = 5  # the paper: "prefixes shorter than 5 tokens"
 _CAPTURED = ("coefficients", "ffn_output", "residual_before", "residual_after")
 _PROJECTION_ELEMENTS = 1 << 26  # logits computed at once: rows x vocab (256 MB of float32)
 _VERSION = 3  # bump when the computation of a column changes
-
 
 # ---- pure pieces (tested on hand-built inputs) ---------------------------------------------------------
 def classify(residual_top, ffn_top, output_top) -> np.ndarray:
@@ -187,37 +131,6 @@ def sample_examples(loaded, n_examples: int, seed: int = 0, corpus="wiki") -> pd
     return frame
 
 
-def make_batches(prefix_lengths, batch_tokens: int) -> list[np.ndarray]:
-    """Example indices grouped into batches of at most ``batch_tokens`` padded tokens, shortest first.
-
-    Deterministic in its inputs, so a resumed run rebuilds exactly the same batches.
-    """
-    lengths = np.asarray(prefix_lengths)
-    order = np.lexsort((np.arange(len(lengths)), lengths))
-    batches, current = [], []
-    for index in order:
-        if current and (len(current) + 1) * lengths[index] > batch_tokens:
-            batches.append(np.array(current))
-            current = []
-        current.append(index)
-    if current:
-        batches.append(np.array(current))
-    return batches
-
-
-def batch_inputs(examples: pd.DataFrame, batch: np.ndarray, pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Right-padded prefixes of the batch's examples: (input_ids, attention_mask, last positions)."""
-    prefixes = [examples["token_ids"].iat[i][: examples["position"].iat[i] + 1] for i in batch]
-    width = max(len(p) for p in prefixes)
-    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-    for row, prefix in enumerate(prefixes):
-        ids[row, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
-        mask[row, : len(prefix)] = 1
-    last = torch.tensor([len(p) - 1 for p in prefixes], dtype=torch.long)
-    return ids.to(device), mask.to(device), last.to(device)
-
-
 # ---- the memories' own predictions ---------------------------------------------------------------------
 def memory_top_tokens(loaded, negative: bool, cache: str | Path | None = None, progress: bool = True,
                       projections: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -229,7 +142,7 @@ def memory_top_tokens(loaded, negative: bool, cache: str | Path | None = None, p
     model's weights) in ``cache`` or the user cache folder, since it costs a full vocabulary projection
     of every value (about a minute for SmolLM2 on 2 cores).
     """
-    from .values import cached_projection_tops, value_top_tokens
+    from ..values import cached_projection_tops, value_top_tokens
 
     adapter = loaded.adapter
     folder = Path(cache) if cache is not None else cache_dir() / "value-top-tokens"
@@ -310,7 +223,7 @@ def analyse_batch(loaded, examples: pd.DataFrame, batch: np.ndarray, settings: d
     adapter = loaded.adapter
     n_layers, last_layer = adapter.n_layers, adapter.n_layers - 1
     pad_id = loaded.pad_id
-    ids, mask, last = batch_inputs(examples, batch, pad_id, loaded.device)
+    ids, mask, last = prefix_inputs(examples, batch, pad_id, loaded.device)
     rows = torch.arange(len(batch), device=loaded.device)
     # stop after the last block: the final norm and head run on the few rows we keep, not on all tokens
     with capture(loaded, what=_CAPTURED) as acts, stop_after(loaded, last_layer):  # after capture's hook
@@ -478,7 +391,7 @@ def analyse_aggregation(loaded, n_examples: int = 4000, seed: int = 0, active_th
         loaded, negative=adapter.gated or settings["active_rule"] == "relative", cache=value_cache,
         progress=progress, projections=out_dir)
     value_norms = torch.stack([adapter.written_value_norms(layer) for layer in range(adapter.n_layers)])
-    batches = make_batches(examples["position"].to_numpy() + 1, settings["batch_tokens"])
+    batches = plan_shortest_first(examples["position"].to_numpy() + 1, settings["batch_tokens"])
     partial = Path(out_dir) / f"{name}.partial" if out_dir is not None else None
     parts, resumed = [], 0
     for index, batch in enumerate(tqdm(batches, desc="Section 5 batches", disable=not progress)):
@@ -503,189 +416,3 @@ def analyse_aggregation(loaded, n_examples: int = 4000, seed: int = 0, active_th
         if progress and resumed:
             print(f"[ffnlib] resumed: {resumed} of {len(batches)} batches came from checkpoints in {partial}")
     return AggregationResult(frame, examples, manifest, info={"batches": len(batches), "resumed": resumed})
-
-
-# ---- aggregates (computed from the per-example table) --------------------------------------------------
-def layer_summary(frame: pd.DataFrame, d_ff: int, n_layers: int) -> pd.DataFrame:
-    """Per layer: memory counts and shares (Fig. 7), zero agreement (Fig. 8), residual vs final
-    (Fig. 9), the residual's probability of the final token (Fig. 10) and the Fig. 11 case shares."""
-    if frame.empty:
-        raise ParameterError("The result table is empty: nothing to summarise.")
-    g = frame.groupby("layer", sort=True)
-    out = pd.DataFrame({
-        "examples": g.size(),
-        "n_positive": g["n_positive"].mean(), "n_relative": g["n_relative"].mean(),
-        "n_active": g["n_active"].mean(), "n_norm": g["n_norm"].mean(),
-        "n_norm_median": g["n_norm"].median(),
-    })
-    for column in ("n_positive", "n_relative", "n_active", "n_norm"):
-        out[f"share_{column[2:]}"] = out[column] / d_ff
-    out["zero_agreement_ffn"] = g["agree_ffn"].apply(lambda s: float((s == 0).mean()))
-    out["zero_agreement_output"] = g["agree_output"].apply(lambda s: float((s == 0).mean()))
-    out["zero_agreement_ffn_positive"] = g["agree_ffn_positive"].apply(lambda s: float((s == 0).mean()))
-    out["zero_agreement_output_positive"] = g["agree_output_positive"].apply(lambda s: float((s == 0).mean()))
-    frame = frame.assign(_res_final=frame["residual_top"] == frame["final_top"],
-                         _out_final=frame["output_top"] == frame["final_top"])
-    g = frame.groupby("layer", sort=True)
-    out["residual_is_final"] = g["_res_final"].mean()
-    out["output_is_final"] = g["_out_final"].mean()
-    out["residual_prob_final"] = g["residual_prob_final"].mean()
-    out["residual_prob_final_median"] = g["residual_prob_final"].median()
-    shares = pd.crosstab(frame["layer"], frame["case"], normalize="index")
-    for case in CASES:
-        out[f"case_{case}"] = shares[case] if case in shares else 0.0
-    out = out.reset_index()
-    out.insert(1, "relative_depth", relative_depth(out["layer"].to_numpy(), n_layers))
-    return out
-
-
-def agreement_breakdown(frame: pd.DataFrame, against: str = "output") -> dict:
-    """Among (example, layer) pairs where some active memory agrees with the layer's prediction
-    (``against``: ``"output"`` = residual + FFN, the authors' code; ``"ffn"`` = the FFN output, the
-    paper's text): the share whose target (the layer's top token) is a stop word, and the share with a
-    prefix shorter than 5 tokens, each next to its base rate over all pairs."""
-    if against not in AGAINST:
-        raise ParameterError(f"against must be one of {AGAINST}, got {against!r}.")
-    agree = frame[f"agree_{against}"] > 0
-    stop = frame[f"{against}_top_stop"]
-    short = frame["prefix_len"] < SHORT_PREFIX
-    some = int(agree.sum())
-    return {"against": against, "pairs": int(len(frame)), "agreeing_pairs": some,
-            "agreeing_share": float(agree.mean()) if len(frame) else float("nan"),
-            "stop_word_share": float(stop[agree].mean()) if some else float("nan"),
-            "short_prefix_share": float(short[agree].mean()) if some else float("nan"),
-            "stop_word_base_rate": float(stop.mean()), "short_prefix_base_rate": float(short.mean())}
-
-
-def composition_examples(result: AggregationResult, tokenizer, layer: int | None = None, n: int = 10,
-                         seed: int = 0, max_chars: int = 70) -> pd.DataFrame:
-    """Random composition cases (output top is neither the residual's nor the FFN's): prefix and tokens.
-
-    ``layer``: one layer (default: the last). Prefixes longer than ``max_chars`` keep their end.
-    """
-    n_layers = result.n_layers
-    layer = n_layers - 1 if layer is None else layer
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -n_layers <= layer < n_layers:
-        raise ParameterError(f"layer must be an int in 0..{n_layers - 1}, got {layer!r}.")
-    layer = int(layer) % n_layers
-    rows = result.frame[(result.frame["layer"] == layer) & (result.frame["case"] == "composition")]
-    rows = rows.sample(min(n, len(rows)), random_state=seed).sort_values("example") if len(rows) else rows
-    examples = result.examples.set_index("example")
-    bos = int(examples["position"].iloc[0] + 1 - examples["prefix_len"].iloc[0]) if len(examples) else 0
-    decode = lambda t: tokenizer.decode([int(t)])  # noqa: E731
-    out = []
-    for row in rows.itertuples(index=False):
-        ex = examples.loc[row.example]
-        prefix = tokenizer.decode(ex["token_ids"][bos: row.position + 1])
-        prefix = prefix if len(prefix) <= max_chars else "…" + prefix[-max_chars + 1:]
-        out.append({"example": row.example, "layer": layer, "prefix": prefix,
-                    "before (residual)": decode(row.residual_top), "FFN": decode(row.ffn_top),
-                    "after (output)": decode(row.output_top), "final": decode(row.final_top),
-                    "next token": decode(row.next_token)})
-    return pd.DataFrame(out, columns=["example", "layer", "prefix", "before (residual)", "FFN",
-                                      "after (output)", "final", "next token"])
-
-
-# ---- the paper, side by side ----------------------------------------------------------------------------
-def paper_curves() -> pd.DataFrame:
-    """The paper's per-layer numbers (Fig. 8 and Fig. 9) as shares, on the relative depth axis."""
-    ref = paper_reference("section5")
-    layers = np.arange(PAPER_LAYERS)
-    return pd.DataFrame({"layer": layers, "relative_depth": relative_depth(layers, PAPER_LAYERS),
-                         "zero_agreement": np.asarray(ref["zero_agreement"]["value"]) / 100,
-                         "residual_is_final": np.asarray(ref["residual_matches_final"]["value"]) / 100})
-
-
-def section5_measures(result: "AggregationResult", n_boot: int = N_BOOT,
-                      seed: int = 0) -> tuple[dict[str, Estimate], dict[str, str]]:
-    """The measures of Section 5's findings (``ffnlib.findings``, notebook ``03_aggregation``), each with a
-    95% interval from a seeded bootstrap over the held-out examples (an example contributes all its layers),
-    and a line of detail per measure for the report."""
-    frame = result.frame.sort_values(["example", "layer"], kind="stable")
-    n_layers, d_ff = result.n_layers, result.d_ff
-    n_examples = len(frame) // n_layers
-    if n_examples == 0 or n_examples * n_layers != len(frame):
-        raise ParameterError(f"The result table has {len(frame)} rows, not {n_layers} per example.")
-
-    def grid(values) -> np.ndarray:  # (examples, layers)
-        return np.asarray(values, dtype=np.float64).reshape(n_examples, n_layers)
-
-    unit = "examples"
-    out: dict[str, Estimate] = {}
-    details: dict[str, str] = {}
-    per_example = lambda values: grid(values).mean(1)  # noqa: E731
-    out["active_share"] = share(per_example(frame["n_active"] / d_ff), unit, n_boot, seed)
-    details["active_share"] = (f"with m>0: {(frame['n_positive'] / d_ff).mean():.0%}; 90% of the sub-update sizes in "
-                               f"{(frame['n_norm'] / d_ff).mean():.0%} of the memories")
-    for against in AGAINST:
-        zero = frame[f"agree_{against}"] == 0
-        out[f"zero_agreement_{against}"] = share(per_example(zero), unit, n_boot, seed)
-        by_layer = grid(zero).mean(0)
-        details[f"zero_agreement_{against}"] = (f"by layer {by_layer.min():.0%}-{by_layer.max():.0%} (lowest at layer "
-                                                f"{int(by_layer.argmin())}); with the paper's rule (m>0 active) "
-                                                f"{(frame[f'agree_{against}_positive'] == 0).mean():.0%}")
-        agree = grid(frame[f"agree_{against}"] > 0)
-        for name, flags in (("stop_words", grid(frame[f"{against}_top_stop"])),
-                            ("short_prefix", grid(frame["prefix_len"] < SHORT_PREFIX))):
-            columns = np.stack([(agree * flags).sum(1), agree.sum(1), flags.sum(1),
-                                np.full(n_examples, n_layers)], 1)
-            out[f"{name}_{against}"] = bootstrap(columns, lambda s: s[..., 0] / s[..., 1], unit, n_boot, seed)
-            out[f"{name}_{against}/baseline"] = bootstrap(columns, lambda s: s[..., 2] / s[..., 3], unit, n_boot,
-                                                          seed)
-            details[f"{name}_{against}"] = f"{int(agree.sum()):,} agreeing (example, layer) pairs of {agree.size:,}"
-    spearman = lambda s: spearman_with_depth(s)  # noqa: E731  (a curve's trend does not depend on its scale)
-    residual_final = grid(frame["residual_top"] == frame["final_top"])
-    out["residual_final_trend"] = bootstrap(residual_final, spearman, unit, n_boot, seed)
-    curve = residual_final.mean(0)
-    details["residual_final_trend"] = f"{curve[0]:.0%} (first layer) to {curve[-1]:.0%} (last)"
-    confidence = grid(frame["residual_prob_final"])
-    out["residual_prob_trend"] = bootstrap(confidence, spearman, unit, n_boot, seed)
-    curve = confidence.mean(0)
-    details["residual_prob_trend"] = f"mean {curve[0]:.2f} (first layer) to {curve[-1]:.2f} (last)"
-    case = {name: grid(frame["case"] == name) for name in CASES}
-    out["residual_dominates"] = share((case["residual"] - case["ffn"]).mean(1), unit, n_boot, seed)
-    details["residual_dominates"] = (f"residual case {case['residual'].mean():.0%} vs FFN case "
-                                     f"{case['ffn'].mean():.0%} (mean over layers)")
-    out["ffn_rarely_overrides"] = share(case["ffn"].mean(1), unit, n_boot, seed)
-    details["ffn_rarely_overrides"] = (f"largest {case['ffn'].mean(0).max():.0%} at layer "
-                                       f"{int(case['ffn'].mean(0).argmax())}")
-    out["composition"] = share(case["composition"].mean(1), unit, n_boot, seed)
-    details["composition"] = f"last layer {case['composition'][:, -1].mean():.0%}"
-    return out, details
-
-
-def curves(summary: pd.DataFrame) -> dict:
-    """Per-layer series for the cross-model notebook (paper values where the paper gave them)."""
-    ref = paper_reference("section5")
-    paper_zero = [v / 100 for v in ref["zero_agreement"]["value"]]
-    paper_final = [v / 100 for v in ref["residual_matches_final"]["value"]]
-    series = {
-        "active_share": ("Sec 5 Fig 7: share of memories active (chosen rule)", "share_active", None),
-        "positive_share": ("Sec 5 Fig 7: share of memories with m > 0", "share_positive", None),
-        "zero_agreement": ("Sec 5 Fig 8: zero agreement vs layer output", "zero_agreement_output", paper_zero),
-        "zero_agreement_ffn": ("Sec 5 Fig 8: zero agreement vs FFN output", "zero_agreement_ffn", paper_zero),
-        "residual_is_final": ("Sec 5 Fig 9: residual top == final prediction", "residual_is_final", paper_final),
-        "residual_prob_final": ("Sec 5 Fig 10: residual's probability of the final token", "residual_prob_final",
-                                None),
-        "case_residual": ("Sec 5 Fig 11: residual case share", "case_residual", None),
-        "case_ffn": ("Sec 5 Fig 11: ffn case share", "case_ffn", None),
-        "case_composition": ("Sec 5 Fig 11: composition case share", "case_composition", None),
-    }
-    return {name: {"label": label, "values": [float(v) for v in summary[column]], "paper": paper}
-            for name, (label, column, paper) in series.items()}
-
-
-def side_by_side(summary: pd.DataFrame) -> pd.DataFrame:
-    """Our per-layer Fig. 8 / Fig. 9 numbers next to the paper's at the same relative depth (the paper's
-    16 points linearly interpolated), in percent."""
-    paper = paper_curves()
-    depth = summary["relative_depth"].to_numpy()
-    return pd.DataFrame({
-        "layer": summary["layer"], "relative_depth": depth.round(3),
-        "zero agreement, ours (output) %": (100 * summary["zero_agreement_output"]).round(1),
-        "zero agreement, ours (FFN) %": (100 * summary["zero_agreement_ffn"]).round(1),
-        "zero agreement, paper %": (100 * np.interp(depth, paper["relative_depth"], paper["zero_agreement"])).round(1),
-        "residual == final, ours %": (100 * summary["residual_is_final"]).round(1),
-        "residual == final, paper %": (100 * np.interp(depth, paper["relative_depth"],
-                                                       paper["residual_is_final"])).round(1),
-    })
