@@ -10,10 +10,12 @@ exactly the batches it had planned, and a cached result stays valid.
   miner's :func:`plan_prefix_batches` runs it within each *prefix segment* of the corpus (its first 250 sentences,
   the next 250, the next 500, ... doubling, :func:`doubling_sizes`), so that the state after each segment is the
   result of a run on that prefix (notebook 10's snapshots).
-- :func:`plan_shortest_first` groups Section 5's example prefixes within a token budget, and
-  :func:`prefix_inputs` pads one such batch with its attention mask (:mod:`ffnlib.aggregation`,
-  :mod:`ffnlib.participation`).
-- :func:`make_batch` right-pads one batch of sequences sorted longest first, with its runs of equal length.
+- :func:`plan_shortest_first` groups sequences shortest first within a token budget: Section 5's example prefixes
+  (:func:`prefix_inputs` pads a batch of them, for :mod:`ffnlib.aggregation` and :mod:`ffnlib.participation`)
+  and notebook 09's sentences.
+- :func:`consecutive` cuts ``0 .. n-1`` into batches of a fixed number of rows (notebook 06's short prompts).
+- :func:`make_batch` right-pads one batch of sequences sorted longest first, with its runs of equal length (the
+  miner's); :func:`pad_right` right-pads sequences in any order with their attention mask (everyone else's).
 
 >>> [rows.tolist() for rows in plan_batches([3, 9, 4, 9], batch_tokens=20)]  # 4 and 3 would pad 1 of 8 tokens
 [[1, 3], [2], [0]]
@@ -22,7 +24,7 @@ exactly the batches it had planned, and a cached result stays valid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,7 +33,7 @@ import torch
 from .errors import ParameterError
 
 __all__ = ["Batch", "make_batch", "plan_batches", "BATCH_COST", "plan_least_padding", "doubling_sizes",
-           "plan_prefix_batches", "plan_shortest_first", "prefix_inputs"]
+           "plan_prefix_batches", "plan_shortest_first", "consecutive", "pad_right", "prefix_inputs"]
 
 
 @dataclass
@@ -169,14 +171,34 @@ def plan_shortest_first(prefix_lengths, batch_tokens: int) -> list[np.ndarray]:
     return batches
 
 
+def consecutive(n: int, size: int) -> Iterator[np.ndarray]:
+    """Indices ``0 .. n-1`` in consecutive batches of at most ``size`` rows (a count, not a token budget: prompts
+    of a few tokens each, notebook 06)."""
+    for start in range(0, n, size):
+        yield np.arange(start, min(start + size, n))
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of any lengths and order, right-padded with ``pad_id``: (input_ids, attention_mask), on
+    ``device`` (CPU when None). Padding comes after every real token, so with a causal model it never reaches a
+    real position.
+
+    >>> ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
+    """
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+
+
 def prefix_inputs(examples: pd.DataFrame, batch: np.ndarray, pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """Right-padded prefixes of the batch's examples: (input_ids, attention_mask, last positions)."""
     prefixes = [examples["token_ids"].iat[i][: examples["position"].iat[i] + 1] for i in batch]
-    width = max(len(p) for p in prefixes)
-    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-    for row, prefix in enumerate(prefixes):
-        ids[row, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
-        mask[row, : len(prefix)] = 1
+    ids, mask = pad_right(prefixes, pad_id, device)
     last = torch.tensor([len(p) - 1 for p in prefixes], dtype=torch.long)
-    return ids.to(device), mask.to(device), last.to(device)
+    return ids, mask, last.to(device)

@@ -1,10 +1,10 @@
 """Next-token negative log-likelihood: the one formula every held-out number is computed with.
 
-:func:`token_nll` is ``logsumexp(logits) - logit[target]`` on float32 logits. :mod:`ffnlib.evaluate` runs it on
-held-out sentences of a loaded model (knowledge neurons' and MoEfication's perplexities); :func:`block_losses`
-runs it on the fixed-length held-out blocks of a model being trained (:mod:`ffnlib.training`, notebook 08), which
-have no padding and need no adapter. It sits at the bottom of the package, beside ``models``, so that training
-can use it.
+:func:`token_nll` is ``logsumexp(logits) - logit[target]`` on float32 logits (float64 stays float64).
+:mod:`ffnlib.evaluate` runs it on held-out sentences of a loaded model (knowledge neurons' and MoEfication's
+perplexities); :func:`block_losses` runs it on the fixed-length held-out blocks of a model being trained
+(:mod:`ffnlib.training`, notebook 08), which have no padding and need no adapter. It sits at the bottom of the
+package, beside ``models``, so that training can use it.
 
 >>> import torch
 >>> logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
@@ -21,9 +21,9 @@ __all__ = ["token_nll", "block_losses"]
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(n, vocab) logits and (n,) target ids: each target's NLL in nats, computed in float32 whatever the
-    logits' dtype."""
-    logits = logits.float()
+    """(n, vocab) logits and (n,) target ids: each target's NLL in nats, computed in float32 (float64 logits stay
+    float64)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     return torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]
 
 

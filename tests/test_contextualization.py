@@ -25,7 +25,7 @@ import torch
 from transformers.activations import ACT2FN
 
 import ffnlib.related.contextualization as ctx
-from ffnlib import ParameterError, UnsupportedModelError
+from ffnlib import ParameterError, UnsupportedModelError, batching
 from ffnlib.adapters import FAMILIES, VALUE_LAYOUTS, Adapter, submodule
 from ffnlib.capture import capture
 from ffnlib.findings import KOBAYASHI_SECTION, VERDICTS, finding, findings_rows, judge, of_notebook
@@ -630,7 +630,7 @@ def test_sentence_maps_rows_checks_cache_and_resume(tiny_loaded, tmp_path, capsy
     partial = tmp_path / f"{name}.partial"
     partial.mkdir()
     for index in (0, 1):
-        batch = ctx.sentence_batches([5, 3, 7, 4], 8)[index]
+        batch = batching.plan_shortest_first([5, 3, 7, 4], 8)[index].tolist()
         checkpoint = {**first.manifest, "batch": index, "batch_sentences": batch}
         part = first.maps[first.maps["sentence"].isin(batch)]
         save_result(partial, f"batch-{index:05d}", part.reset_index(drop=True), checkpoint)

@@ -247,7 +247,7 @@ def test_coefficient_sample_matches_unpadded_forward_passes(smollm, sentences):
     assert sample.of(5, 7) == pytest.approx(torch.cat(expected)[:, 7].numpy(), abs=1e-4)
     fresh = CoefficientSample(smollm, texts, max_tokens=20, batch_size=2)
     fresh.prefetch([(5, 7), (2, 100), (5, 9)])  # one pass for several layers keeps only those columns
-    assert fresh.of(5, 9) == pytest.approx(sample.layer(5)[:, 9].numpy(), abs=1e-5) and not fresh._cache
+    assert fresh.of(5, 9) == pytest.approx(sample.layer(5)[:, 9].numpy(), abs=1e-5) and not fresh.kept_layers
     assert fresh.of(2, 100) == pytest.approx(sample.layer(2)[:, 100].numpy(), abs=1e-5)
     with pytest.raises(ffnlib.ParameterError):
         sample.of(5, 10**6)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..batching import pad_right
 from ..capture import capture, forward_until_stop, stop_after
 from ..errors import ParameterError
 from ._common import check_memory, check_positive
@@ -44,6 +45,11 @@ class CoefficientSample:
         return len(self.ids)
 
     @property
+    def kept_layers(self) -> list[int]:
+        """The layers whose whole coefficients are kept (at most ``cached_layers``, the most recent last)."""
+        return list(self._cache)
+
+    @property
     def n_tokens(self) -> int:
         return sum(max(0, len(ids) - self._start) for ids in self.ids)
 
@@ -53,12 +59,7 @@ class CoefficientSample:
         pad = self.loaded.pad_id
         for start in range(0, len(self.ids), self.batch_size):
             batch = self.ids[start: start + self.batch_size]
-            width = max(len(ids) for ids in batch)
-            inputs = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, ids in enumerate(batch):
-                inputs[row, : len(ids)] = torch.tensor(ids)
-                mask[row, : len(ids)] = 1
+            inputs, mask = pad_right(batch, pad)
             with capture(self.loaded, layers, what=("coefficients",)) as acts, \
                     stop_after(self.loaded, max(layers)), torch.no_grad():
                 forward_until_stop(self.loaded.model, input_ids=inputs.to(self.loaded.device),

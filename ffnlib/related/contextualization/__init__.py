@@ -93,7 +93,7 @@ from ._layout import (CHECKED, COMPONENTS, LAYOUTS, MAIN_STAGES, STAGE_LABELS, S
                       before_ff, layout_of, stages_of)
 from ._linearise import (check_activation, elementwise_ig_ratio, gated_ig_coefficients, ig_shares_by_riemann,
                          path_average, path_average_table)
-from ._maps import MapsResult, sentence_batches, sentence_maps
+from ._maps import MapsResult, sentence_maps
 from ._measures import MEASURE_OF_CLASS, curves, measures
 from ._normalise import NORMALISE, map_arrays, normalised_maps
 from ._norms import NormSplit
@@ -105,7 +105,7 @@ __all__ = ["MAX_TOKENS", "CHUNK_ELEMENTS", "STAGES", "MAIN_STAGES", "STAGE_LABEL
            "LayerLayout", "VALUE_LAYOUTS", "LAYOUTS", "layout_of", "stages_of", "before_ff", "NormSplit",
            "path_average", "check_activation", "path_average_table", "gated_ig_coefficients",
            "elementwise_ig_ratio", "ig_shares_by_riemann", "eager_attention", "Decomposition", "decompose",
-           "token_table", "sample_sentences", "MapsResult", "sentence_batches", "sentence_maps", "NORMALISE",
+           "token_table", "sample_sentences", "MapsResult", "sentence_maps", "NORMALISE",
            "CLASSES", "normalised_maps", "CORRELATE", "contextualization_per_sentence", "contextualization_change",
            "corpus_bigrams", "classify_pairs", "amplification", "amplified_pairs", "amplified_classes",
            "cancellation_per_sentence", "cancellation", "MEASURE_OF_CLASS", "measures", "map_arrays", "SCALE_SIZES",

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...adapters import Adapter, get_adapter, submodule
+from ...batching import pad_right
 from ...capture import capture
 from ...config import check_int
 from ...errors import ParameterError, UnsupportedModelError
@@ -205,14 +206,8 @@ def decompose(loaded, inputs, layers: Iterable[int] | int | None = None, *, keep
         raise ParameterError(f"A sentence has {longest} tokens, more than the {positions} positions this model "
                              "knows; shorten it.")
     device = next(model.parameters()).device
-    width = max(len(ids) for ids in token_ids)
     pad = getattr(loaded, "pad_id", 0)  # LoadedModel.pad_id; a bare model or an adapter has no tokenizer: 0
-    ids = torch.full((len(token_ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for row, seq in enumerate(token_ids):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = pad_right(token_ids, pad, device)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     what = ("coefficients", "ffn_input", "ffn_output", "residual_before", "residual_after")
     with eager_attention(model), capture(adapter, layer_list, what=what) as acts, \

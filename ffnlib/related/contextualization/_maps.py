@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ...batching import plan_shortest_first
 from ...config import check_int
 from ...errors import ParameterError
 from ...progress import tqdm
@@ -18,7 +19,7 @@ from ._decompose import CHUNK_ELEMENTS, MAX_TOKENS, Decomposition, adapter_and_m
 from ._layout import STAGES, layout_of, stages_of
 from ._sentences import token_table
 
-__all__ = ["MapsResult", "sentence_batches", "sentence_maps"]
+__all__ = ["MapsResult", "sentence_maps"]
 
 _VERSION = 1  # part of every manifest: a new version computes the maps again
 
@@ -48,18 +49,6 @@ class MapsResult:
 
     def stages(self, layer: int) -> tuple[str, ...]:
         return tuple(self.manifest["stages"][str(layer)])
-
-
-def sentence_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Sentence indices in batches of at most ``batch_tokens`` padded tokens, shortest first (deterministic)."""
-    order = sorted(range(len(lengths)), key=lambda k: (lengths[k], k))
-    batches, current = [], []
-    for k in order:
-        if current and (len(current) + 1) * lengths[k] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(k)
-    return batches + ([current] if current else [])
 
 
 def _batch_frame(decomposition: Decomposition, sentences: Sequence[int]) -> pd.DataFrame:
@@ -124,7 +113,7 @@ def sentence_maps(loaded, sentences, layers: Iterable[int] | int | None = None, 
                 print(f"[ffnlib] reusing cached contribution maps {Path(out_dir) / name}.parquet "
                       f"({len(texts)} sentences; same request)")
             return MapsResult(cached, tokens, sentence_table, checks, manifest, cached=True)
-    batches = sentence_batches([len(ids) for ids in token_ids], batch_tokens)
+    batches = [rows.tolist() for rows in plan_shortest_first([len(ids) for ids in token_ids], batch_tokens)]
     partial = Path(out_dir) / f"{name}.partial" if out_dir is not None else None
     parts, check_parts, resumed = [], [], 0
     for index, batch in enumerate(tqdm(batches, desc="contribution maps", disable=not progress)):

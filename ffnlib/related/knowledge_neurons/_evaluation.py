@@ -4,24 +4,20 @@ scaled there), the model's accuracy per relation, the facts it knows, and the he
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ...batching import consecutive, pad_right
 from ...errors import ParameterError
 from ...interventions import scale_at_positions
+from ...nll import token_nll
 from ._facts import stable_seed
 
-__all__ = ["batches", "wide", "answer_probabilities", "evaluate_prompts", "accuracy_by_relation", "select_facts",
+__all__ = ["wide", "answer_probabilities", "evaluate_prompts", "accuracy_by_relation", "select_facts",
            "heldout_token_lists"]
-
-
-def batches(n: int, size: int) -> Iterator[np.ndarray]:
-    """Indices 0..n-1 in consecutive batches of at most ``size`` (ffnlib's other batch planners budget tokens)."""
-    for start in range(0, n, size):
-        yield np.arange(start, min(start + size, n))
 
 
 def wide(tensor: torch.Tensor) -> torch.Tensor:
@@ -53,14 +49,10 @@ def answer_probabilities(loaded, prompt_ids: Sequence[Sequence[int]], answer_tok
     out = {"p_answer": np.zeros(n), "rank": np.zeros(n, np.int64), "nll": np.zeros(n),
            "top_token": np.zeros(n, np.int64)}
     order = np.argsort([len(ids) for ids in prompt_ids], kind="stable")
-    for part in batches(n, batch_size):
+    for part in consecutive(n, batch_size):
         rows = order[part]
         lengths = torch.tensor([len(prompt_ids[r]) for r in rows])
-        ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, : lengths[j]] = torch.tensor(list(prompt_ids[r]))
-            mask[j, : lengths[j]] = 1
+        ids, mask = pad_right([prompt_ids[r] for r in rows], pad)
         last = lengths - 1
         by_layer: dict[int, torch.Tensor] = {}  # per edited layer: (rows, d_ff) factors at each row's last position
         for j, r in enumerate(rows):
@@ -76,10 +68,10 @@ def answer_probabilities(loaded, prompt_ids: Sequence[Sequence[int]], answer_tok
                            logits_to_keep=keep.to(loaded.device)).logits
         column = torch.searchsorted(keep, last)
         final = wide(logits[torch.arange(len(rows)), column.to(logits.device)])
-        log_probs = final.log_softmax(-1)
         answers = torch.tensor([int(answer_tokens[r]) for r in rows], device=final.device)[:, None]
-        out["p_answer"][rows] = log_probs.gather(1, answers)[:, 0].exp().cpu().numpy()
-        out["nll"][rows] = -log_probs.gather(1, answers)[:, 0].cpu().numpy()
+        nll = token_nll(final, answers[:, 0])
+        out["p_answer"][rows] = (-nll).exp().cpu().numpy()
+        out["nll"][rows] = nll.cpu().numpy()
         broken = ~torch.isfinite(final).all(-1)  # NaN compares false: without this a broken row ranks 0
         rank = (final > final.gather(1, answers)).sum(-1)
         out["rank"][rows] = torch.where(broken, final.shape[-1], rank).cpu().numpy()
