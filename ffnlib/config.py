@@ -49,6 +49,24 @@ class Scale:
     moe_n_boot: int = 1000  # bootstrap resamples of the notebook's intervals
     moe_random_splits: int = 5  # seeded random splits (the control's draws); random experts are their mean. ci: 2
     # (5 added 14 s, +37%, to notebook 07's 39 s on 2 quiet cores; 2 add 4-6 s and exercise the same machinery)
+    # notebook 06 (knowledge neurons, ffnlib.related.knowledge_neurons.kn_scale)
+    kn_relations: tuple[str, ...] | None = None  # None: every relation with templates
+    kn_screened_facts: int | None = None  # facts per relation whose accuracy is measured (seeded; None: all)
+    kn_facts_per_relation: int = 4  # facts analysed per relation, among those right in >= 1 template
+    kn_templates: int | None = None  # templates per relation (the first ones; None: all)
+    kn_top_layers: int | None = None  # attribute only the top layers (None: every layer, as Dai)
+    kn_heldout_sentences: int = 24  # held-out sentences for perplexity
+    kn_lambda2_sweep: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # the fact update's lambda2 values (trade-off sweep)
+    # notebook 08 (the ReLU / softmax sweep, ffnlib.related.relu_softmax.sweep_sizes); every cell is a 2-layer LM
+    sweep_slots: tuple[int, ...] = (64, 256, 1024, 4096)  # memories per layer
+    sweep_seeds: tuple[int, ...] = (0, 1)  # training seeds per cell (offset by the notebook's seed)
+    sweep_measure_blocks: int = 64  # held-out blocks for the memory measures
+    sweep_d_model: int = 128
+    sweep_context: int = 128
+    sweep_vocab_size: int = 4096  # the sweep's own BPE tokenizer
+    sweep_tokens: int = 1_000_000  # training tokens per model
+    sweep_max_sentences: int | None = None  # training sentences (None: the whole training split)
+    sweep_heldout_sentences: int = 2000  # held-out sentences for perplexity
     # notebook 05 (the explorer's static atlas, ffnlib.widgets.atlas.export_atlas)
     atlas_layers: int | None = None  # None: every layer; n: n layers spread over the depth (each page has a card)
 
@@ -62,7 +80,11 @@ SCALES: dict[str, Scale] = {
                 maps_sentences=4, maps_max_tokens=20, maps_bigram_sentences=2000, maps_control_sentences=4,
                 moe_train_sentences=24, moe_router_sentences=24, moe_calibration_sentences=16, moe_heldout_sentences=8,
                 moe_shares=(0.25,), moe_layers=3, moe_kmeans_iter=1, moe_router_epochs=3, moe_n_boot=200,
-                moe_random_splits=2, atlas_layers=3, control_draws=1),
+                moe_random_splits=2, atlas_layers=3, control_draws=1,
+                kn_relations=("capital", "official_language"), kn_screened_facts=8, kn_facts_per_relation=2,
+                kn_templates=3, kn_top_layers=4, kn_heldout_sentences=4, kn_lambda2_sweep=(1.0, 8.0),
+                sweep_slots=(32, 128), sweep_seeds=(0,), sweep_measure_blocks=8, sweep_d_model=64, sweep_context=64,
+                sweep_vocab_size=1024, sweep_tokens=24_576, sweep_max_sentences=3000, sweep_heldout_sentences=300),
     "default": Scale("default", mining_sentences=8000, top_k=50, removal_keys=100, aggregation_examples=4000,
                      checkpoint_every=1000, control_removal_keys=10, control_aggregation_examples=1000,
                      maps_sentences=300, maps_max_tokens=40, maps_bigram_sentences=20000, maps_control_sentences=150,
@@ -74,7 +96,10 @@ SCALES: dict[str, Scale] = {
                   maps_sentences=1000, maps_max_tokens=40, maps_bigram_sentences=40000, maps_control_sentences=300,
                   moe_train_sentences=4000, moe_router_sentences=1000, moe_calibration_sentences=512,
                   moe_heldout_sentences=1000, moe_shares=(0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75), moe_layers=None,
-                  moe_kmeans_iter=30, moe_router_epochs=30, moe_n_boot=1000, moe_random_splits=5),
+                  moe_kmeans_iter=30, moe_router_epochs=30, moe_n_boot=1000, moe_random_splits=5,
+                  kn_facts_per_relation=30, kn_heldout_sentences=200,
+                  # the sweep trains on "wiki" at every scale: BIG-bench's canary asks that its data not train models
+                  sweep_seeds=(0, 1, 2), sweep_measure_blocks=128, sweep_tokens=4_000_000),
 }
 
 CORE_PARAMETERS = {"model": str, "scale": str, "seed": int, "results_dir": str, "device": str,

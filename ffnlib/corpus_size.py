@@ -33,7 +33,7 @@ from .errors import ParameterError
 from .findings import Finding, finding, judge
 from .keys import TriggerExamples, key_pattern_table, section3_measures, snapshot_sizes, trigger_snapshot
 from .progress import tqdm
-from .stats import N_BOOT, Estimate, over_draws
+from .stats import LEVEL, N_BOOT, Estimate, over_draws
 from .values import project_values, section4_measures, target_ranks, top_trigger_targets, value_agreement
 
 PAPER_TOKENS = 100_000_000  # the paper mined WikiText-103's training split: more than 100M tokens
@@ -155,12 +155,13 @@ def _line_fit(x: np.ndarray, y: np.ndarray, se: np.ndarray) -> tuple[np.ndarray,
     cov = np.linalg.inv(design.T @ (design * weights[:, None]))
     coef = cov @ (design.T @ (weights * y))
     dof = len(x) - 2
-    quantile = float(student_t.ppf(0.975, 1e9))  # the normal's 1.96
+    upper = 0.5 + LEVEL / 2
+    quantile = float(student_t.ppf(upper, 1e9))  # the normal's 1.96 at LEVEL = 0.95
     if dof > 0:
         chi2 = float(np.sum(weights * (y - design @ coef) ** 2)) / dof
         if chi2 > 1.0:
             cov = cov * chi2
-            quantile = float(student_t.ppf(0.975, dof))
+            quantile = float(student_t.ppf(upper, dof))
     return coef, cov, quantile
 
 
@@ -178,9 +179,11 @@ def corpus_trends(measures: pd.DataFrame, model: str = "trained", paper_tokens: 
     The paper's number itself, not the share of it that a verdict asks (``ffnlib.findings.SIZE_SHARE``).
     Findings with fewer than ``min_points`` measured snapshots get NaN.
     """
+    from scipy.stats import norm
+
     rows = []
     frame = measures[measures["model"] == model]
-    z = 1.959963984540054  # turns an interval's width into a standard error
+    z = float(norm.ppf(0.5 + LEVEL / 2))  # the normal's 1.96: turns an interval's width into a standard error
     for key, group in frame.groupby("key", sort=False):
         f: Finding = finding(key)
         group = group[np.isfinite(group["value"]) & np.isfinite(group["low"]) & np.isfinite(group["high"])]

@@ -180,13 +180,16 @@ def run_suite(model: str = "smollm2-135m", scale: str = "default", results: str 
 
 
 def main(argv=None) -> int:
+    from .config import SCALES
+    from .precision import PRECISIONS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--scale", default="default", choices=["ci", "default", "full"])
+    parser.add_argument("--scale", default="default", choices=list(SCALES))
     parser.add_argument("--results", default="results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+    parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                         help="the dtype the models compute in: float32 (the default, and the reports'), bfloat16, "
                              "float16 (GPU only), or auto (bf16 where the CPU or GPU has it natively)")
     parser.add_argument("--notebooks", nargs="*", help=f"a subset of {', '.join(SUITE)}")

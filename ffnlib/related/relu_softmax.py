@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..config import SCALES, Scale, get_scale
 from ..errors import ParameterError
 from ..stats import N_BOOT, Estimate, bootstrap
 from ..progress import say
@@ -60,25 +61,23 @@ class SweepSizes:
     variants: tuple[str, ...] = VARIANTS
     notes: dict = field(default_factory=dict)
 
+    @classmethod
+    def of_scale(cls, scale: Scale) -> "SweepSizes":
+        """The sweep of ``scale`` (its ``sweep_*`` sizes): 2-layer, 4-head LMs, batch 16, learning rate 2e-3."""
+        base = TrainSpec(d_model=scale.sweep_d_model, n_layers=2, n_heads=4, context=scale.sweep_context,
+                         vocab_size=scale.sweep_vocab_size, tokens=scale.sweep_tokens, batch=16, lr=2e-3,
+                         max_sentences=scale.sweep_max_sentences, heldout_sentences=scale.sweep_heldout_sentences)
+        return cls(slots=tuple(scale.sweep_slots), seeds=tuple(scale.sweep_seeds), base=base,
+                   measure_blocks=scale.sweep_measure_blocks)
 
-SIZES: dict[str, SweepSizes] = {
-    "ci": SweepSizes(slots=(32, 128), seeds=(0,), measure_blocks=8,
-                     base=TrainSpec(d_model=64, n_layers=2, n_heads=4, context=64, vocab_size=1024, tokens=24_576,
-                                    batch=16, lr=2e-3, max_sentences=3000, heldout_sentences=300)),
-    "default": SweepSizes(slots=(64, 256, 1024, 4096), seeds=(0, 1), measure_blocks=64,
-                          base=TrainSpec(d_model=128, n_layers=2, n_heads=4, context=128, vocab_size=4096,
-                                         tokens=1_000_000, batch=16, lr=2e-3)),
-    # never "wiki+": BIG-bench's canary asks that its data not be used to train models
-    "full": SweepSizes(slots=(64, 256, 1024, 4096), seeds=(0, 1, 2), measure_blocks=128,
-                       base=TrainSpec(d_model=128, n_layers=2, n_heads=4, context=128, vocab_size=4096,
-                                      tokens=4_000_000, batch=16, lr=2e-3)),
-}
+
+SIZES: dict[str, SweepSizes] = {name: SweepSizes.of_scale(scale) for name, scale in SCALES.items()}  # a view of
+# ffnlib.config.SCALES
 
 
 def sweep_sizes(scale: str) -> SweepSizes:
-    if scale not in SIZES:
-        raise ParameterError(f"scale must be one of {sorted(SIZES)}, got {scale!r}.")
-    return SIZES[scale]
+    """The sweep of ``scale``, or a clear error."""
+    return SweepSizes.of_scale(get_scale(scale))
 
 
 def sweep_specs(sizes: SweepSizes, seed: int = 0) -> list[TrainSpec]:

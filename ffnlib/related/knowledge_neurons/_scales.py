@@ -1,10 +1,11 @@
-"""How much notebook 06 does at each scale (ci, default, full)."""
+"""How much notebook 06 does at each scale (ci, default, full): a view of the ``kn_*`` sizes of
+:data:`ffnlib.config.SCALES`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...errors import ParameterError
+from ...config import SCALES, Scale, get_scale
 
 __all__ = ["KNScale", "KN_SCALES", "kn_scale"]
 
@@ -22,16 +23,15 @@ class KNScale:
     heldout_sentences: int  # held-out sentences for perplexity
     lambda2_sweep: tuple[float, ...]  # the fact update's lambda2 values of the trade-off sweep
 
+    @classmethod
+    def of_scale(cls, scale: Scale) -> "KNScale":
+        return cls(scale.name, scale.kn_relations, scale.kn_screened_facts, scale.kn_facts_per_relation,
+                   scale.kn_templates, scale.kn_top_layers, scale.kn_heldout_sentences, scale.kn_lambda2_sweep)
 
-KN_SCALES = {
-    "ci": KNScale("ci", ("capital", "official_language"), 8, 2, 3, 4, 4, (1.0, 8.0)),
-    "default": KNScale("default", None, None, 4, None, None, 24, (1.0, 2.0, 4.0, 8.0)),
-    "full": KNScale("full", None, None, 30, None, None, 200, (1.0, 2.0, 4.0, 8.0)),
-}
+
+KN_SCALES = {name: KNScale.of_scale(scale) for name, scale in SCALES.items()}  # a view of ffnlib.config.SCALES
 
 
 def kn_scale(scale: str) -> KNScale:
     """The sizes of ``scale``, or a clear error."""
-    if scale not in KN_SCALES:
-        raise ParameterError(f"Unknown scale {scale!r}: choose one of {list(KN_SCALES)}.")
-    return KN_SCALES[scale]
+    return KNScale.of_scale(get_scale(scale))
