@@ -25,8 +25,8 @@ import nbformat
 
 from .errors import FFNLibError
 
-__all__ = ["ROOT", "BOOK_DIR", "NOTEBOOK_DIR", "EXERCISE_DIR", "DOCS_DIR", "REPORT_DIR", "INTERACTIVE",
-           "WIDGET_VIEW", "Part", "COURSE", "pages", "stage", "build", "main"]
+__all__ = ["ROOT", "BOOK_DIR", "NOTEBOOK_DIR", "EXERCISE_DIR", "DOCS_DIR", "REPORT_DIR", "INTERACTIVE", "WIDGET_VIEW",
+           "Part", "COURSE", "pages", "stage", "clean_notebook", "build", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_DIR = ROOT / "book"
@@ -141,7 +141,7 @@ def _parts_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def _clean(nb) -> None:
+def clean_notebook(nb) -> None:
     """Drop what would make a page fetch from the network: ipywidget views (their text fallback stays) and the
     widget state that makes MyST-NB load the widget manager."""
     nb.metadata.pop("widgets", None)
@@ -196,7 +196,7 @@ def stage(executed: Path, src: Path) -> Path:
             if not report.exists():
                 raise FFNLibError(f"No committed report {report}: run `make run` and `make publish`.")
             continue
-        _clean(nb)
+        clean_notebook(nb)
         (src / kind).mkdir(exist_ok=True)
         nbformat.write(nb, src / kind / f"{rest}.ipynb")
     return src

@@ -40,8 +40,9 @@ from .errors import CorpusError, ParameterError
 from .storage import cache_dir, fingerprint, write_parquet
 
 __all__ = ["EMBEDDED_CORPORA", "HELDOUT_SHARE", "COLUMNS", "SPLITS", "split_sentences", "wiki_sentences",
-           "ENGLISH_STOPWORD_SHARE", "BIGBENCH_SOURCE", "is_english", "bigbench_documents", "wiki_plus_sentences",
-           "corpus_summary", "text_sentences", "dataset_sentences", "load_corpus", "describe_source"]
+           "ENGLISH_STOPWORD_SHARE", "BIGBENCH_SOURCE", "is_english", "normal_text", "bigbench_documents",
+           "wiki_plus_sentences", "corpus_summary", "text_sentences", "dataset_sentences", "load_corpus",
+           "describe_source"]
 
 EMBEDDED_CORPORA = ("wiki", "wiki+")
 HELDOUT_SHARE = 0.10
@@ -180,7 +181,8 @@ def is_english(text: str) -> bool:
     return bool(words) and sum(w in _ENGLISH_STOPWORDS for w in words) / len(words) >= ENGLISH_STOPWORD_SHARE
 
 
-def _normal(text: str) -> str:
+def normal_text(text: str) -> str:
+    """``text`` lowercased with its whitespace collapsed: how two corpora's sentences are compared."""
     return " ".join(text.lower().split())
 
 
@@ -199,12 +201,12 @@ def bigbench_documents(task: dict, known_sentences: set[str]) -> tuple[list[dict
         if not lines or not is_english(text):
             counts["not_english"] += 1
             continue
-        key = _normal(text)
+        key = normal_text(text)
         if key in seen:
             counts["duplicates"] += 1
             continue
         seen.add(key)
-        if sum(_normal(line) in known_sentences for line in lines) >= len(lines) / 2:
+        if sum(normal_text(line) in known_sentences for line in lines) >= len(lines) / 2:
             counts["already_in_wiki"] += 1
             continue
         docs.append({"title": f"paragraph_segmentation #{index}", "topic": None, "source": BIGBENCH_SOURCE,
@@ -227,12 +229,12 @@ def wiki_plus_sentences(cache=None, download: bool = True) -> pd.DataFrame:
     if cached is not None:
         return cached
     wiki = wiki_sentences()
-    known = set(wiki["text"].map(_normal))
+    known = set(wiki["text"].map(normal_text))
     task = bigbench.task("paragraph_segmentation", cache, download,
                          hint="The embedded corpus, corpus='wiki' (scale 'ci' or 'default'), needs no download. ")
     docs, _ = bigbench_documents(task, known)
     extra = _sentence_table(docs)
-    normal = extra["text"].map(_normal)
+    normal = extra["text"].map(normal_text)
     extra = extra[~normal.isin(known) & ~normal.duplicated()]  # a sentence we have, or have just added, once
     extra = extra.assign(sentence_id=np.arange(len(extra), dtype=np.int64) + int(wiki["sentence_id"].max()) + 1,
                          doc_id=extra["doc_id"] + int(wiki["doc_id"].max()) + 1)

@@ -39,7 +39,8 @@ from .progress import say, tqdm
 from .storage import atomic_write_bytes, read_json, sha256_bytes, write_json
 
 __all__ = ["PER_SENTENCE", "POSITION_BITS", "MAX_POSITION", "MAX_SENTENCE_ID", "EMPTY", "DENSE_PAIRS_SHARE",
-           "MAX_GROUP_VIEWS", "SPARE_SLOTS", "prepare_sentences", "corpus_fingerprint", "TopKState", "merge", "Miner", "hooked", "Checkpoint", "json_normal", "read_coefficients"]
+           "MAX_GROUP_VIEWS", "SPARE_SLOTS", "prepare_sentences", "corpus_fingerprint", "TopKState", "merge",
+           "top_sorted", "sort_exact", "Miner", "hooked", "Checkpoint", "json_normal", "read_coefficients"]
 
 PER_SENTENCE = ("max", "all")
 POSITION_BITS = 20  # a candidate is stored as one int64: sentence_id << 20 | position
@@ -161,7 +162,7 @@ class TopKState:
         return TopKState(list(self.layers), list(self.signs), self.scores.clone(), self.keys.clone())
 
 
-def _top_sorted(scores: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_sorted(scores: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best candidates of each row: score descending, then key ascending.
 
     A top-(k+1) by score settles a row when its first k+1 scores are all different (the set and its
@@ -169,17 +170,17 @@ def _top_sorted(scores: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch
     stably by score.
     """
     if scores.shape[-1] <= k:
-        return _sort_exact(scores, keys, k)
+        return sort_exact(scores, keys, k)
     values, order = scores.topk(k + 1, dim=-1)
     top_scores, top_keys = values[..., :k], keys.gather(-1, order[..., :k])
     tied = (values[..., 1:] == values[..., :-1]).any(-1)
     if bool(tied.any()):
         where = tied.nonzero(as_tuple=True)
-        top_scores[where], top_keys[where] = _sort_exact(scores[where], keys[where], k)
+        top_scores[where], top_keys[where] = sort_exact(scores[where], keys[where], k)
     return top_scores, top_keys
 
 
-def _sort_exact(scores: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_exact(scores: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best candidates of each row by two stable sorts: by key, then by score descending."""
     order = torch.argsort(keys, dim=-1, stable=True)
     keys, scores = keys.gather(-1, order), scores.gather(-1, order)
@@ -196,7 +197,7 @@ def merge(a: TopKState, b: TopKState) -> TopKState:
     if a.layers != b.layers or a.signs != b.signs or a.scores.shape != b.scores.shape:
         raise ParameterError(f"Cannot merge top-k states of different shapes: layers {a.layers} vs {b.layers}, "
                              f"signs {a.signs} vs {b.signs}, {tuple(a.scores.shape)} vs {tuple(b.scores.shape)}.")
-    scores, keys = _top_sorted(torch.cat([a.scores, b.scores.to(a.scores.device)], -1),
+    scores, keys = top_sorted(torch.cat([a.scores, b.scores.to(a.scores.device)], -1),
                                torch.cat([a.keys, b.keys.to(a.keys.device)], -1), a.k)
     return TopKState(list(a.layers), list(a.signs), scores, keys)
 
@@ -289,7 +290,7 @@ class Miner:
         low = cat([view.amin(dim=1) for _, view in views]) if -1 in self.state.signs else None
         for si, sign in enumerate(self.state.signs):
             extreme = high if sign == 1 else low
-            self._offer(si, li, extreme if sign == 1 else -extreme,
+            self.offer(si, li, extreme if sign == 1 else -extreme,
                         lambda rows, memories, extreme=extreme, sign=sign:
                         self._max_keys(views, extreme, rows, memories, sign))
 
@@ -318,9 +319,9 @@ class Miner:
                 return (sentence << POSITION_BITS) | (nb + cand_rows % width)
 
             for si, sign in enumerate(self.state.signs):
-                self._offer(si, li, flat if sign == 1 else -flat, keys_of)
+                self.offer(si, li, flat if sign == 1 else -flat, keys_of)
 
-    def _offer(self, si: int, li: int, cand: torch.Tensor, keys_of: Callable, offset: int = 0) -> None:
+    def offer(self, si: int, li: int, cand: torch.Tensor, keys_of: Callable, offset: int = 0) -> None:
         """Add candidates ``cand`` (n, d_ff) (scores, larger is better) to the pool of one layer.
 
         Only candidates at least as good as a memory's k-th score at its last compaction can enter (the
@@ -342,7 +343,7 @@ class Miner:
             most = int(counts.max())
         if most > self.spare:  # more than the spare slots hold (ties, or tiny spare): offer the rows in parts
             for first in range(0, cand.shape[0], self.spare):
-                self._offer(si, li, cand[first: first + self.spare], keys_of, offset + first)
+                self.offer(si, li, cand[first: first + self.spare], keys_of, offset + first)
             return
         full = fill + counts > pool_scores.shape[1]
         if bool(full.any()):
@@ -356,11 +357,11 @@ class Miner:
 
     def _compact(self, si: int, li: int, memories: torch.Tensor | None = None) -> None:
         """Sort the pools of ``memories`` (all by default) and keep their top k: the exact order of
-        :func:`_top_sorted`; the spare slots are emptied (the threshold, slot k-1, rises to the new k-th)."""
+        :func:`top_sorted`; the spare slots are emptied (the threshold, slot k-1, rises to the new k-th)."""
         k = self.k
         pool_scores, pool_keys = self.pool_scores[si, li], self.pool_keys[si, li]
         where = slice(None) if memories is None else memories
-        scores, keys = _top_sorted(pool_scores[where], pool_keys[where], k)
+        scores, keys = top_sorted(pool_scores[where], pool_keys[where], k)
         pool_scores[where, :k] = scores
         pool_keys[where, :k] = keys
         pool_scores[where, k:] = float("-inf")

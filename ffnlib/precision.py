@@ -24,8 +24,8 @@ import torch
 
 from .errors import ParameterError
 
-__all__ = ["PRECISIONS", "Precision", "full_precision", "native_bfloat16", "resolve_precision", "training_precision",
-           "run_folder_name", "Tolerance", "TOLERANCES", "tolerance"]
+__all__ = ["PRECISIONS", "Precision", "full_precision", "cpu_flags", "native_bfloat16", "resolve_precision",
+           "training_precision", "run_folder_name", "Tolerance", "TOLERANCES", "tolerance"]
 
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16 / AMX; "bf16" is aarch64's FEAT_BF16
@@ -46,7 +46,8 @@ def full_precision(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -66,7 +67,7 @@ def native_bfloat16(device: str | torch.device = "cpu") -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
     if device.type != "cpu" or platform.system() != "Linux":
         return False
-    return any(flag in _cpu_flags() for flag in _CPU_BF16_FLAGS)
+    return any(flag in cpu_flags() for flag in _CPU_BF16_FLAGS)
 
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> Precision:

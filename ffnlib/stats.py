@@ -31,10 +31,9 @@ import numpy as np
 
 from .errors import ParameterError
 
-__all__ = ["LEVEL", "N_BOOT", "MAX_BOOT_CELLS", "COUNTS_CACHE_BYTES", "Estimate", "bootstrap_samples", "bootstrap",
-           "percentile_interval", "resample_indices", "resampled", "two_level", "over_draws", "over_draws_by_key", "share",
-           "binomial", "shift",
-           "spearman_with_depth"]
+__all__ = ["LEVEL", "N_BOOT", "MAX_BOOT_CELLS", "COUNTS_CACHE_BYTES", "Estimate", "bootstrap_samples", "draw_counts",
+           "cached_counts", "clear_counts_cache", "bootstrap", "percentile_interval", "resample_indices", "resampled",
+           "two_level", "over_draws", "over_draws_by_key", "share", "binomial", "shift", "spearman_with_depth"]
 
 LEVEL = 0.95  # every interval in the reports
 N_BOOT = 1000  # bootstrap resamples
@@ -91,7 +90,7 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def _draw_counts(n_units: int, n_boot: int, seed: int, rows: int, stream: tuple = ()):
+def draw_counts(n_units: int, n_boot: int, seed: int, rows: int, stream: tuple = ()):
     """The multinomial counts of ``n_boot`` seeded resamples of ``n_units`` units, ``rows`` resamples at a time
     (``stream``: another independent sequence for the same seed, e.g. one per group of :func:`two_level`)."""
     rng = np.random.default_rng([seed, 0xB007, *stream])
@@ -103,7 +102,7 @@ def _draw_counts(n_units: int, n_boot: int, seed: int, rows: int, stream: tuple 
 
 
 def _resample_counts(n_units: int, n_boot: int, seed: int):
-    """The counts of :func:`_draw_counts`, in chunks of at most ``MAX_BOOT_CELLS`` cells.
+    """The counts of :func:`draw_counts`, in chunks of at most ``MAX_BOOT_CELLS`` cells.
 
     A report computes many measures over the same units with the same seed (every Section 4 measure resamples
     the same memories), and numpy draws a multinomial one binomial at a time (seconds for 46,080 memories x
@@ -118,14 +117,26 @@ def _resample_counts(n_units: int, n_boot: int, seed: int):
             _COUNTS.move_to_end(key)
             return _COUNTS[key]
     if n_units * n_boot > COUNTS_CACHE_BYTES:
-        return _draw_counts(n_units, n_boot, seed, rows)
+        return draw_counts(n_units, n_boot, seed, rows)
     chunks = [counts.astype(np.uint8 if counts.max(initial=0) <= 255 else np.uint32)
-              for counts in _draw_counts(n_units, n_boot, seed, rows)]
+              for counts in draw_counts(n_units, n_boot, seed, rows)]
     with _COUNTS_LOCK:
         _COUNTS[key] = chunks
         while sum(c.nbytes for v in _COUNTS.values() for c in v) > COUNTS_CACHE_BYTES:
             _COUNTS.popitem(last=False)
     return chunks
+
+
+def cached_counts() -> list[tuple[int, int, int, int]]:
+    """The requests whose resample counts are kept, oldest first: ``(seed, n_units, n_boot, rows per chunk)``."""
+    with _COUNTS_LOCK:
+        return list(_COUNTS)
+
+
+def clear_counts_cache() -> None:
+    """Forget every kept resample count (the next request draws afresh: the same numbers)."""
+    with _COUNTS_LOCK:
+        _COUNTS.clear()
 
 
 def bootstrap_samples(sums: Callable[[np.ndarray], np.ndarray], n_units: int, n_boot: int = N_BOOT,
@@ -231,7 +242,7 @@ def two_level(per_unit, statistic: Callable[[np.ndarray], np.ndarray], unit: str
         else:
             rows = max(1, MAX_BOOT_CELLS // max(max(len(g) for g in groups), 1))
             per_group = np.stack([np.concatenate([statistic(w.astype(np.float64) @ g) for w in
-                                                  _draw_counts(len(g), n_boot, seed, rows, (i + 1,))])
+                                                  draw_counts(len(g), n_boot, seed, rows, (i + 1,))])
                                   for i, g in enumerate(groups)], 1)
         rng = np.random.default_rng([seed, 0x6209])  # the groups' draw: a stream of its own
         picks = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=int(n_boot)).astype(np.float64)

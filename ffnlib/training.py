@@ -59,8 +59,8 @@ from .progress import tqdm
 from .storage import fingerprint
 
 __all__ = ["VARIANTS", "EOT", "TrainSpec", "TrainResult", "train_tokenizer", "cached_tokenizer", "blocks",
-           "batch_indices", "build_model", "spec_sentences", "make_optimizer", "CHECKPOINT_KEYS", "load_checkpoint", "train_lm",
-           "WIKI_RELU_LM", "TRAINED_MODELS", "trained_model_folder"]
+           "batch_indices", "build_model", "spec_sentences", "make_optimizer", "CHECKPOINT_KEYS", "load_checkpoint",
+           "after_step", "train_lm", "WIKI_RELU_LM", "TRAINED_MODELS", "trained_model_folder"]
 
 VARIANTS = ("relu", "gelu", "swiglu", "softmax", "softmax_ln")
 EOT = "<|endoftext|>"
@@ -254,7 +254,7 @@ def make_optimizer(model, spec: TrainSpec):
     return optimizer, schedule
 
 
-def _after_step(step: int) -> None:
+def after_step(step: int) -> None:
     """Called after every optimizer step (tests replace it to interrupt a run)."""
 
 
@@ -366,7 +366,7 @@ def train_lm(spec: TrainSpec, out_dir, progress: bool = True, checkpoint_every: 
                          "schedule": schedule.state_dict(), "step": step, "history": history, "seconds": elapsed}
                 torch.save(state, checkpoint.with_suffix(".tmp"))
                 os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
-            _after_step(step)
+            after_step(step)
     finally:
         bar.close()
     seconds += time.perf_counter() - started

@@ -55,7 +55,7 @@ def _pinned_playwright() -> str:
     return pinned or next((r for r in extras.get("browser", []) if r.lower().startswith("playwright")), "playwright")
 
 
-def _ensure_chromium() -> str | None:
+def ensure_chromium() -> str | None:
     """Path of a Chromium binary, installing Debian's package if needed and possible; else why not."""
     if CHROMIUM.exists():
         return None
@@ -69,7 +69,7 @@ def _ensure_chromium() -> str | None:
     return None if CHROMIUM.exists() else f"apt-get installed chromium but {CHROMIUM} is still missing"
 
 
-def _ensure_playwright() -> str | None:
+def ensure_playwright() -> str | None:
     try:
         import playwright.sync_api  # noqa: F401
         return None
@@ -88,7 +88,7 @@ def _ensure_playwright() -> str | None:
 
 @pytest.fixture(scope="module")
 def browser():
-    problem = _ensure_chromium() or _ensure_playwright()
+    problem = ensure_chromium() or ensure_playwright()
     if problem:
         pytest.skip(f"No browser for the end-to-end test: {problem}.")
     from playwright.sync_api import sync_playwright

@@ -91,7 +91,7 @@ def test_only_new_english_documents_are_added():
 
     assert corpus.is_english(ENGLISH) and not corpus.is_english(GERMAN) and not corpus.is_english(RUSSIAN)
     known_text = "Anarchism is a political philosophy and movement that is sceptical of authority."
-    known = {corpus._normal(known_text)}
+    known = {corpus.normal_text(known_text)}
     task = {"examples": [{"input": ENGLISH}, {"input": GERMAN}, {"input": ENGLISH}, {"input": RUSSIAN},
                          {"input": known_text + "\n" + known_text.upper()}]}
     docs, counts = corpus.bigbench_documents(task, known)

@@ -169,26 +169,26 @@ def test_resample_counts_are_reused_exactly_and_bounded(monkeypatch):
         w[:] = -1  # a caller scribbling on its weights must not reach the cache
         return out
 
-    stats._COUNTS.clear()
+    stats.clear_counts_cache()
     monkeypatch.setattr(stats, "MAX_BOOT_CELLS", 700)  # chunks of 7 resamples of 100 units
     expected = fresh(100, 30, 4)[:, :3]
     assert np.array_equal(stats.bootstrap_samples(first_rows, 100, 30, 4), expected)
-    assert (4, 100, 30, 7) in stats._COUNTS
+    assert (4, 100, 30, 7) in stats.cached_counts()
     assert np.array_equal(stats.bootstrap_samples(first_rows, 100, 30, 4), expected)  # from the cache
     assert not np.array_equal(stats.bootstrap_samples(first_rows, 100, 30, 5), expected)
     monkeypatch.setattr(stats, "COUNTS_CACHE_BYTES", 100 * 30)  # room for one request: the oldest goes
     stats.bootstrap_samples(first_rows, 100, 30, 6)
-    assert list(stats._COUNTS) == [(6, 100, 30, 7)]
+    assert stats.cached_counts() == [(6, 100, 30, 7)]
     monkeypatch.setattr(stats, "COUNTS_CACHE_BYTES", 0)  # nothing kept (drawn as used), the same numbers
-    stats._COUNTS.clear()
-    assert np.array_equal(stats.bootstrap_samples(first_rows, 100, 30, 4), expected) and not stats._COUNTS
+    stats.clear_counts_cache()
+    assert np.array_equal(stats.bootstrap_samples(first_rows, 100, 30, 4), expected) and not stats.cached_counts()
     x = np.random.default_rng(3).random(500) < 0.3
     assert share(x, "u", seed=7) == share(x, "u", seed=7)
     monkeypatch.setattr(stats, "COUNTS_CACHE_BYTES", 10**6)
-    monkeypatch.setattr(stats, "_draw_counts", lambda *a: iter([np.array([[300, 0], [0, 300]])]))
+    monkeypatch.setattr(stats, "draw_counts", lambda *a: iter([np.array([[300, 0], [0, 300]])]))
     assert stats.bootstrap_samples(lambda w: w[:, 0], 2, 2, 9).tolist() == [300.0, 0.0]  # a count above uint8
     assert stats.bootstrap_samples(lambda w: w[:, 0], 2, 2, 9).tolist() == [300.0, 0.0]  # and from the cache
-    stats._COUNTS.clear()
+    stats.clear_counts_cache()
 
 
 def test_bootstrap_interval_has_its_nominal_coverage():

@@ -194,9 +194,9 @@ def test_merge_is_exact_on_ties():
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 3, (1, 1, 4, 30), generator=g).float()
     keys_ = torch.stack([torch.randperm(10_000, generator=g)[:30] for _ in range(4)]).view(1, 1, 4, 30)
-    full = mining._top_sorted(scores, keys_, 6)
-    a = mining.TopKState([0], [1], *mining._top_sorted(scores[..., :13], keys_[..., :13], 6))
-    b = mining.TopKState([0], [1], *mining._top_sorted(scores[..., 13:], keys_[..., 13:], 6))
+    full = mining.top_sorted(scores, keys_, 6)
+    a = mining.TopKState([0], [1], *mining.top_sorted(scores[..., :13], keys_[..., :13], 6))
+    b = mining.TopKState([0], [1], *mining.top_sorted(scores[..., 13:], keys_[..., 13:], 6))
     merged = mining.merge(a, b)
     assert torch.equal(merged.scores, full[0]) and torch.equal(merged.keys, full[1])
     ref = pd.DataFrame({"s": scores.reshape(4, 30)[0], "k": keys_.reshape(4, 30)[0]}).sort_values(
@@ -218,11 +218,11 @@ def test_pool_of_unsorted_candidates_is_exact_on_ties(spare, monkeypatch):
     first = 0
     for size in [1, 3, 50, 2, 17, 9, 1, 40, 77]:  # batches smaller and larger than k and the spare slots
         part = slice(first, first + size)
-        miner._offer(0, 0, scores[part], lambda rows, memories, part=part: cand_keys[part][rows, memories])
+        miner.offer(0, 0, scores[part], lambda rows, memories, part=part: cand_keys[part][rows, memories])
         first += size
     assert first == n
     state = miner.flush()
-    want_scores, want_keys = mining._top_sorted(scores.T[None, None], cand_keys.T[None, None], k)
+    want_scores, want_keys = mining.top_sorted(scores.T[None, None], cand_keys.T[None, None], k)
     assert torch.equal(state.scores, want_scores) and torch.equal(state.keys, want_keys)
     assert (miner.fill == k).all() and torch.equal(miner.threshold, want_scores[..., -1])
 
@@ -835,8 +835,8 @@ def test_top_k_by_score_falls_back_to_the_exact_sort_only_where_scores_tie():
     scores[2, 10:] = float("-inf")  # empty slots below the top k + 1: no tie there, the fast path
     scores[3, :] = float("-inf")
     scores[3, 5] = 1.0  # one real candidate, then empty slots
-    fast = mining._top_sorted(scores, keys_, k)
-    exact = mining._sort_exact(scores, keys_, k)
+    fast = mining.top_sorted(scores, keys_, k)
+    exact = mining.sort_exact(scores, keys_, k)
     assert torch.equal(fast[0], exact[0]) and torch.equal(fast[1], exact[1])
     assert fast[1][0, k - 1] == min(keys_[0, top.indices[0, k]], keys_[0, top.indices[0, k - 1]])
     assert fast[1][1, 2] == min(keys_[1, top.indices[1, 2]], keys_[1, top.indices[1, 3]])

@@ -55,9 +55,9 @@ def test_auto_takes_bf16_only_where_the_hardware_has_it(native, monkeypatch):
 
 def test_the_cpu_flags_decide_native_bf16(monkeypatch):
     monkeypatch.setattr(prec.platform, "system", lambda: "Linux")
-    monkeypatch.setattr(prec, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert prec.native_bfloat16("cpu")
-    monkeypatch.setattr(prec, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx2", "fma"})
     assert not prec.native_bfloat16("cpu")
 
 

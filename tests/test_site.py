@@ -59,7 +59,7 @@ def test_widget_outputs_are_dropped_and_their_text_kept():
     cell.outputs = [nbformat.v4.new_output("display_data", data={book.WIDGET_VIEW: {"model_id": "x"},
                                                                  "text/plain": "100%|##| 3/3"})]
     nb.cells = [cell]
-    book._clean(nb)
+    book.clean_notebook(nb)
     assert "widgets" not in nb.metadata and cell.outputs[0]["data"] == {"text/plain": "100%|##| 3/3"}
 
 
@@ -115,9 +115,9 @@ def test_the_site_builds_without_warnings_and_loads_nothing_from_the_network(sit
 
 
 def test_every_page_opens_with_its_figures_links_math_and_checks_in_a_browser(served, site):
-    from test_browser import CHROMIUM, CHROMIUM_ARGS, _ensure_chromium, _ensure_playwright
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, ensure_chromium, ensure_playwright
 
-    problem = _ensure_chromium() or _ensure_playwright()
+    problem = ensure_chromium() or ensure_playwright()
     if problem:
         pytest.skip(f"No browser for the site test: {problem}.")
     from playwright.sync_api import sync_playwright

@@ -79,7 +79,7 @@ def test_an_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypa
         if step == 6:
             raise Stop
 
-    monkeypatch.setattr(tr, "_after_step", stop_at_6)
+    monkeypatch.setattr(tr, "after_step", stop_at_6)
     with pytest.raises(Stop):
         tr.train_lm(spec, tmp_path / "cut", progress=False, checkpoint_every=4)
     assert not (tmp_path / "cut" / spec.name()).exists()  # nothing half-saved
@@ -87,7 +87,7 @@ def test_an_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypa
     plain = torch.load(tmp_path / "cut" / f".{spec.name()}.checkpoint.pt", weights_only=True)  # plain types only
     assert plain["step"] == 4 and set(plain) == set(tr.CHECKPOINT_KEYS)
     steps: list[int] = []
-    monkeypatch.setattr(tr, "_after_step", steps.append)
+    monkeypatch.setattr(tr, "after_step", steps.append)
     resumed = tr.train_lm(spec, tmp_path / "cut", progress=False, checkpoint_every=4)
     assert steps == list(range(5, 13))  # it resumed after step 4, it did not start again
     a, b = (load_file(r.folder / "model.safetensors") for r in (whole, resumed))
@@ -184,7 +184,7 @@ def test_the_embedded_relu_lm_is_trained_on_first_use_then_loaded_from_the_cache
     first = load_model("wiki-relu-lm")
     assert first.name == "wiki-relu-lm" and first.adapter.family.name == "gpt2" and not first.adapter.gated
     assert first.adapter.d_ff == TINY["slots"] and len(list((tmp_path / "trained").glob("relu-*"))) == 1
-    monkeypatch.setattr(tr, "_after_step", lambda step: pytest.fail("trained again"))
+    monkeypatch.setattr(tr, "after_step", lambda step: pytest.fail("trained again"))
     again = load_model("wiki-relu-lm")
     ids = torch.tensor([again.encode(TEXT)])
     with torch.no_grad():
