@@ -33,8 +33,8 @@ from .adapters import Adapter, get_adapter
 from .errors import ParameterError
 from .precision import full_precision
 
-__all__ = ["WHAT", "Activations", "StopForward", "forward_until_stop", "stop_after", "TokenShapes",
-           "hook_coefficients", "capture", "decomposition_check"]
+__all__ = ["WHAT", "Activations", "first_tensor", "block_input", "StopForward", "forward_until_stop", "stop_after",
+           "TokenShapes", "hook_coefficients", "capture", "decomposition_check"]
 
 WHAT = ("coefficients", "ffn_input", "ffn_output", "residual_before", "residual_after")
 
@@ -50,8 +50,15 @@ class Activations:
     residual_after: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _first(output):
+def first_tensor(output):
+    """A module's main output: the first element of a tuple or list (a block's hidden states), else itself."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def block_input(args: tuple, kwargs: dict):
+    """A block's hidden-states input as a forward pre-hook registered ``with_kwargs=True`` sees it: the first
+    positional argument, else the ``hidden_states`` keyword (None when neither is given)."""
+    return args[0] if args else kwargs.get("hidden_states")
 
 
 class StopForward(Exception):
@@ -90,7 +97,7 @@ class TokenShapes:
 
     def register(self, adapter: Adapter, layer: int):
         def record(mod, args, kwargs):
-            hidden = args[0] if args else kwargs.get("hidden_states")
+            hidden = block_input(args, kwargs)
             if isinstance(hidden, torch.Tensor):
                 self.lead[layer] = hidden.shape[:-1]
         return adapter.layer(layer).register_forward_pre_hook(record, with_kwargs=True)
@@ -183,10 +190,10 @@ def capture(model_or_adapter, layers: Iterable[int] | int | None = None,
                     lambda mod, args, layer=layer: store("ffn_input", layer, args[0])))
             if need_out:
                 handles.append(adapter.ffn_output_module(layer).register_forward_hook(
-                    lambda mod, args, out, layer=layer: store("ffn_output", layer, _first(out))))
+                    lambda mod, args, out, layer=layer: store("ffn_output", layer, first_tensor(out))))
             if need_after:
                 def after(mod, args, out, layer=layer):
-                    store("residual_after", layer, _first(out))
+                    store("residual_after", layer, first_tensor(out))
                     if "residual_before" in what:
                         acts.residual_before[layer] = acts.residual_after[layer] - acts.ffn_output[layer]
                 handles.append(adapter.layer(layer).register_forward_hook(after))
@@ -213,7 +220,7 @@ def decomposition_check(loaded, text: str, layers: Iterable[int] | int | None = 
     ids = torch.tensor([loaded.encode(text)], device=loaded.device)
     down_out: dict[int, torch.Tensor] = {}
     handles = [adapter.down(layer).register_forward_hook(
-        lambda mod, args, out, layer=layer: down_out.__setitem__(layer, _first(out).detach()))
+        lambda mod, args, out, layer=layer: down_out.__setitem__(layer, first_tensor(out).detach()))
         for layer in layer_list]
     try:
         with capture(adapter, layer_list, what=("coefficients",)) as acts, \

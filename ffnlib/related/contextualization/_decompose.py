@@ -20,7 +20,7 @@ from torch import nn
 
 from ...adapters import Adapter, get_adapter, submodule
 from ...batching import pad_right
-from ...capture import capture
+from ...capture import block_input, capture, first_tensor
 from ...config import check_int
 from ...errors import ParameterError, UnsupportedModelError
 from ._layout import CHECKED, VALUE_LAYOUTS, layout_of, next_norm, stages_of
@@ -53,10 +53,6 @@ def eager_attention(model: nn.Module):
         model.set_attn_implementation(before)
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @contextmanager
 def _record(adapter: Adapter, layers: list[int]):
     """Hooks that keep, per layer: its input ``x``, the value module's output, the attention output projection's
@@ -66,11 +62,10 @@ def _record(adapter: Adapter, layers: list[int]):
     handles = []
 
     def keep(layer: int, name: str):
-        return lambda mod, args, out: rec[layer].__setitem__(name, _first(out).detach())
+        return lambda mod, args, out: rec[layer].__setitem__(name, first_tensor(out).detach())
 
     def keep_input(mod, args, kwargs, layer):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rec[layer]["x"] = hidden.detach()
+        rec[layer]["x"] = block_input(args, kwargs).detach()
 
     try:
         for layer in layers:
