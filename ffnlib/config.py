@@ -31,6 +31,7 @@ class Scale:
     corpus: str = "wiki"  # the embedded corpus: "wiki", or "wiki+" (plus BIG-bench's Wikipedia paragraphs, a download)
     control_draws: int = 3  # random initialisations of the control (seeds seed, seed + 1, ...): its interval covers
     # them and the units (ffnlib.stats.over_draws). ci: 1, for the tests' time
+    n_boot: int = 1000  # bootstrap resamples of every 95% interval (ffnlib.stats). ci: 200, for the tests' time
     # notebook 09 (contribution maps, ffnlib.related.contextualization.notebook_sizes)
     maps_sentences: int = 300  # held-out sentences decomposed
     maps_max_tokens: int = 40  # their largest token count
@@ -46,7 +47,6 @@ class Scale:
     moe_layers: int | None = None  # None: every layer is MoEfied; n: n layers spread over the depth
     moe_kmeans_iter: int = 10  # balanced Lloyd steps after the k-means start
     moe_router_epochs: int = 30  # the authors: 30
-    moe_n_boot: int = 1000  # bootstrap resamples of the notebook's intervals
     moe_random_splits: int = 5  # seeded random splits (the control's draws); random experts are their mean. ci: 2
     # (5 added 14 s, +37%, to notebook 07's 39 s on 2 quiet cores; 2 add 4-6 s and exercise the same machinery)
     # notebook 06 (knowledge neurons, ffnlib.related.knowledge_neurons.kn_scale)
@@ -79,7 +79,7 @@ SCALES: dict[str, Scale] = {
                 checkpoint_every=64, control_removal_keys=10, control_aggregation_examples=64,
                 maps_sentences=4, maps_max_tokens=20, maps_bigram_sentences=2000, maps_control_sentences=4,
                 moe_train_sentences=24, moe_router_sentences=24, moe_calibration_sentences=16, moe_heldout_sentences=8,
-                moe_shares=(0.25,), moe_layers=3, moe_kmeans_iter=1, moe_router_epochs=3, moe_n_boot=200,
+                moe_shares=(0.25,), moe_layers=3, moe_kmeans_iter=1, moe_router_epochs=3, n_boot=200,
                 moe_random_splits=2, atlas_layers=3, control_draws=1,
                 kn_relations=("capital", "official_language"), kn_screened_facts=8, kn_facts_per_relation=2,
                 kn_templates=3, kn_top_layers=4, kn_heldout_sentences=4, kn_lambda2_sweep=(1.0, 8.0),
@@ -90,13 +90,13 @@ SCALES: dict[str, Scale] = {
                      maps_sentences=300, maps_max_tokens=40, maps_bigram_sentences=20000, maps_control_sentences=150,
                      moe_train_sentences=600, moe_router_sentences=200, moe_calibration_sentences=256,
                      moe_heldout_sentences=150, moe_shares=(0.1, 0.2, 0.3, 0.5, 0.75), moe_layers=None,
-                     moe_kmeans_iter=10, moe_router_epochs=30, moe_n_boot=1000, moe_random_splits=5),
+                     moe_kmeans_iter=10, moe_router_epochs=30, moe_random_splits=5),
     "full": Scale("full", mining_sentences=None, top_k=50, removal_keys=100, aggregation_examples=4000,
                   checkpoint_every=2000, control_removal_keys=100, control_aggregation_examples=4000, corpus="wiki+",
                   maps_sentences=1000, maps_max_tokens=40, maps_bigram_sentences=40000, maps_control_sentences=300,
                   moe_train_sentences=4000, moe_router_sentences=1000, moe_calibration_sentences=512,
                   moe_heldout_sentences=1000, moe_shares=(0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75), moe_layers=None,
-                  moe_kmeans_iter=30, moe_router_epochs=30, moe_n_boot=1000, moe_random_splits=5,
+                  moe_kmeans_iter=30, moe_router_epochs=30, moe_random_splits=5,
                   kn_facts_per_relation=30, kn_heldout_sentences=200,
                   # the sweep trains on "wiki" at every scale: BIG-bench's canary asks that its data not train models
                   sweep_seeds=(0, 1, 2), sweep_measure_blocks=128, sweep_tokens=4_000_000),

@@ -72,6 +72,11 @@ class Run:
         n = check_int("control_draws", self.scale.control_draws if draws is None else draws)
         return [self.control(i) for i in range(n)]
 
+    def resamples(self, n_boot: int | None = None) -> int:
+        """Bootstrap resamples for the notebook's intervals: ``n_boot``, or the scale's ``n_boot`` where it is None
+        (1,000 at ``default`` and ``full``, 200 at ``ci``)."""
+        return check_int("n_boot", self.scale.n_boot if n_boot is None else n_boot)
+
     def save_figure(self, fig, name: str) -> list[Path]:
         """Save a matplotlib figure as PNG and SVG under ``out/figures``."""
         folder = ensure_dir(self.out / "figures")

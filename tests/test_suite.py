@@ -241,3 +241,18 @@ def test_check_model_reads_a_folder_without_its_weights(smollm, tmp_path):
         check_model(str(folder))
     smollm.tokenizer.save_pretrained(folder)
     assert check_model(str(folder)) == "folder"
+
+
+def test_bootstrap_resamples_come_from_the_scale_unless_a_notebook_asks(tmp_path):
+    """``Run.resamples``: the scale's ``n_boot`` (1,000 at default, 200 at ci, for the tests' time) where the
+    notebook's parameter is None, the parameter otherwise; MoEfication's sizes read the same field."""
+    from ffnlib.config import SCALES
+    from ffnlib.notebook import Run
+    from ffnlib.related.moefication import get_sizes
+
+    runs = {name: Run(loaded=None, scale=SCALES[name], seed=0, out=tmp_path, device="cpu") for name in SCALES}
+    assert {name: run.resamples() for name, run in runs.items()} == {"ci": 200, "default": 1000, "full": 1000}
+    assert runs["ci"].resamples(50) == 50
+    assert {name: get_sizes(name).n_boot for name in SCALES} == {"ci": 200, "default": 1000, "full": 1000}
+    with pytest.raises(ffnlib.ParameterError, match="n_boot must be a positive int, got 0"):
+        runs["default"].resamples(0)

@@ -35,7 +35,7 @@ class Sizes:
                    calibration_sentences=scale.moe_calibration_sentences,
                    heldout_sentences=scale.moe_heldout_sentences, shares=tuple(scale.moe_shares),
                    n_layers=scale.moe_layers, kmeans_iter=scale.moe_kmeans_iter,
-                   router_epochs=scale.moe_router_epochs, n_boot=scale.moe_n_boot,
+                   router_epochs=scale.moe_router_epochs, n_boot=scale.n_boot,
                    random_splits=scale.moe_random_splits)
 
 
