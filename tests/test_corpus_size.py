@@ -1,6 +1,6 @@
 """Findings against corpus size (notebook 10): ``ffnlib.corpus_size``, its plot and its report section.
 
-The snapshots themselves (each equals a run on that prefix of the corpus) are tested in test_keys.py and, for
+The snapshots themselves (each equals a run on that prefix of the corpus) are tested in test_mining.py and, for
 the Dask path, in test_distributed.py. Here: the measures are read from the right snapshot, the trend of a known
 line is recovered, the per-size verdicts follow the registry, and the report shows the section.
 """

@@ -9,7 +9,7 @@ at the end:
 - nothing started over: a checkpoint or result, once finished, is never written again
   (so each rerun resumed from the last checkpoint before the kill).
 
-Mining has its own SIGKILL test in test_keys.py (kills at batch boundaries and inside checkpoints); in the whole
+Mining has its own SIGKILL test in test_mining.py (kills at batch boundaries and inside checkpoints); in the whole
 suite below, at scale ci, mining saves its corpus-size snapshots and no checkpoint (fewer sentences than
 ``checkpoint_every`` after the last snapshot), so it is killed while saving a snapshot and resumes from the one before.
 """
