@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import transformers as tf
 
 VOCAB = 101
@@ -123,3 +124,14 @@ def build_config(case: Case, vocab: int | None = None, positions: int | None = N
             if hasattr(text, name):
                 setattr(text, name, positions)
     return config
+
+
+def perturbed_model(case: Case) -> "torch.nn.Module":
+    """The case's 2-layer model, with its 1-D parameters (norm gains, biases) perturbed so that they matter."""
+    torch.manual_seed(0)
+    model = case.model_cls(case.config()).float().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.2 * torch.randn_like(param))
+    return model
